@@ -1,0 +1,38 @@
+"""The `llmaas` command: a thin dispatcher to one module per subcommand (each with its own parser and main)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from llmaas.errors import LlmaasError
+
+SUBCOMMANDS = {
+    "generate": "generate text from a prompt on the resident model (streamed)",
+    "info": "show the model's architecture, parameters, weight formats and KV bytes per token",
+    "bench": "benchmarks: `llmaas bench engine` (prefill/decode speed vs peers)",
+}
+
+
+def usage() -> str:
+    lines = ["usage: llmaas <command> [options]   (llmaas <command> --help for its options)", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, text in SUBCOMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help"):
+        print(usage())
+        return 0
+    if args[0] not in SUBCOMMANDS:
+        print(f"llmaas: unknown command {args[0]!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(f"llmaas.cli.{args[0]}")
+    try:
+        return module.main(args[1:])
+    except LlmaasError as exc:
+        print(f"llmaas {args[0]}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130

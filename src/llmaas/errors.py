@@ -1,0 +1,27 @@
+"""Typed errors raised at llmaas's boundaries. Each message names the cause and what the caller can do about it."""
+
+from __future__ import annotations
+
+
+class LlmaasError(Exception):
+    """Base of every error llmaas raises on purpose."""
+
+
+class ModelFileError(LlmaasError):
+    """The model file is missing, unreadable, truncated or not a GGUF."""
+
+
+class UnsupportedModelError(LlmaasError):
+    """The GGUF is readable but uses an architecture, tensor type or tokenizer llmaas does not implement."""
+
+
+class ContextLengthError(LlmaasError):
+    """A prompt (plus what must be generated) does not fit the context limit."""
+
+
+class InvalidRequestError(LlmaasError):
+    """A request parameter is out of range or of the wrong kind."""
+
+
+class KernelBuildError(LlmaasError):
+    """The native kernels could not be compiled or loaded."""

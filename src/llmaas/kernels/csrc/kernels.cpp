@@ -1,0 +1,429 @@
+// Native CPU kernels for the small-batch (decode) path of llmaas's llama model.
+//
+// Owns: weight-only matmuls that read GGUF-style blocks directly (Q4: 32 nibbles + fp16 scale and min; Q8: 32 int8 +
+// fp16 scale) with fp32 activations, and the per-token element-wise work around them (RMSNorm, interleaved RoPE,
+// SiLU*mul) plus grouped-query attention for a few query rows with optional attention statistics.
+// Ignores: anything about where KV lives or which rows are active. Callers pass views (row/column ranges, strides);
+// every function writes into caller-owned outputs, so a decode step allocates nothing here.
+// Numerics: activations and accumulation stay fp32; weights are used exactly as stored in the GGUF, so results match
+// the dense fp32 reference up to summation order.
+
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kBlock = 32;
+
+void check(bool ok, const char* what) { TORCH_CHECK(ok, "llmaas kernel: ", what); }
+
+inline float hsum(__m256 v) {
+  __m128 lo = _mm256_castps256_ps128(v);
+  __m128 hi = _mm256_extractf128_ps(v, 1);
+  lo = _mm_add_ps(lo, hi);
+  lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+  lo = _mm_add_ss(lo, _mm_shuffle_ps(lo, lo, 0x55));
+  return _mm_cvtss_f32(lo);
+}
+
+inline float half_to_float(uint16_t h) { return _cvtsh_ss(h); }
+
+// Block scales are fp16 where the GGUF stores them so (Q4_0, Q4_1, Q8_0) and fp32 where they are products (Q4_K).
+inline float load_scale(const at::Half* p) { return half_to_float(*reinterpret_cast<const uint16_t*>(p)); }
+inline float load_scale(const float* p) { return *p; }
+
+// exp for x <= 0 (softmax after max subtraction), Cephes-style: 2^n * p(r), relative error ~1e-7.
+inline __m256 exp256(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  x = _mm256_max_ps(x, lo);
+  const __m256 log2e = _mm256_set1_ps(1.44269504088896341f);
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 c1 = _mm256_set1_ps(0.693359375f);
+  const __m256 c2 = _mm256_set1_ps(-2.12194440e-4f);
+  __m256 r = _mm256_sub_ps(x, _mm256_mul_ps(fx, c1));
+  r = _mm256_sub_ps(r, _mm256_mul_ps(fx, c2));
+  __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+  y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 r2 = _mm256_mul_ps(r, r);
+  y = _mm256_fmadd_ps(y, r2, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  __m256i n = _mm256_cvtps_epi32(fx);
+  n = _mm256_slli_epi32(_mm256_add_epi32(n, _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(n));
+}
+
+// Grain sizes: small enough that two threads split a 576-row matrix, large enough to amortise the fork.
+constexpr int64_t kRowGrain = 32;
+
+void check_ranges(const at::Tensor& y, const at::Tensor& x, int64_t n_rows, int64_t n_cols, int64_t r0, int64_t r1,
+                  int64_t c0, int64_t c1) {
+  check(0 <= r0 && r0 <= r1 && r1 <= n_rows, "row range out of bounds");
+  check(0 <= c0 && c0 <= c1 && c1 <= n_cols, "column range out of bounds");
+  check(c0 % kBlock == 0, "column range must start on a 32-column block");
+  check(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x and y must be [M, *] with the same M");
+  check(x.size(1) == c1 - c0 && y.size(1) == r1 - r0, "x/y widths must match the column/row ranges");
+  check(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat, "x and y must be float32");
+  check(x.stride(1) == 1 && y.stride(1) == 1, "x and y rows must be contiguous");
+}
+
+// Activations of one matmul call, rounded per 32-value block to int16 fixed point: x ~= scale[b] * q[j].
+// Relative error <= 2^-16 of the block's largest |x|; products with 4- or 8-bit weights then sum exactly in int32
+// (_mm256_madd_epi16), about twice as fast on AVX2 as converting every weight to float.
+struct QuantizedRows {
+  std::vector<int16_t> q;    // [M, nb * 32], zero past the last column, so a partial last block adds nothing extra
+  std::vector<float> scale;  // [M, nb]
+  std::vector<float> sum;    // [M, nb]: exact fp32 sum of each block (for the Q4 min term)
+  int64_t nb;
+};
+
+QuantizedRows quantize_rows(const float* x, int64_t x_stride, int64_t M, int64_t cols) {
+  QuantizedRows out;
+  out.nb = (cols + kBlock - 1) / kBlock;
+  out.q.assign(M * out.nb * kBlock, 0);
+  out.scale.assign(M * out.nb, 0.0f);
+  out.sum.assign(M * out.nb, 0.0f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = x + m * x_stride;
+    for (int64_t b = 0; b < out.nb; ++b) {
+      const int64_t c0 = b * kBlock, n = std::min(kBlock, cols - c0);
+      float amax = 0.0f, sum = 0.0f;
+      for (int64_t j = 0; j < n; ++j) { amax = std::max(amax, std::fabs(xr[c0 + j])); sum += xr[c0 + j]; }
+      const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+      int16_t* q = out.q.data() + (m * out.nb + b) * kBlock;
+      for (int64_t j = 0; j < n; ++j) q[j] = static_cast<int16_t>(std::lrintf(xr[c0 + j] * inv));
+      out.scale[m * out.nb + b] = amax / 32767.0f;
+      out.sum[m * out.nb + b] = sum;
+    }
+  }
+  return out;
+}
+
+// Adds one weight block (32 values widened to int16, as two 16-lane halves) times MR activation rows to acc.
+template <int MR>
+inline void block_dot(__m256i w_lo, __m256i w_hi, float w_scale, const QuantizedRows& xq, const int64_t* row_block,
+                      int64_t b, __m256* acc) {
+  for (int i = 0; i < MR; ++i) {
+    const int16_t* xb = xq.q.data() + (row_block[i] + b) * kBlock;
+    const __m256i p = _mm256_add_epi32(
+        _mm256_madd_epi16(w_lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb))),
+        _mm256_madd_epi16(w_hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xb + 16))));
+    const __m256 s = _mm256_set1_ps(w_scale * xq.scale[row_block[i] + b]);
+    acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[i]);
+  }
+}
+
+struct MatmulArgs {
+  float* y;
+  int64_t y_stride, r0, b0, nb, K;
+  bool accumulate;
+};
+
+inline void store(const MatmulArgs& a, int64_t m, int64_t r, float total) {
+  float* out = a.y + m * a.y_stride + (r - a.r0);
+  *out = a.accumulate ? *out + total : total;
+}
+
+// Q4 weight rows [begin, end) times activation rows [m0, m0 + MR).
+template <int MR, typename S>
+void q4_rows(const MatmulArgs& a, const QuantizedRows& xq, int64_t m0, const uint8_t* qp, const S* dp, const S* mp,
+             int64_t begin, int64_t end) {
+  const int64_t KB = a.K / kBlock;
+  const __m128i low_mask = _mm_set1_epi8(0x0F);
+  int64_t row_block[MR];
+  for (int i = 0; i < MR; ++i) row_block[i] = (m0 + i) * xq.nb;
+  for (int64_t r = begin; r < end; ++r) {
+    const uint8_t* qrow = qp + r * (a.K / 2) + a.b0 * (kBlock / 2);
+    const S* drow = dp + r * KB + a.b0;
+    const S* mrow = mp + r * KB + a.b0;
+    __m256 acc[MR];
+    float min_acc[MR];
+    for (int i = 0; i < MR; ++i) { acc[i] = _mm256_setzero_ps(); min_acc[i] = 0.0f; }
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qrow + b * 16));
+      const __m256i w_lo = _mm256_cvtepu8_epi16(_mm_and_si128(raw, low_mask));
+      const __m256i w_hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(raw, 4), low_mask));
+      block_dot<MR>(w_lo, w_hi, load_scale(drow + b), xq, row_block, b, acc);
+      const float minv = load_scale(mrow + b);
+      for (int i = 0; i < MR; ++i) min_acc[i] += minv * xq.sum[row_block[i] + b];
+    }
+    for (int i = 0; i < MR; ++i) store(a, m0 + i, r, hsum(acc[i]) + min_acc[i]);
+  }
+}
+
+// Q8 weight rows [begin, end) times activation rows [m0, m0 + MR).
+template <int MR>
+void q8_rows(const MatmulArgs& a, const QuantizedRows& xq, int64_t m0, const int8_t* qp, const uint16_t* dp,
+             int64_t begin, int64_t end) {
+  const int64_t KB = a.K / kBlock;
+  int64_t row_block[MR];
+  for (int i = 0; i < MR; ++i) row_block[i] = (m0 + i) * xq.nb;
+  for (int64_t r = begin; r < end; ++r) {
+    const int8_t* qrow = qp + r * a.K + a.b0 * kBlock;
+    const uint16_t* drow = dp + r * KB + a.b0;
+    __m256 acc[MR];
+    for (int i = 0; i < MR; ++i) acc[i] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < a.nb; ++b) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qrow + b * kBlock));
+      const __m256i w_lo = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(raw));
+      const __m256i w_hi = _mm256_cvtepi8_epi16(_mm256_extracti128_si256(raw, 1));
+      block_dot<MR>(w_lo, w_hi, half_to_float(drow[b]), xq, row_block, b, acc);
+    }
+    for (int i = 0; i < MR; ++i) store(a, m0 + i, r, hsum(acc[i]));
+  }
+}
+
+// Calls rows(MR, m0) over the activation rows in register-sized groups of at most 4.
+template <typename F>
+void for_row_groups(int64_t M, F&& rows) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= M; m0 += 4) rows(std::integral_constant<int, 4>{}, m0);
+  switch (M - m0) {
+    case 3: rows(std::integral_constant<int, 3>{}, m0); break;
+    case 2: rows(std::integral_constant<int, 2>{}, m0); break;
+    case 1: rows(std::integral_constant<int, 1>{}, m0); break;
+    default: break;
+  }
+}
+
+MatmulArgs prepare(at::Tensor& y, const at::Tensor& x, int64_t n_rows, int64_t K, int64_t r0, int64_t r1, int64_t c0,
+                   int64_t c1, bool accumulate) {
+  check_ranges(y, x, n_rows, K, r0, r1, c0, c1);
+  check(x.size(0) <= 64, "block matmuls take at most 64 activation rows; use the dense path for more");
+  return MatmulArgs{y.data_ptr<float>(), y.stride(0), r0, c0 / kBlock, (c1 - c0 + kBlock - 1) / kBlock, K,
+                    accumulate};
+}
+
+}  // namespace
+
+// y[M, r1-r0] (+)= x[M, c1-c0] @ W[r0:r1, c0:c1]^T, W stored as Q4 blocks: w = d * q + m, q in 0..15.
+// qs: [N, K/2] uint8 (GGUF nibble order: byte j holds element j low, element j+16 high), d/mn: [N, K/32] fp16.
+void q4_matmul(at::Tensor y, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& mn,
+               int64_t r0, int64_t r1, int64_t c0, int64_t c1, bool accumulate) {
+  check(qs.scalar_type() == at::kByte && qs.is_contiguous(), "qs must be contiguous uint8");
+  check(d.scalar_type() == mn.scalar_type() && d.is_contiguous() && mn.is_contiguous(),
+        "scales and mins must be contiguous and of one dtype");
+  const MatmulArgs a = prepare(y, x, qs.size(0), qs.size(1) * 2, r0, r1, c0, c1, accumulate);
+  const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), x.stride(0), x.size(0), c1 - c0);
+  const uint8_t* qp = qs.data_ptr<uint8_t>();
+  auto run = [&](const auto* dp, const auto* mp) {
+    at::parallel_for(r0, r1, kRowGrain, [&](int64_t begin, int64_t end) {
+      for_row_groups(x.size(0), [&](auto mr, int64_t m0) {
+        q4_rows<decltype(mr)::value>(a, xq, m0, qp, dp, mp, begin, end);
+      });
+    });
+  };
+  if (d.scalar_type() == at::kHalf) {
+    run(d.data_ptr<at::Half>(), mn.data_ptr<at::Half>());
+  } else {
+    check(d.scalar_type() == at::kFloat, "scales must be float16 or float32");
+    run(d.data_ptr<float>(), mn.data_ptr<float>());
+  }
+}
+
+// y[M, r1-r0] (+)= x[M, c1-c0] @ W[r0:r1, c0:c1]^T, W stored as Q8 blocks: w = d * q, q int8.
+// qs: [N, K] int8, d: [N, K/32] fp16.
+void q8_matmul(at::Tensor y, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64_t r0, int64_t r1,
+               int64_t c0, int64_t c1, bool accumulate) {
+  check(qs.scalar_type() == at::kChar && qs.is_contiguous(), "qs must be contiguous int8");
+  check(d.scalar_type() == at::kHalf && d.is_contiguous(), "scales must be contiguous float16");
+  const MatmulArgs a = prepare(y, x, qs.size(0), qs.size(1), r0, r1, c0, c1, accumulate);
+  const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), x.stride(0), x.size(0), c1 - c0);
+  const int8_t* qp = qs.data_ptr<int8_t>();
+  const auto* dp = reinterpret_cast<const uint16_t*>(d.data_ptr<at::Half>());
+  at::parallel_for(r0, r1, kRowGrain, [&](int64_t begin, int64_t end) {
+    for_row_groups(x.size(0), [&](auto mr, int64_t m0) {
+      q8_rows<decltype(mr)::value>(a, xq, m0, qp, dp, begin, end);
+    });
+  });
+}
+
+// y[m] = x[m] / rms(x[m]) * w ; rows of x and y may be strided, columns contiguous.
+void rms_norm(at::Tensor y, const at::Tensor& x, const at::Tensor& w, double eps) {
+  check(x.dim() == 2 && y.sizes() == x.sizes() && x.stride(1) == 1 && y.stride(1) == 1, "rms_norm shapes");
+  const int64_t M = x.size(0), C = x.size(1);
+  const float* xp = x.data_ptr<float>();
+  const float* wp = w.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = xp + m * x.stride(0);
+    float* yr = yp + m * y.stride(0);
+    double ss = 0.0;
+    for (int64_t c = 0; c < C; ++c) ss += static_cast<double>(xr[c]) * xr[c];
+    const float inv = static_cast<float>(1.0 / std::sqrt(ss / C + eps));
+    for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * inv * wp[c];
+  }
+}
+
+// In-place interleaved RoPE on x[M, H, D] (pairs 2i, 2i+1) at the given absolute positions; cos/sin: [P, D/2].
+void rope_(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin) {
+  check(x.dim() == 3 && x.stride(2) == 1, "rope expects x [M, H, D] with contiguous D");
+  const int64_t M = x.size(0), H = x.size(1), half = x.size(2) / 2, P = cos.size(0);
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  float* xp = x.data_ptr<float>();
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    check(0 <= pos[m] && pos[m] < P, "position beyond the RoPE table");
+    const float* c = cp + pos[m] * half;
+    const float* s = sp + pos[m] * half;
+    for (int64_t h = 0; h < H; ++h) {
+      float* v = xp + m * x.stride(0) + h * x.stride(1);
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[2 * i], b = v[2 * i + 1];
+        v[2 * i] = a * c[i] - b * s[i];
+        v[2 * i + 1] = a * s[i] + b * c[i];
+      }
+    }
+  }
+}
+
+// out[M, F] = silu(gate) * up, all fp32 with contiguous columns.
+void silu_mul(at::Tensor out, const at::Tensor& gate, const at::Tensor& up) {
+  check(gate.sizes() == up.sizes() && out.sizes() == gate.sizes(), "silu_mul shapes");
+  const int64_t M = gate.size(0), F = gate.size(1);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* g = gate.data_ptr<float>() + m * gate.stride(0);
+    const float* u = up.data_ptr<float>() + m * up.stride(0);
+    float* o = out.data_ptr<float>() + m * out.stride(0);
+    for (int64_t f = 0; f < F; ++f) o[f] = g[f] / (1.0f + std::exp(-g[f])) * u[f];
+  }
+}
+
+namespace {
+
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
+// Softmax(q k^T * scale) v for one query row and one head over keys [0, T), masked by absolute position.
+// probs: scratch of T floats, left holding the probabilities (masked keys 0).
+template <typename KV>
+void attend_row(float* out, const float* qv, const KV* k, int64_t ks, const KV* v, int64_t vs, int64_t T, int64_t D,
+                int64_t qpos, const int64_t* kpos, float scale, float* probs) {
+  float mx = -INFINITY;
+  for (int64_t t = 0; t < T; ++t) {
+    if (kpos[t] > qpos) { probs[t] = -INFINITY; continue; }
+    const KV* kr = k + t * ks;
+    __m256 s = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qv + i), load8(kr + i), s);
+    probs[t] = hsum(s) * scale;
+    mx = std::max(mx, probs[t]);
+  }
+  const __m256 vmx = _mm256_set1_ps(mx);
+  __m256 vsum = _mm256_setzero_ps();
+  int64_t t = 0;
+  for (; t + 8 <= T; t += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(probs + t), vmx));
+    _mm256_storeu_ps(probs + t, e);
+    vsum = _mm256_add_ps(vsum, e);
+  }
+  float sum = hsum(vsum);
+  for (; t < T; ++t) { probs[t] = std::exp(probs[t] - mx); sum += probs[t]; }
+  const float inv = 1.0f / sum;
+  __m256 acc[16];
+  const int64_t nv = D / 8;
+  for (int64_t i = 0; i < nv; ++i) acc[i] = _mm256_setzero_ps();
+  for (t = 0; t < T; ++t) {
+    const float p = probs[t] * inv;
+    probs[t] = p;
+    if (p == 0.0f) continue;
+    const __m256 pv = _mm256_set1_ps(p);
+    const KV* vr = v + t * vs;
+    for (int64_t i = 0; i < nv; ++i) acc[i] = _mm256_fmadd_ps(pv, load8(vr + 8 * i), acc[i]);
+  }
+  for (int64_t i = 0; i < nv; ++i) _mm256_storeu_ps(out + 8 * i, acc[i]);
+}
+
+template <typename KV>
+void attend_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const std::vector<int64_t>& active, const at::Tensor& q_pos, const at::Tensor& k_pos, float scale,
+                 float* prob_sum, float* row_count) {
+  const int64_t M = q.size(0), H = q.size(1), D = q.size(2), T = k.size(1), G = H / k.size(0);
+  // One task per (row, active head): 9 tasks for a SmolLM2 decode step keep both cores busy.
+  std::vector<std::pair<int64_t, int64_t>> tasks;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < k.size(0); ++g)
+      for (int64_t j = 0; j < active[g]; ++j) tasks.emplace_back(m, g * G + j);
+  std::vector<float> probs(tasks.size() * T);
+  const int64_t* qp = q_pos.data_ptr<int64_t>();
+  const int64_t* kp = k_pos.data_ptr<int64_t>();
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const auto [m, h] = tasks[i];
+      const int64_t g = h / G;
+      attend_row<KV>(out.data_ptr<float>() + m * out.stride(0) + h * out.stride(1),
+                     q.data_ptr<float>() + m * q.stride(0) + h * q.stride(1), k.data_ptr<KV>() + g * k.stride(0),
+                     k.stride(1), v.data_ptr<KV>() + g * v.stride(0), v.stride(1), T, D, qp[m], kp, scale,
+                     probs.data() + i * T);
+    }
+  });
+  if (prob_sum == nullptr) return;
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    const float* pr = probs.data() + i * T;
+    const int64_t qpos = qp[tasks[i].first];
+    for (int64_t t = 0; t < T; ++t) {
+      if (kp[t] > qpos) continue;
+      prob_sum[t] += pr[t];
+      row_count[t] += 1.0f;
+    }
+  }
+}
+
+}  // namespace
+
+// Grouped-query attention of a few query rows: out[m, h] = softmax(q[m, h] k_g^T * scale) v_g for the first
+// active[g] query heads h = g*G + j of each KV group g (G = H / n_kv_heads); other heads of out are left untouched.
+// q, out: [M, H, D] fp32; k, v: [n_kv_heads, T, D] fp32 or fp16 (any strides, contiguous D); q_pos [M], k_pos [T]
+// int64: a query sees keys at positions <= its own. If prob_sum/row_count ([T] fp32) are given, each key's received
+// probability and the number of (row, head) pairs that could see it are added to them.
+void attend(at::Tensor out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+            const std::vector<int64_t>& active, const at::Tensor& q_pos, const at::Tensor& k_pos, double scale,
+            c10::optional<at::Tensor> prob_sum, c10::optional<at::Tensor> row_count) {
+  check(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && out.sizes() == q.sizes(), "attend shapes");
+  check(q.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, "q and out must be float32");
+  check(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && out.stride(2) == 1, "attend needs contiguous D");
+  check(k.sizes() == v.sizes() && k.scalar_type() == v.scalar_type(), "k and v must match");
+  check(q.size(2) == k.size(2) && q.size(2) % 8 == 0 && q.size(2) <= 128, "head_dim must match, be 8k and <= 128");
+  check(q.size(1) % k.size(0) == 0, "query heads must split evenly over KV heads");
+  check(static_cast<int64_t>(active.size()) == k.size(0), "one active-head count per KV head");
+  for (int64_t a : active) check(0 <= a && a <= q.size(1) / k.size(0), "active head count out of range");
+  check(q_pos.numel() == q.size(0) && k_pos.numel() == k.size(1), "one position per query row and per key");
+  check(q_pos.scalar_type() == at::kLong && k_pos.scalar_type() == at::kLong && q_pos.is_contiguous() &&
+            k_pos.is_contiguous(), "positions must be contiguous int64");
+  check(prob_sum.has_value() == row_count.has_value(), "prob_sum and row_count go together");
+  float* ps = nullptr;
+  float* rc = nullptr;
+  if (prob_sum.has_value()) {
+    check(prob_sum->numel() == k.size(1) && row_count->numel() == k.size(1) && prob_sum->is_contiguous() &&
+              row_count->is_contiguous() && prob_sum->scalar_type() == at::kFloat &&
+              row_count->scalar_type() == at::kFloat, "stats must be contiguous float32 [T]");
+    ps = prob_sum->data_ptr<float>();
+    rc = row_count->data_ptr<float>();
+  }
+  if (k.scalar_type() == at::kFloat) {
+    attend_impl<float>(out, q, k, v, active, q_pos, k_pos, static_cast<float>(scale), ps, rc);
+  } else {
+    check(k.scalar_type() == at::kHalf, "k and v must be float32 or float16");
+    attend_impl<at::Half>(out, q, k, v, active, q_pos, k_pos, static_cast<float>(scale), ps, rc);
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("q4_matmul", &q4_matmul);
+  m.def("q8_matmul", &q8_matmul);
+  m.def("rms_norm", &rms_norm);
+  m.def("rope_", &rope_);
+  m.def("silu_mul", &silu_mul);
+  m.def("attend", &attend);
+}

@@ -1,0 +1,64 @@
+"""DenseKVCache: one sequence's KV in contiguous per-layer tensors, slot == position; the caller-owned cache of
+plain generation, tests and benchmarks.
+
+Owns a fixed-capacity store ([n_kv_heads, capacity, head_dim] per layer for K and V, fp16 by default like llama.cpp)
+and the KVView it hands the model for each pass. Ignores budgets, chunks and eviction (the memory manager's job).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from llmaas.errors import ContextLengthError
+from llmaas.kv.spec import KVSpec
+
+
+class DenseKVCache:
+    def __init__(self, spec: KVSpec, capacity_tokens: int, dtype: torch.dtype = torch.float16) -> None:
+        shape = (spec.n_kv_heads, capacity_tokens, spec.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(spec.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(spec.n_layers)]
+        self.capacity_tokens = capacity_tokens
+        self.num_tokens = 0  # slots [0, num_tokens) hold keys
+        self._positions = torch.arange(capacity_tokens)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.k + self.v)
+
+    def append(self, num_new: int) -> _SlotView:
+        """A view that writes the next num_new tokens at slots (= positions) num_tokens.. and extends the cache."""
+        start = self.num_tokens
+        if start + num_new > self.capacity_tokens:
+            raise ContextLengthError(
+                f"{start + num_new} tokens exceed this cache's capacity of {self.capacity_tokens}"
+            )
+        self.num_tokens = start + num_new
+        return _SlotView(self, slice(start, start + num_new), self.num_tokens)
+
+    def rewrite(self, slots: torch.Tensor) -> _SlotView:
+        """A view that overwrites the given slots (any order, any gaps) and attends over all num_tokens slots:
+        recompute of non-contiguous tokens at their true positions."""
+        if slots.numel() and int(slots.max()) >= self.num_tokens:
+            raise ContextLengthError(f"slot {int(slots.max())} is beyond the {self.num_tokens} tokens cached")
+        return _SlotView(self, slots, self.num_tokens)
+
+    def truncate(self, num_tokens: int) -> None:
+        """Forget slots [num_tokens, ...): their values are overwritten by the next append."""
+        self.num_tokens = min(self.num_tokens, num_tokens)
+
+
+class _SlotView:
+    def __init__(self, cache: DenseKVCache, slots: slice | torch.Tensor, length: int) -> None:
+        self._cache = cache
+        self._slots = slots
+        self._length = length
+
+    def key_positions(self) -> torch.Tensor:
+        return self._cache._positions[:self._length]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ck, cv = self._cache.k[layer], self._cache.v[layer]
+        ck[:, self._slots] = k
+        cv[:, self._slots] = v
+        return ck[:, :self._length], cv[:, :self._length]

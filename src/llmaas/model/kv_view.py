@@ -1,0 +1,26 @@
+"""The KV-view protocol: how the model reads and writes a sequence's keys and values without owning them.
+
+The caller (a dense cache for plain generation, the chunked memory manager for service contexts) builds a view for
+one forward pass, knowing where the new tokens go. The model asks it for the positions of all visible keys once, and
+per layer hands it the new tokens' K/V and gets back the layer's full K/V to attend to. Masking is by absolute
+position (a query sees keys at positions <= its own), so keys may sit in any slot order and may include tokens after
+the query (recompute of non-contiguous chunks).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class KVView(Protocol):
+    def key_positions(self) -> torch.Tensor:
+        """int64 [T]: the absolute position of every key this pass attends to, the new tokens included."""
+        ...
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens' k, v ([n_kv_heads, M, head_dim] fp32, k already rotated) for `layer` and return
+        the layer's full keys and values ([n_kv_heads, T, head_dim], fp32 or fp16, contiguous last dim), in the
+        order of key_positions()."""
+        ...

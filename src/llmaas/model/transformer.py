@@ -1,0 +1,253 @@
+"""The llama-family transformer: a pure function of (token ids, positions, KV view) -> logits.
+
+Owns the forward math and nothing else: it never allocates or keeps KV (the caller's KVView does), takes positions
+explicitly (so non-contiguous chunks are recomputed at their true positions), runs any layer range on given hidden
+states (so a restore can sync with IO per layer), fills AttentionStats when asked (chunk density), and runs elastic
+sub-models as active widths (prefixes of query heads per KV group and of FFN neurons; zero-copy weight views).
+Two execution paths share one layer structure: up to SMALL_BATCH_ROWS rows (decode) use the native block kernels;
+larger batches (prefill, recompute) use fp32 GEMM and PyTorch attention.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import ModuleType
+
+import torch
+import torch.nn.functional as F
+
+from llmaas.errors import InvalidRequestError
+from llmaas.model.config import ModelConfig
+from llmaas.model.kv_view import KVView
+from llmaas.model.linear import SMALL_BATCH_ROWS, Linear
+from llmaas.model.rope import RopeTable
+from llmaas.model.stats import AttentionStats
+from llmaas.model.widths import LayerWidths, ModelWidths
+
+# Query rows per chunk of the explicit (statistics-producing) attention: bounds the [heads, rows, keys] scores.
+_STATS_ROW_CHUNK = 256
+
+
+@dataclass(frozen=True, eq=False)
+class LayerWeights:
+    attn_norm: torch.Tensor  # [d_model]
+    qkv: Linear  # rows: q (n_heads * head_dim, grouped by KV head), k (kv_dim), v (kv_dim)
+    o: Linear  # [d_model, n_heads * head_dim]
+    ffn_norm: torch.Tensor  # [d_model]
+    gate_up: Linear  # rows: gate (ffn_dim), up (ffn_dim)
+    down: Linear  # [d_model, ffn_dim]
+
+
+@dataclass(frozen=True, eq=False)
+class ModelWeights:
+    embedding: torch.Tensor  # [vocab, d_model] fp32
+    layers: tuple[LayerWeights, ...]
+    final_norm: torch.Tensor  # [d_model]
+    lm_head: Linear  # [vocab, d_model]; shares `embedding` as its dense copy when the model ties them
+    rope_freq_factors: torch.Tensor | None
+
+    @property
+    def nbytes(self) -> int:
+        linears = [self.lm_head] + [lin for lw in self.layers for lin in (lw.qkv, lw.o, lw.gate_up, lw.down)]
+        total = sum(lin.nbytes for lin in linears) + self.final_norm.nbytes
+        total += sum(lw.attn_norm.nbytes + lw.ffn_norm.nbytes for lw in self.layers)
+        if self.embedding.data_ptr() != self.lm_head.dense.data_ptr():
+            total += self.embedding.nbytes
+        return total
+
+
+@dataclass(eq=False)
+class _Pass:
+    """What one forward pass shares across its layers: positions, the masking inputs and scratch buffers."""
+
+    positions: torch.Tensor  # [M] int64
+    key_positions: torch.Tensor  # [T] int64
+    kv: KVView
+    widths: ModelWidths | None
+    stats: AttentionStats | None
+    small: bool  # use the native kernels (few rows)
+    mask: torch.Tensor | None  # [M, T] bool for the PyTorch path; None when every key is visible to every row
+    x: torch.Tensor  # [M, d_model] normed input of a sub-block
+    qkv: torch.Tensor  # [M, q_dim + 2 * kv_dim]
+    attn: torch.Tensor  # [M, n_heads, head_dim]
+    gate_up: torch.Tensor  # [M, 2 * ffn_dim]
+    act: torch.Tensor  # [M, ffn_dim]
+
+
+class Transformer:
+    def __init__(self, config: ModelConfig, weights: ModelWeights, kernels: ModuleType | None) -> None:
+        self.config = config
+        self.weights = weights
+        self.kernels = kernels
+        self.rope = RopeTable(config.head_dim, config.rope_theta, config.context_length, config.rope_linear_factor,
+                              weights.rope_freq_factors)
+        self._scale = config.head_dim ** -0.5
+
+    # -- the pure function and its pieces -------------------------------------------------------------------------
+
+    def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv: KVView, *,
+                widths: ModelWidths | None = None, stats: AttentionStats | None = None) -> torch.Tensor:
+        """Logits [M, vocab] for tokens [M] at positions [M], reading and extending the caller's KV view."""
+        h = self.embed(token_ids)
+        h = self.run_layers(h, positions, kv, widths=widths, stats=stats)
+        return self.logits(h)
+
+    def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        """Hidden states [M, d_model] (a new tensor, safe to update in place) for token ids [M]."""
+        if token_ids.dim() != 1:
+            raise InvalidRequestError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}")
+        if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= self.config.vocab_size):
+            raise InvalidRequestError(f"token ids must lie in 0..{self.config.vocab_size - 1}")
+        return self.weights.embedding[token_ids]
+
+    def run_layers(self, h: torch.Tensor, positions: torch.Tensor, kv: KVView, start: int = 0,
+                   stop: int | None = None, *, widths: ModelWidths | None = None,
+                   stats: AttentionStats | None = None) -> torch.Tensor:
+        """Run layers [start, stop) on hidden states h [M, d_model] (updated in place and returned)."""
+        stop = self.config.n_layers if stop is None else stop
+        if not 0 <= start <= stop <= self.config.n_layers:
+            raise InvalidRequestError(f"layer range [{start}, {stop}) outside 0..{self.config.n_layers}")
+        if positions.shape != (h.shape[0],):
+            raise InvalidRequestError(f"need one position per token: {tuple(positions.shape)} vs {h.shape[0]} rows")
+        if widths is not None:
+            widths.check(self.config)
+        p = self._begin(h.shape[0], positions.to(torch.int64).contiguous(), kv, widths, stats)
+        for layer in range(start, stop):
+            self._layer(layer, h, p)
+        return h
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: [M, d_model] -> [M, vocab] fp32."""
+        x = torch.empty_like(h)
+        self._norm(h, self.weights.final_norm, x, h.shape[0] <= SMALL_BATCH_ROWS)
+        out = torch.empty(h.shape[0], self.config.vocab_size)
+        return self.weights.lm_head.apply(x, out)
+
+    # -- internals -------------------------------------------------------------------------------------------------
+
+    def _begin(self, m: int, positions: torch.Tensor, kv: KVView, widths: ModelWidths | None,
+               stats: AttentionStats | None) -> _Pass:
+        self.rope.check(positions)
+        key_positions = kv.key_positions().to(torch.int64).contiguous()
+        if stats is not None and stats.prob_sum.shape != key_positions.shape:
+            raise InvalidRequestError(
+                f"stats cover {stats.prob_sum.numel()} keys but the view has {key_positions.numel()}"
+            )
+        small = self.kernels is not None and m <= SMALL_BATCH_ROWS
+        mask = None
+        if not small and m and int(key_positions.max()) > int(positions.min()):
+            mask = key_positions[None, :] <= positions[:, None]
+        c = self.config
+        return _Pass(positions, key_positions, kv, widths, stats, small, mask,
+                     x=torch.empty(m, c.d_model), qkv=torch.empty(m, c.q_dim + 2 * c.kv_dim),
+                     attn=torch.empty(m, c.n_heads, c.head_dim), gate_up=torch.empty(m, 2 * c.ffn_dim),
+                     act=torch.empty(m, c.ffn_dim))
+
+    def _layer(self, layer: int, h: torch.Tensor, p: _Pass) -> None:
+        c, lw = self.config, self.weights.layers[layer]
+        width = p.widths.layers[layer] if p.widths is not None else None
+        m = h.shape[0]
+        self._norm(h, lw.attn_norm, p.x, p.small)
+        self._project_qkv(lw.qkv, p, width)
+        q = p.qkv[:, :c.q_dim].view(m, c.n_heads, c.head_dim)
+        k = p.qkv[:, c.q_dim:c.q_dim + c.kv_dim].view(m, c.n_kv_heads, c.head_dim)
+        v = p.qkv[:, c.q_dim + c.kv_dim:].view(m, c.n_kv_heads, c.head_dim)
+        self._rope(q, p)
+        self._rope(k, p)
+        k_all, v_all = p.kv.update(layer, k.transpose(0, 1), v.transpose(0, 1))
+        active = width.q_heads if width is not None else (c.heads_per_group,) * c.n_kv_heads
+        self._attend(q, k_all, v_all, active, p, width is not None)
+        self._project_out(lw.o, p, active, h)
+        self._norm(h, lw.ffn_norm, p.x, p.small)
+        self._ffn(lw, p, width.ffn if width is not None else c.ffn_dim, h)
+
+    def _norm(self, h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, small: bool) -> None:
+        if small:
+            self.kernels.rms_norm(out, h, w, self.config.norm_eps)
+        else:
+            out.copy_(F.rms_norm(h, (h.shape[1],), w, self.config.norm_eps))
+
+    def _rope(self, x: torch.Tensor, p: _Pass) -> None:
+        if p.small:
+            self.kernels.rope_(x, p.positions, self.rope.cos, self.rope.sin)
+        else:
+            self.rope.apply_(x, p.positions)
+
+    def _project_qkv(self, qkv: Linear, p: _Pass, width: LayerWidths | None) -> None:
+        c = self.config
+        if width is None:
+            qkv.apply(p.x, p.qkv)
+            return
+        group_rows = c.heads_per_group * c.head_dim
+        for g, kept in enumerate(width.q_heads):
+            if kept:
+                r0 = g * group_rows
+                qkv.apply(p.x, p.qkv[:, r0:r0 + kept * c.head_dim], rows=(r0, r0 + kept * c.head_dim))
+        qkv.apply(p.x, p.qkv[:, c.q_dim:], rows=(c.q_dim, c.q_dim + 2 * c.kv_dim))
+
+    def _project_out(self, o: Linear, p: _Pass, active: tuple[int, ...], h: torch.Tensor) -> None:
+        """h += attention output @ Wo^T over the active heads (each group's active heads are contiguous)."""
+        c = self.config
+        flat = p.attn.view(p.attn.shape[0], c.q_dim)
+        if all(a == c.heads_per_group for a in active):
+            o.apply(flat, h, accumulate=True)
+            return
+        group_cols = c.heads_per_group * c.head_dim
+        for g, kept in enumerate(active):
+            if kept:
+                c0 = g * group_cols
+                o.apply(flat[:, c0:c0 + kept * c.head_dim], h, cols=(c0, c0 + kept * c.head_dim), accumulate=True)
+
+    def _ffn(self, lw: LayerWeights, p: _Pass, kept: int, h: torch.Tensor) -> None:
+        """h += down(silu(gate(x)) * up(x)) over the first `kept` neurons."""
+        if kept == 0:
+            return
+        f = self.config.ffn_dim
+        if kept == f:
+            lw.gate_up.apply(p.x, p.gate_up)
+        else:
+            lw.gate_up.apply(p.x, p.gate_up[:, :kept], rows=(0, kept))
+            lw.gate_up.apply(p.x, p.gate_up[:, f:f + kept], rows=(f, f + kept))
+        act = p.act[:, :kept]
+        if p.small:
+            self.kernels.silu_mul(act, p.gate_up[:, :kept], p.gate_up[:, f:f + kept])
+        else:
+            torch.mul(F.silu(p.gate_up[:, :kept]), p.gate_up[:, f:f + kept], out=act)
+        lw.down.apply(act, h, cols=(0, kept), accumulate=True)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: tuple[int, ...], p: _Pass,
+                sliced: bool) -> None:
+        """p.attn[:, heads] = attention of the active query heads over the view's keys."""
+        if p.small:
+            stats = (p.stats.prob_sum, p.stats.row_count) if p.stats is not None else (None, None)
+            self.kernels.attend(p.attn, q, k, v, list(active), p.positions, p.key_positions, self._scale, *stats)
+            return
+        k, v = k.float(), v.float()
+        if p.stats is None and not sliced:
+            # [1, H, M, D] x [1, Hkv, T, D]: PyTorch's fused CPU attention, grouped-query without copying K/V.
+            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=p.mask,
+                                                 scale=self._scale, enable_gqa=True)
+            p.attn.copy_(out[0].transpose(0, 1))
+            return
+        g_size = self.config.heads_per_group
+        for g, kept in enumerate(active):
+            if kept:
+                heads = slice(g * g_size, g * g_size + kept)
+                self._attend_explicit(q[:, heads], k[g], v[g], p, p.attn[:, heads])
+
+    def _attend_explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: _Pass,
+                         out: torch.Tensor) -> None:
+        """Attention of q [M, h, D] over one KV head (k, v [T, D]) with probabilities materialised for statistics."""
+        m, heads, _ = q.shape
+        for r0 in range(0, m, _STATS_ROW_CHUNK):
+            rows = slice(r0, min(r0 + _STATS_ROW_CHUNK, m))
+            scores = torch.einsum("mhd,td->hmt", q[rows], k) * self._scale  # [h, rows, T]
+            if p.mask is not None:
+                scores.masked_fill_(~p.mask[None, rows], float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            out[rows] = torch.einsum("hmt,td->mhd", probs, v)
+            if p.stats is not None:
+                p.stats.prob_sum += probs.sum(dim=(0, 1))
+                visible = p.mask[rows].sum(0) if p.mask is not None else torch.full_like(p.stats.row_count, rows.stop
+                                                                                          - rows.start)
+                p.stats.row_count += visible * heads
