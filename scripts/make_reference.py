@@ -1,13 +1,15 @@
 """Produce the stored reference values the engine's tests compare against.
 
-Reference = HF transformers loading the same GGUF (dequantised to fp32). Run it only when the default model or the
-reference protocol changes; it needs the `reference` extra (transformers, accelerate):
+Logits and perplexity come from HF transformers loading the same GGUF (dequantised to fp32); tokenizations come from
+llama.cpp (llama-cpp-python), the GGUF's own tokenizer. Run it only when the default model or the reference protocol
+changes; it needs the `peers` extra (transformers, accelerate, llama-cpp-python):
 
-    pip install -e '.[reference]' && python scripts/make_reference.py
+    pip install -e '.[peers]' && python scripts/make_reference.py
 
-Writes tests/data/reference_smollm2.json: token ids and logits slices of a fixed prompt, and the perplexity of the
-first 2048 tokens of ../shared/data/wikitext2/test.raw.txt in four 512-token windows. Token ids are stored, so the
-logit and perplexity checks do not depend on which tokenizer produced them.
+Writes tests/data/reference_smollm2.json: token ids and logits slices of a fixed prompt, the perplexity of the
+first 2048 tokens of ../shared/data/wikitext2/test.raw.txt in four 512-token windows, and llama.cpp's token ids for
+a set of awkward strings (digits, whitespace runs, CRLF, accents, CJK, emoji, control-token markup). Token ids are
+stored, so the logit and perplexity checks do not depend on which tokenizer produced them.
 """
 
 from __future__ import annotations
@@ -36,6 +38,16 @@ TOP_K = 40
 PROBE_IDS = list(range(0, 49152, 1531))  # 33 fixed ids spread over the vocabulary
 PPL_WINDOW_TOKENS = 512
 PPL_WINDOWS = 4
+TOKENIZER_TEXTS = [
+    "In 2024, 12345 people paid $3.50 each. Don't stop!  Hello\n\nworld",
+    "héllo wörld — naïve café ☕ 日本語のテキスト 🤖🤖",
+    "   leading spaces\tand\ttabs\r\n\r\nCRLF",
+    "<|im_start|>user\nHi<|im_end|>\n",
+    "x=1;y=22;z=333;w=4444",
+    "I'm, you're, they'll, we'd, IT'S",
+    "def f(a,b):\n    return a**b  # comment\n\n\n",
+    " ",
+]
 
 
 def main() -> None:
@@ -77,6 +89,12 @@ def main() -> None:
     ppl = math.exp(nll / count)
     print(f"reference perplexity over {count} predicted tokens: {ppl:.4f}", flush=True)
 
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    tokenizations = [{"text": t, "ids": vocab.tokenize(t.encode(), add_bos=False, special=True)}
+                     for t in TOKENIZER_TEXTS]
+
     OUT.write_text(json.dumps({
         "produced_by": "scripts/make_reference.py (HF transformers, GGUF dequantised to fp32)",
         "model_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
@@ -84,6 +102,7 @@ def main() -> None:
         "probe_ids": PROBE_IDS,
         "logits": logit_rows,
         "ppl": {"window_tokens": PPL_WINDOW_TOKENS, "token_ids": wiki_ids, "value": ppl},
+        "llama_cpp_tokenizations": tokenizations,
     }) + "\n")
     print(f"wrote {OUT}")
 

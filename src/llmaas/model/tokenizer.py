@@ -58,7 +58,7 @@ class Tokenizer:
         tokens: list[str] = f.get("tokenizer.ggml.tokens")
         types: list[int] = f.get("tokenizer.ggml.token_type", [1] * len(tokens))
         if kind == "gpt2":
-            hf = _byte_level_bpe(tokens, f.get("tokenizer.ggml.merges"), f.get("tokenizer.ggml.pre", "default"))
+            hf = _byte_level_bpe(tokens, f.get("tokenizer.ggml.merges", []), f.get("tokenizer.ggml.pre", "default"))
             add_bos_default = False
         elif kind == "llama":
             hf = _sentencepiece_bpe(tokens, f.get("tokenizer.ggml.scores"), types,

@@ -119,11 +119,14 @@ class Transformer:
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: [M, d_model] -> [M, vocab] fp32."""
         x = torch.empty_like(h)
-        self._norm(h, self.weights.final_norm, x, h.shape[0] <= SMALL_BATCH_ROWS)
+        self._norm(h, self.weights.final_norm, x, self._uses_kernels(h.shape[0]))
         out = torch.empty(h.shape[0], self.config.vocab_size)
         return self.weights.lm_head.apply(x, out)
 
     # -- internals -------------------------------------------------------------------------------------------------
+
+    def _uses_kernels(self, rows: int) -> bool:
+        return self.kernels is not None and rows <= SMALL_BATCH_ROWS
 
     def _begin(self, m: int, positions: torch.Tensor, kv: KVView, widths: ModelWidths | None,
                stats: AttentionStats | None) -> _Pass:
@@ -133,7 +136,7 @@ class Transformer:
             raise InvalidRequestError(
                 f"stats cover {stats.prob_sum.numel()} keys but the view has {key_positions.numel()}"
             )
-        small = self.kernels is not None and m <= SMALL_BATCH_ROWS
+        small = self._uses_kernels(m)
         mask = None
         if not small and m and int(key_positions.max()) > int(positions.min()):
             mask = key_positions[None, :] <= positions[:, None]

@@ -1,0 +1,50 @@
+"""Shared fixtures: the real bundled model (loaded once per session, with and without native kernels), the kernels
+(required in CI, where a silent fallback would hide a broken build) and tiny GGUFs for loader tests."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from llmaas.errors import KernelBuildError
+from llmaas.kernels import load_kernels
+from llmaas.kv.dense import DenseKVCache
+from llmaas.kv.spec import KVSpec
+from llmaas.model.loader import LoadedModel, load_model
+
+DATA = Path(__file__).parent / "data"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def kernels():
+    try:
+        return load_kernels()
+    except KernelBuildError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"native kernels unavailable here: {exc}")
+
+
+@pytest.fixture(scope="session")
+def smollm(kernels) -> LoadedModel:
+    return load_model()
+
+
+@pytest.fixture(scope="session")
+def smollm_dense() -> LoadedModel:
+    return load_model(use_kernels=False)
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict:
+    return json.loads((DATA / "reference_smollm2.json").read_text())
+
+
+def fp32_cache(loaded: LoadedModel, capacity: int = 256) -> DenseKVCache:
+    """A lossless cache, for equivalence tests that should differ only by arithmetic order."""
+    return DenseKVCache(KVSpec.from_config(loaded.config), capacity, dtype=torch.float32)

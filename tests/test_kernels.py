@@ -1,0 +1,123 @@
+"""Native kernels against plain PyTorch: exact block layouts, matmuls on row/column ranges, attention with masking,
+fp16 KV, partial heads and statistics, and the element-wise ops."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QType
+
+from llmaas.model.weights import Q4Blocks, Q8Blocks, read_blocks
+from tiny_gguf import _random_blocks
+
+
+class _Tensor:
+    """The bits of gguf.ReaderTensor that read_blocks uses."""
+
+    def __init__(self, qtype: QType, data: np.ndarray, rows: int, cols: int) -> None:
+        self.tensor_type, self.data, self.shape, self.name = qtype, data, np.array([cols, rows]), "t"
+
+
+def _make(qtype: QType, rows: int = 96, cols: int = 512, seed: int = 0) -> tuple[_Tensor, torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    if qtype in (QType.Q4_K, QType.Q6_K):
+        data = _random_blocks(qtype, rows, cols, rng)
+    else:
+        data = gguf.quants.quantize(rng.standard_normal((rows, cols)).astype(np.float32), qtype)
+    return _Tensor(qtype, data, rows, cols), torch.from_numpy(gguf.quants.dequantize(data, qtype))
+
+
+def _expand(blocks: Q4Blocks | Q8Blocks) -> torch.Tensor:
+    """Dense weights from our block layout (test-side, plain PyTorch)."""
+    if isinstance(blocks, Q8Blocks):
+        return (blocks.qs.float().view(blocks.qs.shape[0], -1, 32) * blocks.scales.float()[..., None]).flatten(1)
+    qs = blocks.qs.view(blocks.qs.shape[0], -1, 16)
+    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()  # element j low nibble, j + 16 high nibble
+    return (q * blocks.scales.float()[..., None] + blocks.mins.float()[..., None]).flatten(1)
+
+
+@pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q4_1, QType.Q4_K, QType.Q8_0])
+def test_block_layout_holds_gguf_weights_exactly(qtype):
+    t, dense = _make(qtype)
+    blocks = read_blocks(t)
+    assert blocks is not None
+    assert torch.equal(_expand(blocks), dense)
+
+
+def test_types_without_an_exact_block_layout_have_none():
+    t, _ = _make(QType.Q6_K)
+    assert read_blocks(t) is None
+
+
+@pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q4_K, QType.Q8_0])
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_block_matmul_matches_dense_on_ranges(kernels, qtype, m):
+    t, dense = _make(qtype)
+    b = read_blocks(t)
+    x = torch.randn(m, 512)
+    for r0, r1, c0, c1 in [(0, 96, 0, 512), (10, 70, 64, 448), (0, 33, 32, 80), (5, 6, 0, 17)]:
+        y = torch.full((m, r1 - r0), 7.0)
+        xs = x[:, c0:c1]
+        args = (b.qs, b.scales, b.mins) if isinstance(b, Q4Blocks) else (b.qs, b.scales)
+        fn = kernels.q4_matmul if isinstance(b, Q4Blocks) else kernels.q8_matmul
+        fn(y, xs, *args, r0, r1, c0, c1, False)
+        ref = xs @ dense[r0:r1, c0:c1].T
+        # activations are rounded to 16 bits per 32-value block: error <= 2^-16 * sum |w| * block max |x|
+        bound = 1e-4 * (xs.abs() @ dense[r0:r1, c0:c1].abs().T) + 1e-6
+        assert torch.all((y - ref).abs() <= bound)
+        fn(y, xs, *args, r0, r1, c0, c1, True)
+        assert torch.all((y - 2 * ref).abs() <= 2 * bound)
+
+
+def _attention_reference(q, k, v, active, q_pos, k_pos):
+    group = q.shape[1] // k.shape[0]
+    kr, vr = k.float().repeat_interleave(group, 0), v.float().repeat_interleave(group, 0)
+    scores = torch.einsum("mhd,htd->mht", q, kr) / q.shape[-1] ** 0.5
+    mask = k_pos[None, None, :] <= q_pos[:, None, None]
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    heads = torch.tensor([j < active[h // group] for h in range(q.shape[1]) for j in [h % group]])
+    probs = probs * heads[None, :, None]
+    return torch.einsum("mht,htd->mhd", probs, vr), probs.sum((0, 1)), (mask.float() * heads[None, :, None]).sum(
+        (0, 1))
+
+
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("active", [(3, 3, 3), (2, 0, 1)])
+def test_attend_matches_reference(kernels, kv_dtype, active):
+    torch.manual_seed(0)
+    q = torch.randn(3, 9, 64)
+    k, v = torch.randn(3, 70, 64).to(kv_dtype), torch.randn(3, 70, 64).to(kv_dtype)
+    q_pos, k_pos = torch.tensor([10, 40, 69]), torch.randperm(70)  # keys in any slot order, some after the query
+    out = torch.full_like(q, 5.0)
+    prob_sum, row_count = torch.zeros(70), torch.zeros(70)
+    kernels.attend(out, q, k, v, list(active), q_pos, k_pos, 64 ** -0.5, prob_sum, row_count)
+    ref, ref_sum, ref_count = _attention_reference(q, k, v, active, q_pos, k_pos)
+    for h in range(9):
+        if h % 3 < active[h // 3]:  # fp16 keys/values are exact in fp32 arithmetic, so one tolerance fits both
+            assert torch.allclose(out[:, h], ref[:, h], atol=1e-4)
+        else:
+            assert torch.all(out[:, h] == 5.0), "inactive heads must be left untouched"
+    assert torch.allclose(prob_sum, ref_sum, atol=1e-5)
+    assert torch.equal(row_count, ref_count)
+
+
+def test_elementwise_kernels(kernels):
+    torch.manual_seed(1)
+    x, w = torch.randn(3, 576), torch.randn(576)
+    y = torch.empty(3, 576)
+    kernels.rms_norm(y, x, w, 1e-5)
+    assert torch.allclose(y, x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w, atol=1e-5)
+    g, u, out = torch.randn(2, 100), torch.randn(2, 100), torch.empty(2, 100)
+    kernels.silu_mul(out, g, u)
+    assert torch.allclose(out, torch.nn.functional.silu(g) * u, atol=1e-6)
+    from llmaas.model.rope import RopeTable
+
+    table = RopeTable(64, 1e5, 1000)
+    x = torch.randn(2, 9, 64)
+    a, b = x.clone(), x.clone()
+    pos = torch.tensor([3, 999])
+    kernels.rope_(a, pos, table.cos, table.sin)
+    table.apply_(b, pos)
+    assert torch.allclose(a, b, atol=1e-5)

