@@ -50,8 +50,9 @@ def test_chunked_prefill_equals_one_shot(smollm, ids, chunk):
         parts.append(smollm.model.forward(part, torch.arange(start, start + part.numel()), cache.append(part.numel())))
     atol = KERNEL_ATOL if chunk <= 8 else DENSE_ATOL
     assert (torch.cat(parts) - full).abs().max().item() < atol
+    n = ids.numel()
     for layer in (0, 29):
-        assert (cache.k[layer][:, :ids.numel()] - full_cache.k[layer][:, :ids.numel()]).abs().max().item() < atol
+        assert (cache.kv[layer][:, :, :n] - full_cache.kv[layer][:, :, :n]).abs().max().item() < atol
 
 
 @pytest.mark.parametrize("missing", [[3, 4, 10, 11], list(range(8, 16)) + list(range(24, 32)) + [40]])
@@ -61,15 +62,13 @@ def test_recompute_of_non_contiguous_tokens_reproduces_kv_and_logits(smollm, ids
     full, cache = one_shot(smollm, ids)
     slots = torch.tensor(missing)
     for layer in range(smollm.config.n_layers):
-        cache.k[layer][:, slots] = 0.0
-        cache.v[layer][:, slots] = 0.0
+        cache.kv[layer][:, :, slots] = 0.0
     _, reference_cache = one_shot(smollm, ids)
     logits = smollm.model.forward(ids[slots], slots, cache.rewrite(slots))
     atol = KERNEL_ATOL if len(missing) <= 8 else DENSE_ATOL
     assert (logits - full[slots]).abs().max().item() < atol
-    for layer in range(smollm.config.n_layers):
-        assert (cache.k[layer][:, slots] - reference_cache.k[layer][:, slots]).abs().max().item() < atol
-        assert (cache.v[layer][:, slots] - reference_cache.v[layer][:, slots]).abs().max().item() < atol
+    for layer in range(smollm.config.n_layers):  # keys and values
+        assert (cache.kv[layer][:, :, slots] - reference_cache.kv[layer][:, :, slots]).abs().max().item() < atol
 
 
 @pytest.mark.parametrize("rows", [3, 20])
@@ -78,7 +77,9 @@ def test_full_width_equals_unsliced(smollm, ids, rows):
     plain = smollm.model.forward(part, torch.arange(rows), fp32_cache(smollm).append(rows))
     widths = ModelWidths.full(smollm.config)
     sliced = smollm.model.forward(part, torch.arange(rows), fp32_cache(smollm).append(rows), widths=widths)
-    assert (plain - sliced).abs().max().item() < 1e-3
+    # the sliced path sums the groups' output projections into the residual one group at a time: a different
+    # rounding order, which the kernel path's 16-bit activation rounding can turn into 1-LSB steps
+    assert (plain - sliced).abs().max().item() < (KERNEL_ATOL if rows <= 8 else DENSE_ATOL)
 
 
 def test_kernel_path_matches_dense_path(smollm, smollm_dense, ids):

@@ -92,7 +92,7 @@ def test_attend_matches_reference(kernels, kv_dtype, active):
     q_pos, k_pos = torch.tensor([10, 40, 69]), torch.randperm(70)  # keys in any slot order, some after the query
     out = torch.full_like(q, 5.0)
     prob_sum, row_count = torch.zeros(70), torch.zeros(70)
-    kernels.attend(out, q, k, v, list(active), q_pos, k_pos, 64 ** -0.5, prob_sum, row_count)
+    kernels.attend(out, q, torch.stack([k, v]), list(active), q_pos, k_pos, 64 ** -0.5, prob_sum, row_count)
     ref, ref_sum, ref_count = _attention_reference(q, k, v, active, q_pos, k_pos)
     for h in range(9):
         if h % 3 < active[h // 3]:  # fp16 keys/values are exact in fp32 arithmetic, so one tolerance fits both

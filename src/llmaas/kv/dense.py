@@ -1,7 +1,8 @@
 """DenseKVCache: one sequence's KV in contiguous per-layer tensors, slot == position; the caller-owned cache of
 plain generation, tests and benchmarks.
 
-Owns a fixed-capacity store ([n_kv_heads, capacity, head_dim] per layer for K and V, fp16 by default like llama.cpp)
+Owns a fixed-capacity store ([2, n_kv_heads, capacity, head_dim] per layer: keys then values; fp16 by default, like
+llama.cpp)
 and the KVView it hands the model for each pass. Ignores budgets, chunks and eviction (the memory manager's job).
 """
 
@@ -15,16 +16,15 @@ from llmaas.kv.spec import KVSpec
 
 class DenseKVCache:
     def __init__(self, spec: KVSpec, capacity_tokens: int, dtype: torch.dtype = torch.float16) -> None:
-        shape = (spec.n_kv_heads, capacity_tokens, spec.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype) for _ in range(spec.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype) for _ in range(spec.n_layers)]
+        shape = (2, spec.n_kv_heads, capacity_tokens, spec.head_dim)
+        self.kv = [torch.zeros(shape, dtype=dtype) for _ in range(spec.n_layers)]
         self.capacity_tokens = capacity_tokens
         self.num_tokens = 0  # slots [0, num_tokens) hold keys
         self._positions = torch.arange(capacity_tokens)
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.k + self.v)
+        return sum(t.nbytes for t in self.kv)
 
     def append(self, num_new: int) -> _SlotView:
         """A view that writes the next num_new tokens at slots (= positions) num_tokens.. and extends the cache."""
@@ -57,8 +57,10 @@ class _SlotView:
     def key_positions(self) -> torch.Tensor:
         return self._cache._positions[:self._length]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ck, cv = self._cache.k[layer], self._cache.v[layer]
-        ck[:, self._slots] = k
-        cv[:, self._slots] = v
-        return ck[:, :self._length], cv[:, :self._length]
+    def update(self, layer: int, kv: torch.Tensor) -> torch.Tensor:
+        store = self._cache.kv[layer]
+        if isinstance(self._slots, slice):  # one strided copy for keys and values (the decode hot path)
+            store[:, :, self._slots].copy_(kv)
+        else:
+            store[:, :, self._slots] = kv
+        return store[:, :, :self._length]

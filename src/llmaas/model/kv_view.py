@@ -2,7 +2,7 @@
 
 The caller (a dense cache for plain generation, the chunked memory manager for service contexts) builds a view for
 one forward pass, knowing where the new tokens go. The model asks it for the positions of all visible keys once, and
-per layer hands it the new tokens' K/V and gets back the layer's full K/V to attend to. Masking is by absolute
+per layer hands it the new tokens' keys and values (one tensor) and gets back the layer's full keys and values. Masking is by absolute
 position (a query sees keys at positions <= its own), so keys may sit in any slot order and may include tokens after
 the query (recompute of non-contiguous chunks).
 """
@@ -19,8 +19,8 @@ class KVView(Protocol):
         """int64 [T]: the absolute position of every key this pass attends to, the new tokens included."""
         ...
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new tokens' k, v ([n_kv_heads, M, head_dim] fp32, k already rotated) for `layer` and return
-        the layer's full keys and values ([n_kv_heads, T, head_dim], fp32 or fp16, contiguous last dim), in the
-        order of key_positions()."""
+    def update(self, layer: int, kv: torch.Tensor) -> torch.Tensor:
+        """Store the new tokens' keys and values (kv [2, n_kv_heads, M, head_dim] fp32: kv[0] keys, already rotated,
+        kv[1] values; a strided view) for `layer`, and return the layer's full keys and values
+        ([2, n_kv_heads, T, head_dim], fp32 or fp16, contiguous last dim) in the order of key_positions()."""
         ...

@@ -56,22 +56,28 @@ class ModelWeights:
         return total
 
 
-@dataclass(eq=False)
 class _Pass:
-    """What one forward pass shares across its layers: positions, the masking inputs and scratch buffers."""
+    """What one forward pass shares across its layers: positions, masking inputs, scratch buffers and the views
+    into them (built once per pass, not per layer: on the decode path these views cost as much as the math)."""
 
-    positions: torch.Tensor  # [M] int64
-    key_positions: torch.Tensor  # [T] int64
-    kv: KVView
-    widths: ModelWidths | None
-    stats: AttentionStats | None
-    small: bool  # use the native kernels (few rows)
-    mask: torch.Tensor | None  # [M, T] bool for the PyTorch path; None when every key is visible to every row
-    x: torch.Tensor  # [M, d_model] normed input of a sub-block
-    qkv: torch.Tensor  # [M, q_dim + 2 * kv_dim]
-    attn: torch.Tensor  # [M, n_heads, head_dim]
-    gate_up: torch.Tensor  # [M, 2 * ffn_dim]
-    act: torch.Tensor  # [M, ffn_dim]
+    def __init__(self, c: ModelConfig, positions: torch.Tensor, key_positions: torch.Tensor, kv: KVView,
+                 widths: ModelWidths | None, stats: AttentionStats | None, small: bool,
+                 mask: torch.Tensor | None) -> None:
+        m = positions.shape[0]
+        self.positions, self.key_positions, self.kv, self.widths, self.stats = positions, key_positions, kv, widths, stats
+        self.small = small  # use the native kernels (few rows)
+        self.mask = mask  # [M, T] bool for the PyTorch path; None when every key is visible to every row
+        self.x = torch.empty(m, c.d_model)  # normed input of a sub-block
+        self.qkv = torch.empty(m, c.q_dim + 2 * c.kv_dim)
+        self.q = self.qkv[:, :c.q_dim].view(m, c.n_heads, c.head_dim)
+        self.k = self.qkv[:, c.q_dim:c.q_dim + c.kv_dim].view(m, c.n_kv_heads, c.head_dim)
+        self.new_kv = self.qkv[:, c.q_dim:].view(m, 2, c.n_kv_heads, c.head_dim).permute(1, 2, 0, 3)
+        self.attn = torch.empty(m, c.n_heads, c.head_dim)
+        self.attn_flat = self.attn.view(m, c.q_dim)
+        self.gate_up = torch.empty(m, 2 * c.ffn_dim)
+        self.gate, self.up = self.gate_up[:, :c.ffn_dim], self.gate_up[:, c.ffn_dim:]
+        self.act = torch.empty(m, c.ffn_dim)
+        self.full_heads = [c.heads_per_group] * c.n_kv_heads
 
 
 class Transformer:
@@ -140,29 +146,21 @@ class Transformer:
         mask = None
         if not small and m and int(key_positions.max()) > int(positions.min()):
             mask = key_positions[None, :] <= positions[:, None]
-        c = self.config
-        return _Pass(positions, key_positions, kv, widths, stats, small, mask,
-                     x=torch.empty(m, c.d_model), qkv=torch.empty(m, c.q_dim + 2 * c.kv_dim),
-                     attn=torch.empty(m, c.n_heads, c.head_dim), gate_up=torch.empty(m, 2 * c.ffn_dim),
-                     act=torch.empty(m, c.ffn_dim))
+        return _Pass(self.config, positions, key_positions, kv, widths, stats, small, mask)
 
     def _layer(self, layer: int, h: torch.Tensor, p: _Pass) -> None:
-        c, lw = self.config, self.weights.layers[layer]
+        lw = self.weights.layers[layer]
         width = p.widths.layers[layer] if p.widths is not None else None
-        m = h.shape[0]
         self._norm(h, lw.attn_norm, p.x, p.small)
         self._project_qkv(lw.qkv, p, width)
-        q = p.qkv[:, :c.q_dim].view(m, c.n_heads, c.head_dim)
-        k = p.qkv[:, c.q_dim:c.q_dim + c.kv_dim].view(m, c.n_kv_heads, c.head_dim)
-        v = p.qkv[:, c.q_dim + c.kv_dim:].view(m, c.n_kv_heads, c.head_dim)
-        self._rope(q, p)
-        self._rope(k, p)
-        k_all, v_all = p.kv.update(layer, k.transpose(0, 1), v.transpose(0, 1))
-        active = width.q_heads if width is not None else (c.heads_per_group,) * c.n_kv_heads
-        self._attend(q, k_all, v_all, active, p, width is not None)
+        self._rope(p.q, p)
+        self._rope(p.k, p)
+        kv = p.kv.update(layer, p.new_kv)
+        active = list(width.q_heads) if width is not None else p.full_heads
+        self._attend(kv, active, p, width is not None)
         self._project_out(lw.o, p, active, h)
         self._norm(h, lw.ffn_norm, p.x, p.small)
-        self._ffn(lw, p, width.ffn if width is not None else c.ffn_dim, h)
+        self._ffn(lw, p, width.ffn if width is not None else self.config.ffn_dim, h)
 
     def _norm(self, h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, small: bool) -> None:
         if small:
@@ -188,11 +186,11 @@ class Transformer:
                 qkv.apply(p.x, p.qkv[:, r0:r0 + kept * c.head_dim], rows=(r0, r0 + kept * c.head_dim))
         qkv.apply(p.x, p.qkv[:, c.q_dim:], rows=(c.q_dim, c.q_dim + 2 * c.kv_dim))
 
-    def _project_out(self, o: Linear, p: _Pass, active: tuple[int, ...], h: torch.Tensor) -> None:
+    def _project_out(self, o: Linear, p: _Pass, active: list[int], h: torch.Tensor) -> None:
         """h += attention output @ Wo^T over the active heads (each group's active heads are contiguous)."""
         c = self.config
-        flat = p.attn.view(p.attn.shape[0], c.q_dim)
-        if all(a == c.heads_per_group for a in active):
+        flat = p.attn_flat
+        if active is p.full_heads:
             o.apply(flat, h, accumulate=True)
             return
         group_cols = c.heads_per_group * c.head_dim
@@ -208,27 +206,27 @@ class Transformer:
         f = self.config.ffn_dim
         if kept == f:
             lw.gate_up.apply(p.x, p.gate_up)
+            gate, up, act = p.gate, p.up, p.act
         else:
-            lw.gate_up.apply(p.x, p.gate_up[:, :kept], rows=(0, kept))
-            lw.gate_up.apply(p.x, p.gate_up[:, f:f + kept], rows=(f, f + kept))
-        act = p.act[:, :kept]
+            gate, up, act = p.gate[:, :kept], p.up[:, :kept], p.act[:, :kept]
+            lw.gate_up.apply(p.x, gate, rows=(0, kept))
+            lw.gate_up.apply(p.x, up, rows=(f, f + kept))
         if p.small:
-            self.kernels.silu_mul(act, p.gate_up[:, :kept], p.gate_up[:, f:f + kept])
+            self.kernels.silu_mul(act, gate, up)
         else:
-            torch.mul(F.silu(p.gate_up[:, :kept]), p.gate_up[:, f:f + kept], out=act)
+            torch.mul(F.silu(gate), up, out=act)
         lw.down.apply(act, h, cols=(0, kept), accumulate=True)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, active: tuple[int, ...], p: _Pass,
-                sliced: bool) -> None:
-        """p.attn[:, heads] = attention of the active query heads over the view's keys."""
+    def _attend(self, kv: torch.Tensor, active: list[int], p: _Pass, sliced: bool) -> None:
+        """p.attn[:, heads] = attention of the active query heads over the view's keys and values."""
         if p.small:
             stats = (p.stats.prob_sum, p.stats.row_count) if p.stats is not None else (None, None)
-            self.kernels.attend(p.attn, q, k, v, list(active), p.positions, p.key_positions, self._scale, *stats)
+            self.kernels.attend(p.attn, p.q, kv, active, p.positions, p.key_positions, self._scale, *stats)
             return
-        k, v = k.float(), v.float()
+        k, v = kv[0].float(), kv[1].float()
         if p.stats is None and not sliced:
             # [1, H, M, D] x [1, Hkv, T, D]: PyTorch's fused CPU attention, grouped-query without copying K/V.
-            out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=p.mask,
+            out = F.scaled_dot_product_attention(p.q.transpose(0, 1)[None], k[None], v[None], attn_mask=p.mask,
                                                  scale=self._scale, enable_gqa=True)
             p.attn.copy_(out[0].transpose(0, 1))
             return
@@ -236,7 +234,7 @@ class Transformer:
         for g, kept in enumerate(active):
             if kept:
                 heads = slice(g * g_size, g * g_size + kept)
-                self._attend_explicit(q[:, heads], k[g], v[g], p, p.attn[:, heads])
+                self._attend_explicit(p.q[:, heads], k[g], v[g], p, p.attn[:, heads])
 
     def _attend_explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: _Pass,
                          out: torch.Tensor) -> None:
@@ -251,6 +249,7 @@ class Transformer:
             out[rows] = torch.einsum("hmt,td->mhd", probs, v)
             if p.stats is not None:
                 p.stats.prob_sum += probs.sum(dim=(0, 1))
-                visible = p.mask[rows].sum(0) if p.mask is not None else torch.full_like(p.stats.row_count, rows.stop
-                                                                                          - rows.start)
-                p.stats.row_count += visible * heads
+                if p.mask is not None:
+                    p.stats.row_count += p.mask[rows].sum(0) * heads
+                else:
+                    p.stats.row_count += (rows.stop - rows.start) * heads

@@ -306,23 +306,43 @@ inline __m256 load8(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
 
-// Softmax(q k^T * scale) v for one query row and one head over keys [0, T), masked by absolute position.
-// probs: scratch of T floats, left holding the probabilities (masked keys 0).
+// Softmax(q k^T * scale + mask) v for one query row and one head over keys [0, T); mask[t] is 0 or -inf (a key
+// after the query). probs: scratch of T floats, left holding the probabilities.
 template <typename KV>
 void attend_row(float* out, const float* qv, const KV* k, int64_t ks, const KV* v, int64_t vs, int64_t T, int64_t D,
-                int64_t qpos, const int64_t* kpos, float scale, float* probs) {
-  float mx = -INFINITY;
-  for (int64_t t = 0; t < T; ++t) {
-    if (kpos[t] > qpos) { probs[t] = -INFINITY; continue; }
+                const float* mask, float scale, float* probs) {
+  // Four keys at a time with independent accumulators: one key's 8-FMA chain alone is latency-bound.
+  const __m128 vscale = _mm_set1_ps(scale);
+  __m128 vmax4 = _mm_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 4 <= T; t += 4) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+    const KV* k0 = k + t * ks;
+    for (int64_t i = 0; i < D; i += 8) {
+      const __m256 qi = _mm256_loadu_ps(qv + i);
+      s0 = _mm256_fmadd_ps(qi, load8(k0 + i), s0);
+      s1 = _mm256_fmadd_ps(qi, load8(k0 + ks + i), s1);
+      s2 = _mm256_fmadd_ps(qi, load8(k0 + 2 * ks + i), s2);
+      s3 = _mm256_fmadd_ps(qi, load8(k0 + 3 * ks + i), s3);
+    }
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(s0, s1), _mm256_hadd_ps(s2, s3));  // [s0 s1 s2 s3] x 2 lanes
+    const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    const __m128 scores = _mm_add_ps(_mm_mul_ps(sums, vscale), _mm_loadu_ps(mask + t));
+    _mm_storeu_ps(probs + t, scores);
+    vmax4 = _mm_max_ps(vmax4, scores);
+  }
+  vmax4 = _mm_max_ps(vmax4, _mm_movehl_ps(vmax4, vmax4));
+  float mx = _mm_cvtss_f32(_mm_max_ss(vmax4, _mm_shuffle_ps(vmax4, vmax4, 0x55)));
+  for (; t < T; ++t) {
     const KV* kr = k + t * ks;
     __m256 s = _mm256_setzero_ps();
     for (int64_t i = 0; i < D; i += 8) s = _mm256_fmadd_ps(_mm256_loadu_ps(qv + i), load8(kr + i), s);
-    probs[t] = hsum(s) * scale;
+    probs[t] = hsum(s) * scale + mask[t];
     mx = std::max(mx, probs[t]);
   }
   const __m256 vmx = _mm256_set1_ps(mx);
   __m256 vsum = _mm256_setzero_ps();
-  int64_t t = 0;
+  t = 0;
   for (; t + 8 <= T; t += 8) {
     const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(probs + t), vmx));
     _mm256_storeu_ps(probs + t, e);
@@ -337,7 +357,6 @@ void attend_row(float* out, const float* qv, const KV* k, int64_t ks, const KV* 
   for (t = 0; t < T; ++t) {
     const float p = probs[t] * inv;
     probs[t] = p;
-    if (p == 0.0f) continue;
     const __m256 pv = _mm256_set1_ps(p);
     const KV* vr = v + t * vs;
     for (int64_t i = 0; i < nv; ++i) acc[i] = _mm256_fmadd_ps(pv, load8(vr + 8 * i), acc[i]);
@@ -358,14 +377,17 @@ void attend_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, cons
   std::vector<float> probs(tasks.size() * T);
   const int64_t* qp = q_pos.data_ptr<int64_t>();
   const int64_t* kp = k_pos.data_ptr<int64_t>();
+  std::vector<float> masks(M * T);  // per query row: 0 for a visible key, -inf for one after the query
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t t = 0; t < T; ++t) masks[m * T + t] = kp[t] > qp[m] ? -INFINITY : 0.0f;
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const auto [m, h] = tasks[i];
       const int64_t g = h / G;
       attend_row<KV>(out.data_ptr<float>() + m * out.stride(0) + h * out.stride(1),
                      q.data_ptr<float>() + m * q.stride(0) + h * q.stride(1), k.data_ptr<KV>() + g * k.stride(0),
-                     k.stride(1), v.data_ptr<KV>() + g * v.stride(0), v.stride(1), T, D, qp[m], kp, scale,
-                     probs.data() + i * T);
+                     k.stride(1), v.data_ptr<KV>() + g * v.stride(0), v.stride(1), T, D, masks.data() + m * T,
+                     scale, probs.data() + i * T);
     }
   });
   if (prob_sum == nullptr) return;
@@ -384,13 +406,15 @@ void attend_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, cons
 
 // Grouped-query attention of a few query rows: out[m, h] = softmax(q[m, h] k_g^T * scale) v_g for the first
 // active[g] query heads h = g*G + j of each KV group g (G = H / n_kv_heads); other heads of out are left untouched.
-// q, out: [M, H, D] fp32; k, v: [n_kv_heads, T, D] fp32 or fp16 (any strides, contiguous D); q_pos [M], k_pos [T]
-// int64: a query sees keys at positions <= its own. If prob_sum/row_count ([T] fp32) are given, each key's received
+// q, out: [M, H, D] fp32; kv: [2, n_kv_heads, T, D] keys then values, fp32 or fp16 (any strides, contiguous D);
+// q_pos [M], k_pos [T] int64: a query sees keys at positions <= its own. If prob_sum/row_count ([T] fp32) are given, each key's received
 // probability and the number of (row, head) pairs that could see it are added to them.
-void attend(at::Tensor out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-            const std::vector<int64_t>& active, const at::Tensor& q_pos, const at::Tensor& k_pos, double scale,
-            c10::optional<at::Tensor> prob_sum, c10::optional<at::Tensor> row_count) {
-  check(q.dim() == 3 && k.dim() == 3 && v.dim() == 3 && out.sizes() == q.sizes(), "attend shapes");
+void attend(at::Tensor out, const at::Tensor& q, const at::Tensor& kv, const std::vector<int64_t>& active,
+            const at::Tensor& q_pos, const at::Tensor& k_pos, double scale, c10::optional<at::Tensor> prob_sum,
+            c10::optional<at::Tensor> row_count) {
+  check(kv.dim() == 4 && kv.size(0) == 2, "kv must be [2, n_kv_heads, T, head_dim]");
+  const at::Tensor k = kv.select(0, 0), v = kv.select(0, 1);
+  check(q.dim() == 3 && out.sizes() == q.sizes(), "attend shapes");
   check(q.scalar_type() == at::kFloat && out.scalar_type() == at::kFloat, "q and out must be float32");
   check(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1 && out.stride(2) == 1, "attend needs contiguous D");
   check(k.sizes() == v.sizes() && k.scalar_type() == v.scalar_type(), "k and v must match");
