@@ -9,7 +9,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QType
 
-from llmaas.model.weights import Q4Blocks, Q8Blocks, read_blocks
+from llmaas.model.weights import Q4Blocks, read_blocks
 from tiny_gguf import _random_blocks
 
 
@@ -29,21 +29,12 @@ def _make(qtype: QType, rows: int = 96, cols: int = 512, seed: int = 0) -> tuple
     return _Tensor(qtype, data, rows, cols), torch.from_numpy(gguf.quants.dequantize(data, qtype))
 
 
-def _expand(blocks: Q4Blocks | Q8Blocks) -> torch.Tensor:
-    """Dense weights from our block layout (test-side, plain PyTorch)."""
-    if isinstance(blocks, Q8Blocks):
-        return (blocks.qs.float().view(blocks.qs.shape[0], -1, 32) * blocks.scales.float()[..., None]).flatten(1)
-    qs = blocks.qs.view(blocks.qs.shape[0], -1, 16)
-    q = torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()  # element j low nibble, j + 16 high nibble
-    return (q * blocks.scales.float()[..., None] + blocks.mins.float()[..., None]).flatten(1)
-
-
 @pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q4_1, QType.Q4_K, QType.Q8_0])
 def test_block_layout_holds_gguf_weights_exactly(qtype):
     t, dense = _make(qtype)
     blocks = read_blocks(t)
     assert blocks is not None
-    assert torch.equal(_expand(blocks), dense)
+    assert torch.equal(blocks.dequantize(), dense)
 
 
 def test_types_without_an_exact_block_layout_have_none():

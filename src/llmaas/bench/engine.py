@@ -54,9 +54,9 @@ def run_worker(engine: str, args: argparse.Namespace, model: Path, ids_file: Pat
            str(args.decode_tokens)]
     print(f"measuring {engine} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    out = subprocess.run(cmd, capture_output=True, text=True)
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its progress lines go straight to our stderr
     if out.returncode != 0:
-        raise RuntimeError(f"the {engine} worker failed:\n{out.stderr[-2000:]}")
+        raise RuntimeError(f"the {engine} worker failed (exit {out.returncode}); see its messages above")
     print(f"  {engine} done in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -12,6 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
+
 class EngineAdapter(Protocol):
     name: str
 

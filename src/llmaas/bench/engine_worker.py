@@ -19,11 +19,21 @@ def _median(fn, repeats: int) -> float:
     return statistics.median(fn() for _ in range(repeats))
 
 
+def _progress(started: float, what: str, tok_s: float) -> None:
+    print(f"    {what}: {tok_s:.1f} tok/s ({time.perf_counter() - started:.0f} s elapsed)", file=sys.stderr,
+          flush=True)
+
+
 def measure(adapter, ids: list[int], prefill_sizes: list[int], decode_contexts: list[int], decode_tokens: int,
-            repeats: int) -> dict:
-    prefill = {str(n): n / _median(lambda n=n: adapter.prefill_s(ids[:n]), repeats) for n in prefill_sizes}
-    decode = {str(n): decode_tokens / _median(lambda n=n: adapter.decode_s(ids[:n], decode_tokens), repeats)
-              for n in decode_contexts}
+            repeats: int, label: str = "") -> dict:
+    started = time.perf_counter()
+    prefill, decode = {}, {}
+    for n in prefill_sizes:
+        prefill[str(n)] = n / _median(lambda n=n: adapter.prefill_s(ids[:n]), repeats)
+        _progress(started, f"{label}prefill {n}", prefill[str(n)])
+    for n in decode_contexts:
+        decode[str(n)] = decode_tokens / _median(lambda n=n: adapter.decode_s(ids[:n], decode_tokens), repeats)
+        _progress(started, f"{label}decode at {n}", decode[str(n)])
     return {"prefill_tok_s": prefill, "decode_tok_s": decode}
 
 
@@ -64,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.engine == "ours":
         # the same prefill and decode with attention statistics on: explicit softmax instead of fused attention
         adapter.stats = True
-        with_stats = measure(adapter, ids, [512], [512], args.decode_tokens, args.repeats)
+        with_stats = measure(adapter, ids, [512], [512], args.decode_tokens, args.repeats, "with statistics: ")
         result["stats_overhead"] = {
             "prefill_512": result["prefill_tok_s"]["512"] / with_stats["prefill_tok_s"]["512"] - 1,
             "decode_512": result["decode_tok_s"]["512"] / with_stats["decode_tok_s"]["512"] - 1,

@@ -2,9 +2,9 @@
 
 The caller (a dense cache for plain generation, the chunked memory manager for service contexts) builds a view for
 one forward pass, knowing where the new tokens go. The model asks it for the positions of all visible keys once, and
-per layer hands it the new tokens' keys and values (one tensor) and gets back the layer's full keys and values. Masking is by absolute
-position (a query sees keys at positions <= its own), so keys may sit in any slot order and may include tokens after
-the query (recompute of non-contiguous chunks).
+per layer hands it the new tokens' keys and values (one tensor) and gets back the layer's full keys and values.
+Masking is by absolute position (a query sees keys at positions <= its own), so keys may sit in any slot order and
+may include tokens after the query (recompute of non-contiguous chunks).
 """
 
 from __future__ import annotations

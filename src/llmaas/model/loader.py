@@ -66,9 +66,9 @@ def _kernels() -> ModuleType | None:
 
 def _linear(f: GGUFFile, names: list[str], kernels: ModuleType | None) -> Linear:
     tensors = [f.tensor(n) for n in names]
-    dense = torch.cat([read_dense(t) for t in tensors]) if len(tensors) > 1 else read_dense(tensors[0])
-    blocks = concat_blocks([read_blocks(t) for t in tensors]) if kernels is not None else None
-    return Linear(dense, blocks, kernels)
+    parts = [read_blocks(t) for t in tensors]
+    dense = torch.cat([read_dense(t, b) for t, b in zip(tensors, parts, strict=True)])
+    return Linear(dense, concat_blocks(parts) if kernels is not None else None, kernels)
 
 
 def _read_weights(f: GGUFFile, config: ModelConfig, kernels: ModuleType | None) -> ModelWeights:
@@ -84,9 +84,10 @@ def _read_weights(f: GGUFFile, config: ModelConfig, kernels: ModuleType | None) 
             down=_linear(f, [b + "ffn_down.weight"], kernels),
         ))
     embed = f.tensor("token_embd.weight")
-    embedding = read_dense(embed)
+    embed_blocks = read_blocks(embed)
+    embedding = read_dense(embed, embed_blocks)
     if config.tied_embeddings:
-        lm_head = Linear(embedding, read_blocks(embed) if kernels is not None else None, kernels)
+        lm_head = Linear(embedding, embed_blocks if kernels is not None else None, kernels)
     else:
         lm_head = _linear(f, ["output.weight"], kernels)
     freq_factors = read_dense(f.tensor("rope_freqs.weight")) if "rope_freqs.weight" in f.tensors else None

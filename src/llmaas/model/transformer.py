@@ -64,10 +64,11 @@ class _Pass:
                  widths: ModelWidths | None, stats: AttentionStats | None, small: bool,
                  mask: torch.Tensor | None) -> None:
         m = positions.shape[0]
-        self.positions, self.key_positions, self.kv, self.widths, self.stats = positions, key_positions, kv, widths, stats
+        self.positions, self.key_positions, self.kv = positions, key_positions, kv
+        self.widths, self.stats = widths, stats
         self.small = small  # use the native kernels (few rows)
         self.mask = mask  # [M, T] bool for the PyTorch path; None when every key is visible to every row
-        self.x = torch.empty(m, c.d_model)  # normed input of a sub-block
+        self.x = torch.empty(m, c.d_model)  # normed input of a sub-block (kernel path; PyTorch's norm makes its own)
         self.qkv = torch.empty(m, c.q_dim + 2 * c.kv_dim)
         self.q = self.qkv[:, :c.q_dim].view(m, c.n_heads, c.head_dim)
         self.k = self.qkv[:, c.q_dim:c.q_dim + c.kv_dim].view(m, c.n_kv_heads, c.head_dim)
@@ -76,7 +77,6 @@ class _Pass:
         self.attn_flat = self.attn.view(m, c.q_dim)
         self.gate_up = torch.empty(m, 2 * c.ffn_dim)
         self.gate, self.up = self.gate_up[:, :c.ffn_dim], self.gate_up[:, c.ffn_dim:]
-        self.act = torch.empty(m, c.ffn_dim)
         self.full_heads = [c.heads_per_group] * c.n_kv_heads
 
 
@@ -124,8 +124,7 @@ class Transformer:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: [M, d_model] -> [M, vocab] fp32."""
-        x = torch.empty_like(h)
-        self._norm(h, self.weights.final_norm, x, self._uses_kernels(h.shape[0]))
+        x = self._norm(h, self.weights.final_norm, torch.empty_like(h), self._uses_kernels(h.shape[0]))
         out = torch.empty(h.shape[0], self.config.vocab_size)
         return self.weights.lm_head.apply(x, out)
 
@@ -151,22 +150,22 @@ class Transformer:
     def _layer(self, layer: int, h: torch.Tensor, p: _Pass) -> None:
         lw = self.weights.layers[layer]
         width = p.widths.layers[layer] if p.widths is not None else None
-        self._norm(h, lw.attn_norm, p.x, p.small)
-        self._project_qkv(lw.qkv, p, width)
+        self._project_qkv(lw.qkv, self._norm(h, lw.attn_norm, p.x, p.small), p, width)
         self._rope(p.q, p)
         self._rope(p.k, p)
         kv = p.kv.update(layer, p.new_kv)
         active = list(width.q_heads) if width is not None else p.full_heads
         self._attend(kv, active, p, width is not None)
         self._project_out(lw.o, p, active, h)
-        self._norm(h, lw.ffn_norm, p.x, p.small)
-        self._ffn(lw, p, width.ffn if width is not None else self.config.ffn_dim, h)
+        x = self._norm(h, lw.ffn_norm, p.x, p.small)
+        self._ffn(lw, x, p, width.ffn if width is not None else self.config.ffn_dim, h)
 
-    def _norm(self, h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, small: bool) -> None:
+    def _norm(self, h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, small: bool) -> torch.Tensor:
+        """RMSNorm of h: written into `out` by the kernel; PyTorch's returns a fresh tensor (no copy into out)."""
         if small:
             self.kernels.rms_norm(out, h, w, self.config.norm_eps)
-        else:
-            out.copy_(F.rms_norm(h, (h.shape[1],), w, self.config.norm_eps))
+            return out
+        return F.rms_norm(h, (h.shape[1],), w, self.config.norm_eps)
 
     def _rope(self, x: torch.Tensor, p: _Pass) -> None:
         if p.small:
@@ -174,17 +173,17 @@ class Transformer:
         else:
             self.rope.apply_(x, p.positions)
 
-    def _project_qkv(self, qkv: Linear, p: _Pass, width: LayerWidths | None) -> None:
+    def _project_qkv(self, qkv: Linear, x: torch.Tensor, p: _Pass, width: LayerWidths | None) -> None:
         c = self.config
         if width is None:
-            qkv.apply(p.x, p.qkv)
+            qkv.apply(x, p.qkv)
             return
         group_rows = c.heads_per_group * c.head_dim
         for g, kept in enumerate(width.q_heads):
             if kept:
                 r0 = g * group_rows
-                qkv.apply(p.x, p.qkv[:, r0:r0 + kept * c.head_dim], rows=(r0, r0 + kept * c.head_dim))
-        qkv.apply(p.x, p.qkv[:, c.q_dim:], rows=(c.q_dim, c.q_dim + 2 * c.kv_dim))
+                qkv.apply(x, p.qkv[:, r0:r0 + kept * c.head_dim], rows=(r0, r0 + kept * c.head_dim))
+        qkv.apply(x, p.qkv[:, c.q_dim:], rows=(c.q_dim, c.q_dim + 2 * c.kv_dim))
 
     def _project_out(self, o: Linear, p: _Pass, active: list[int], h: torch.Tensor) -> None:
         """h += attention output @ Wo^T over the active heads (each group's active heads are contiguous)."""
@@ -199,23 +198,23 @@ class Transformer:
                 c0 = g * group_cols
                 o.apply(flat[:, c0:c0 + kept * c.head_dim], h, cols=(c0, c0 + kept * c.head_dim), accumulate=True)
 
-    def _ffn(self, lw: LayerWeights, p: _Pass, kept: int, h: torch.Tensor) -> None:
-        """h += down(silu(gate(x)) * up(x)) over the first `kept` neurons."""
+    def _ffn(self, lw: LayerWeights, x: torch.Tensor, p: _Pass, kept: int, h: torch.Tensor) -> None:
+        """h += down(silu(gate(x)) * up(x)) over the first `kept` neurons; the activation overwrites gate."""
         if kept == 0:
             return
         f = self.config.ffn_dim
         if kept == f:
-            lw.gate_up.apply(p.x, p.gate_up)
-            gate, up, act = p.gate, p.up, p.act
+            lw.gate_up.apply(x, p.gate_up)
+            gate, up = p.gate, p.up
         else:
-            gate, up, act = p.gate[:, :kept], p.up[:, :kept], p.act[:, :kept]
-            lw.gate_up.apply(p.x, gate, rows=(0, kept))
-            lw.gate_up.apply(p.x, up, rows=(f, f + kept))
+            gate, up = p.gate[:, :kept], p.up[:, :kept]
+            lw.gate_up.apply(x, gate, rows=(0, kept))
+            lw.gate_up.apply(x, up, rows=(f, f + kept))
         if p.small:
-            self.kernels.silu_mul(act, gate, up)
+            self.kernels.silu_mul(gate, gate, up)
         else:
-            torch.mul(F.silu(gate), up, out=act)
-        lw.down.apply(act, h, cols=(0, kept), accumulate=True)
+            F.silu(gate, inplace=True).mul_(up)
+        lw.down.apply(gate, h, cols=(0, kept), accumulate=True)
 
     def _attend(self, kv: torch.Tensor, active: list[int], p: _Pass, sliced: bool) -> None:
         """p.attn[:, heads] = attention of the active query heads over the view's keys and values."""

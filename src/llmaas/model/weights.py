@@ -36,6 +36,12 @@ class Q4Blocks:
     def nbytes(self) -> int:
         return self.qs.nbytes + self.scales.nbytes + self.mins.nbytes
 
+    def dequantize(self) -> torch.Tensor:
+        """fp32 [rows, cols], bit-identical to gguf's dequantisation (every product here is exact in fp32)."""
+        qs = self.qs.view(self.qs.shape[0], -1, BLOCK // 2)
+        w = torch.cat([qs & 0x0F, qs >> 4], dim=-1).float()  # in place from here: one fp32 copy at the peak
+        return w.mul_(self.scales.float()[..., None]).add_(self.mins.float()[..., None]).flatten(1)
+
 
 @dataclass(frozen=True, eq=False)
 class Q8Blocks:
@@ -48,12 +54,20 @@ class Q8Blocks:
     def nbytes(self) -> int:
         return self.qs.nbytes + self.scales.nbytes
 
+    def dequantize(self) -> torch.Tensor:
+        """fp32 [rows, cols], bit-identical to gguf's dequantisation."""
+        w = self.qs.view(self.qs.shape[0], -1, BLOCK).float()
+        return w.mul_(self.scales.float()[..., None]).flatten(1)
+
 
 Blocks = Q4Blocks | Q8Blocks
 
 
-def read_dense(t: gguf.ReaderTensor) -> torch.Tensor:
-    """The tensor as fp32, rows = GGUF's slowest dimension ([out, in] for a weight matrix)."""
+def read_dense(t: gguf.ReaderTensor, blocks: Blocks | None = None) -> torch.Tensor:
+    """The tensor as fp32, rows = GGUF's slowest dimension ([out, in] for a weight matrix). When its blocks are
+    already read, they are expanded instead (same values, about 5x faster than gguf's numpy path)."""
+    if blocks is not None:
+        return blocks.dequantize()
     if t.tensor_type not in DENSE_TYPES:
         raise UnsupportedModelError(
             f"tensor {t.name} has type {t.tensor_type.name}, which llmaas does not read; supported: "
