@@ -156,7 +156,7 @@ class Transformer:
         kv = p.kv.update(layer, p.new_kv)
         active = list(width.q_heads) if width is not None else p.full_heads
         self._attend(kv, active, p, width is not None)
-        self._project_out(lw.o, p, active, h)
+        self._project_out(lw.o, p, width, h)
         x = self._norm(h, lw.ffn_norm, p.x, p.small)
         self._ffn(lw, x, p, width.ffn if width is not None else self.config.ffn_dim, h)
 
@@ -185,18 +185,18 @@ class Transformer:
                 qkv.apply(x, p.qkv[:, r0:r0 + kept * c.head_dim], rows=(r0, r0 + kept * c.head_dim))
         qkv.apply(x, p.qkv[:, c.q_dim:], rows=(c.q_dim, c.q_dim + 2 * c.kv_dim))
 
-    def _project_out(self, o: Linear, p: _Pass, active: list[int], h: torch.Tensor) -> None:
+    def _project_out(self, o: Linear, p: _Pass, width: LayerWidths | None, h: torch.Tensor) -> None:
         """h += attention output @ Wo^T over the active heads (each group's active heads are contiguous)."""
-        c = self.config
-        flat = p.attn_flat
-        if active is p.full_heads:
-            o.apply(flat, h, accumulate=True)
+        if width is None:
+            o.apply(p.attn_flat, h, accumulate=True)
             return
+        c = self.config
         group_cols = c.heads_per_group * c.head_dim
-        for g, kept in enumerate(active):
+        for g, kept in enumerate(width.q_heads):
             if kept:
                 c0 = g * group_cols
-                o.apply(flat[:, c0:c0 + kept * c.head_dim], h, cols=(c0, c0 + kept * c.head_dim), accumulate=True)
+                o.apply(p.attn_flat[:, c0:c0 + kept * c.head_dim], h, cols=(c0, c0 + kept * c.head_dim),
+                        accumulate=True)
 
     def _ffn(self, lw: LayerWeights, x: torch.Tensor, p: _Pass, kept: int, h: torch.Tensor) -> None:
         """h += down(silu(gate(x)) * up(x)) over the first `kept` neurons; the activation overwrites gate."""
