@@ -61,13 +61,14 @@ class _Pass:
     into them (built once per pass, not per layer: on the decode path these views cost as much as the math)."""
 
     def __init__(self, c: ModelConfig, positions: torch.Tensor, key_positions: torch.Tensor, kv: KVView,
-                 widths: ModelWidths | None, stats: AttentionStats | None, small: bool,
-                 mask: torch.Tensor | None) -> None:
+                 widths: ModelWidths | None, stats: AttentionStats | None, small: bool, mask: torch.Tensor | None,
+                 causal: bool) -> None:
         m = positions.shape[0]
         self.positions, self.key_positions, self.kv = positions, key_positions, kv
         self.widths, self.stats = widths, stats
         self.small = small  # use the native kernels (few rows)
         self.mask = mask  # [M, T] bool for the PyTorch path; None when every key is visible to every row
+        self.causal = causal  # keys are exactly the queries, in order: the fused kernel may use is_causal, not mask
         self.x = torch.empty(m, c.d_model)  # normed input of a sub-block (kernel path; PyTorch's norm makes its own)
         self.qkv = torch.empty(m, c.q_dim + 2 * c.kv_dim)
         self.q = self.qkv[:, :c.q_dim].view(m, c.n_heads, c.head_dim)
@@ -142,10 +143,12 @@ class Transformer:
                 f"stats cover {stats.prob_sum.numel()} keys but the view has {key_positions.numel()}"
             )
         small = self._uses_kernels(m)
-        mask = None
+        mask, causal = None, False
         if not small and m and int(key_positions.max()) > int(positions.min()):
             mask = key_positions[None, :] <= positions[:, None]
-        return _Pass(self.config, positions, key_positions, kv, widths, stats, small, mask)
+            # a fresh prompt (keys == queries, in order) lets the fused kernel skip the masked half outright
+            causal = torch.equal(key_positions, positions) and bool((positions.diff() > 0).all())
+        return _Pass(self.config, positions, key_positions, kv, widths, stats, small, mask, causal)
 
     def _layer(self, layer: int, h: torch.Tensor, p: _Pass) -> None:
         lw = self.weights.layers[layer]
@@ -225,7 +228,8 @@ class Transformer:
         k, v = kv[0].float(), kv[1].float()
         if p.stats is None and not sliced:
             # [1, H, M, D] x [1, Hkv, T, D]: PyTorch's fused CPU attention, grouped-query without copying K/V.
-            out = F.scaled_dot_product_attention(p.q.transpose(0, 1)[None], k[None], v[None], attn_mask=p.mask,
+            out = F.scaled_dot_product_attention(p.q.transpose(0, 1)[None], k[None], v[None],
+                                                 attn_mask=None if p.causal else p.mask, is_causal=p.causal,
                                                  scale=self._scale, enable_gqa=True)
             p.attn.copy_(out[0].transpose(0, 1))
             return
