@@ -12,6 +12,8 @@ from llmaas.errors import InvalidRequestError
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
 
+DEFAULT_CONTEXT_TOKENS = 2048  # the service's default maximum context (LLMS spec)
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmaas generate", description=__doc__)
@@ -25,7 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT",
                    help="stop before this text (repeatable); the model's end-of-turn tokens always stop")
-    p.add_argument("--ctx", type=int, default=2048, help="context limit in tokens, prompt + reply (default: 2048)")
+    p.add_argument("--ctx", type=int, default=None,
+                   help=f"context limit in tokens, prompt + reply (default: {DEFAULT_CONTEXT_TOKENS} or the model's "
+                        "own limit if smaller)")
     p.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK_TOKENS,
                    help=f"prompt tokens per prefill step (default: {DEFAULT_PREFILL_CHUNK_TOKENS})")
     add_model_options(p)
@@ -37,7 +41,8 @@ def main(argv: list[str]) -> int:
     text = sys.stdin.read() if args.prompt == "-" else args.prompt
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     loaded = load_from_args(args)
-    if not 1 <= args.ctx <= loaded.config.context_length:
+    ctx = args.ctx if args.ctx is not None else min(DEFAULT_CONTEXT_TOKENS, loaded.config.context_length)
+    if not 1 <= ctx <= loaded.config.context_length:
         raise InvalidRequestError(f"--ctx must be in 1..{loaded.config.context_length} for this model")
     if args.raw:
         ids = loaded.tokenizer.encode(text)
@@ -48,7 +53,7 @@ def main(argv: list[str]) -> int:
         messages.append({"role": "user", "content": text})
         ids = loaded.tokenizer.encode(loaded.chat_template.render(messages))
     request = GenerateRequest(tuple(ids), args.max_tokens, sampling, tuple(args.stop))
-    cache = DenseKVCache(KVSpec.from_config(loaded.config), args.ctx)
+    cache = DenseKVCache(KVSpec.from_config(loaded.config), ctx)
     generator = Generator(loaded.model, loaded.tokenizer, args.prefill_chunk)
     for event in generator.stream(request, cache):
         if isinstance(event, Finished):
