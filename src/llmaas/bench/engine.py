@@ -40,12 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    """What the numbers were measured on: the CPU as /proc/cpuinfo names it (family/model tell the generation)."""
     import torch
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "date": time.strftime("%Y-%m-%d %H:%M")}
+    info: dict[str, str] = {}
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())
+    simd = sorted(f for f in info.get("flags", "").split() if f.startswith(("avx", "amx", "fma")))
+    return {"cpu": info.get("model name", platform.processor()), "cpu_family": info.get("cpu family"),
+            "cpu_model": info.get("model"), "cpu_mhz": info.get("cpu MHz"), "simd": simd, "cores": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def run_worker(engine: str, args: argparse.Namespace, model: Path, ids_file: Path) -> dict:
