@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import fp32_cache
+from conftest import SHARED_DATA, fp32_cache
 
 # Measured: max |ours - HF| = 4e-5 on these logits (both fp32, same dequantised weights); 1e-3 leaves headroom for
 # BLAS differences across CPUs while still catching any real architecture or dequantisation error.
@@ -51,8 +51,11 @@ def test_decode_path_logits_match_reference(smollm, reference):
 
 
 def test_perplexity_within_one_percent_of_reference(smollm, reference):
+    """WikiText-2 (../shared/data), first 2048 tokens in four 512-token windows, against HF on the same windows."""
     ppl_ref = reference["ppl"]
-    ids = torch.tensor(ppl_ref["token_ids"])
+    text = (SHARED_DATA / "wikitext2" / "test.raw.txt").read_text(encoding="utf-8")[:40000]
+    ids = torch.tensor(smollm.tokenizer.encode(text)[:len(ppl_ref["token_ids"])])
+    assert ids.tolist() == ppl_ref["token_ids"], "our tokenization of the text differs from the reference's"
     window = ppl_ref["window_tokens"]
     nll, count = 0.0, 0
     for start in range(0, ids.numel(), window):
