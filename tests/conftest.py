@@ -31,7 +31,9 @@ def kernels():
 
 
 @pytest.fixture(scope="session")
-def smollm(kernels) -> LoadedModel:
+def smollm() -> LoadedModel:
+    """The bundled model as users get it: native kernels when they build, else the dense path (the `kernels`
+    fixture is what fails loudly in CI if they do not)."""
     return load_model()
 
 
