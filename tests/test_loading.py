@@ -102,3 +102,10 @@ def test_unsupported_tensor_type_is_refused(tmp_path):
     w.close()
     with pytest.raises(UnsupportedModelError, match="IQ2_XXS"):
         load_model(tmp_path / "iq2.gguf")
+
+
+def test_tensor_shapes_must_match_the_metadata(tmp_path):
+    # metadata says 256-wide FFN, tensors are 512-wide
+    path = write_tiny_llama(tmp_path / "bad.gguf", extra_metadata={"llama.feed_forward_length": 256})
+    with pytest.raises(ModelFileError, match=r"ffn_gate.weight\+blk.0.ffn_up.weight has shape \(1024, 256\)"):
+        load_model(path)

@@ -43,10 +43,6 @@ class DenseKVCache:
             raise ContextLengthError(f"slot {int(slots.max())} is beyond the {self.num_tokens} tokens cached")
         return _SlotView(self, slots, self.num_tokens)
 
-    def truncate(self, num_tokens: int) -> None:
-        """Forget slots [num_tokens, ...): their values are overwritten by the next append."""
-        self.num_tokens = min(self.num_tokens, num_tokens)
-
 
 class _SlotView:
     def __init__(self, cache: DenseKVCache, slots: slice | torch.Tensor, length: int) -> None:

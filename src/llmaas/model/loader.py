@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 
 import torch
 
-from llmaas.errors import KernelBuildError
+from llmaas.errors import KernelBuildError, ModelFileError
 from llmaas.kernels import load_kernels
 from llmaas.model.chat_template import ChatTemplate
 from llmaas.model.config import ModelConfig
@@ -49,9 +50,7 @@ def load_model(path: str | Path | None = None, *, use_kernels: bool = True) -> L
         tokenizer.token_text(special.eos_id) if special.eos_id is not None else "")
     kernels = _kernels() if use_kernels else None
     weights = _read_weights(f, config, kernels)
-    types: dict[str, int] = {}
-    for t in f.tensors.values():
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    types = dict(Counter(t.tensor_type.name for t in f.tensors.values()))
     return LoadedModel(f.path, config, Transformer(config, weights, kernels), tokenizer, chat_template, types,
                        time.perf_counter() - t0)
 
@@ -64,31 +63,50 @@ def _kernels() -> ModuleType | None:
         return None
 
 
-def _linear(f: GGUFFile, names: list[str], kernels: ModuleType | None) -> Linear:
+def _linear(f: GGUFFile, names: list[str], out_features: int, in_features: int,
+            kernels: ModuleType | None) -> Linear:
+    """The named matrices stacked row-wise into one Linear, checked against the shape the metadata implies."""
     tensors = [f.tensor(n) for n in names]
     parts = [read_blocks(t) for t in tensors]
     dense = torch.cat([read_dense(t, b) for t, b in zip(tensors, parts, strict=True)])
-    return Linear(dense, concat_blocks(parts) if kernels is not None else None, kernels)
+    _expect_shape(f, "+".join(names), dense, (out_features, in_features))
+    return Linear(dense, concat_blocks(parts), kernels)
 
 
-def _read_weights(f: GGUFFile, config: ModelConfig, kernels: ModuleType | None) -> ModelWeights:
+def _vector(f: GGUFFile, name: str, size: int) -> torch.Tensor:
+    v = read_dense(f.tensor(name))
+    _expect_shape(f, name, v, (size,))
+    return v
+
+
+def _expect_shape(f: GGUFFile, name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != shape:
+        raise ModelFileError(
+            f"{f.path.name}: {name} has shape {tuple(t.shape)} but the metadata implies {shape}; the file is "
+            "inconsistent or not a standard llama GGUF"
+        )
+
+
+def _read_weights(f: GGUFFile, c: ModelConfig, kernels: ModuleType | None) -> ModelWeights:
     layers = []
-    for i in range(config.n_layers):
+    for i in range(c.n_layers):
         b = f"blk.{i}."
         layers.append(LayerWeights(
-            attn_norm=read_dense(f.tensor(b + "attn_norm.weight")),
-            qkv=_linear(f, [b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"], kernels),
-            o=_linear(f, [b + "attn_output.weight"], kernels),
-            ffn_norm=read_dense(f.tensor(b + "ffn_norm.weight")),
-            gate_up=_linear(f, [b + "ffn_gate.weight", b + "ffn_up.weight"], kernels),
-            down=_linear(f, [b + "ffn_down.weight"], kernels),
+            attn_norm=_vector(f, b + "attn_norm.weight", c.d_model),
+            qkv=_linear(f, [b + "attn_q.weight", b + "attn_k.weight", b + "attn_v.weight"],
+                        c.q_dim + 2 * c.kv_dim, c.d_model, kernels),
+            o=_linear(f, [b + "attn_output.weight"], c.d_model, c.q_dim, kernels),
+            ffn_norm=_vector(f, b + "ffn_norm.weight", c.d_model),
+            gate_up=_linear(f, [b + "ffn_gate.weight", b + "ffn_up.weight"], 2 * c.ffn_dim, c.d_model, kernels),
+            down=_linear(f, [b + "ffn_down.weight"], c.d_model, c.ffn_dim, kernels),
         ))
-    embed = f.tensor("token_embd.weight")
-    embed_blocks = read_blocks(embed)
-    embedding = read_dense(embed, embed_blocks)
-    if config.tied_embeddings:
-        lm_head = Linear(embedding, embed_blocks if kernels is not None else None, kernels)
+    if c.tied_embeddings:
+        lm_head = _linear(f, ["token_embd.weight"], c.vocab_size, c.d_model, kernels)
+        embedding = lm_head.dense
     else:
-        lm_head = _linear(f, ["output.weight"], kernels)
-    freq_factors = read_dense(f.tensor("rope_freqs.weight")) if "rope_freqs.weight" in f.tensors else None
-    return ModelWeights(embedding, tuple(layers), read_dense(f.tensor("output_norm.weight")), lm_head, freq_factors)
+        lm_head = _linear(f, ["output.weight"], c.vocab_size, c.d_model, kernels)
+        embed = f.tensor("token_embd.weight")
+        embedding = read_dense(embed, read_blocks(embed))
+        _expect_shape(f, "token_embd.weight", embedding, (c.vocab_size, c.d_model))
+    freq_factors = _vector(f, "rope_freqs.weight", c.head_dim // 2) if "rope_freqs.weight" in f.tensors else None
+    return ModelWeights(embedding, tuple(layers), _vector(f, "output_norm.weight", c.d_model), lm_head, freq_factors)

@@ -49,7 +49,6 @@ class Tokenizer:
     def __init__(self, hf: HFTokenizer, special: SpecialTokens, tokens: list[str]) -> None:
         self._hf = hf
         self.special = special
-        self.vocab_size = len(tokens)
         self._tokens = tokens
 
     @classmethod

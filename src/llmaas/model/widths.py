@@ -19,10 +19,6 @@ class LayerWidths:
     q_heads: tuple[int, ...]  # per KV group: query heads kept, a prefix of that group's heads
     ffn: int  # FFN neurons kept, a prefix
 
-    @property
-    def total_q_heads(self) -> int:
-        return sum(self.q_heads)
-
 
 @dataclass(frozen=True)
 class ModelWidths:
