@@ -35,3 +35,42 @@ def test_errors_name_the_cause():
     assert bad.returncode == 2 and "temperature" in bad.stderr
     unknown = llmaas("frobnicate")
     assert unknown.returncode == 2 and "unknown command" in unknown.stderr
+
+
+def test_apps_add_list_remove(tmp_path):
+    home = ["--home", str(tmp_path)]
+    added = llmaas("apps", *home, "add", "mail", "--max-contexts", "3")
+    assert added.returncode == 0 and "llmaas-" in added.stdout
+    listed = llmaas("apps", *home, "list")
+    assert "mail" in listed.stdout and "3" in listed.stdout
+    assert llmaas("apps", *home, "add", "mail").returncode == 2  # duplicate, said clearly
+    assert llmaas("apps", *home, "remove", "mail").returncode == 0
+    assert "no apps yet" in llmaas("apps", *home, "list").stdout
+
+
+def test_chat_registers_itself_and_resumes_a_context(tmp_path):
+    import signal
+
+    from llmaas.cli.demo import start_service
+    from llmaas.storage.paths import DataDir
+
+    home = DataDir(tmp_path / "h").create()
+    service = start_service(home, [])
+    try:
+        first = llmaas("chat", "--home", str(home.root), "--new", "--max-tokens", "8",
+                       stdin="My name is Ada.\n/history\n/exit\n")
+        assert first.returncode == 0, first.stderr
+        assert "user: My name is Ada." in first.stdout and home.terminal_key.stat().st_mode & 0o777 == 0o600
+        ctx = first.stdout.split("context ", 1)[1].split()[0]
+        again = llmaas("chat", "--home", str(home.root), "--context", ctx, "--max-tokens", "8",
+                       stdin="/history\n")
+        assert "user: My name is Ada." in again.stdout  # resumed with its history
+    finally:
+        service.send_signal(signal.SIGTERM)
+        service.wait(timeout=30)
+
+
+def test_demo_runs_two_apps_on_a_real_service(tmp_path):
+    out = llmaas("demo", "--home", str(tmp_path / "demo"), "--max-tokens", "8")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("-> 404 not_found_error") == 2 and "service stopped." in out.stdout

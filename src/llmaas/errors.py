@@ -25,3 +25,11 @@ class InvalidRequestError(LlmaasError):
 
 class KernelBuildError(LlmaasError):
     """The native kernels could not be compiled or loaded."""
+
+
+class NotFoundError(LlmaasError):
+    """The named object does not exist (or belongs to another app, which is indistinguishable)."""
+
+
+class CallCancelled(LlmaasError):
+    """The caller went away (or cancelled) before the call finished; nothing was committed."""

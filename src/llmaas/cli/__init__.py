@@ -8,7 +8,12 @@ import sys
 from llmaas.errors import LlmaasError
 
 SUBCOMMANDS = {
-    "generate": "generate text from a prompt on the resident model (streamed)",
+    "demo": "start the service and show two apps holding separate persistent contexts",
+    "serve": "run the service: one resident model, apps' persistent contexts, HTTP on a Unix socket (+ TCP)",
+    "apps": "register apps and issue their keys: llmaas apps add|list|remove",
+    "chat": "talk to the running service from a terminal, on a context you can resume",
+    "generate": "generate text from a prompt on the resident model (streamed, no service needed)",
+    "openapi": "print the service's OpenAPI document (the repo keeps it in docs/openapi.json)",
     "info": "show the model's architecture, parameters, weight formats and KV bytes per token",
     "bench": "benchmarks: `llmaas bench engine` (prefill/decode speed vs peers)",
 }

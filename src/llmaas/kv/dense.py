@@ -1,7 +1,7 @@
 """DenseKVCache: one sequence's KV in contiguous per-layer tensors, slot == position; the caller-owned cache of
 plain generation, tests and benchmarks.
 
-Owns a fixed-capacity store ([2, n_kv_heads, capacity, head_dim] per layer: keys then values; fp16 by default, like
+Owns a growable store ([2, n_kv_heads, capacity, head_dim] per layer: keys then values; fp16 by default, like
 llama.cpp)
 and the KVView it hands the model for each pass. Ignores budgets, chunks and eviction (the memory manager's job).
 """
@@ -21,6 +21,21 @@ class DenseKVCache:
         self.capacity_tokens = capacity_tokens
         self.num_tokens = 0  # slots [0, num_tokens) hold keys
         self._positions = torch.arange(capacity_tokens)
+
+    def reserve(self, capacity_tokens: int) -> None:
+        """Grow to at least capacity_tokens slots, keeping what is cached (a copy: call it rarely)."""
+        if capacity_tokens <= self.capacity_tokens:
+            return
+        for i, old in enumerate(self.kv):
+            new = torch.zeros((*old.shape[:2], capacity_tokens, old.shape[3]), dtype=old.dtype)
+            new[:, :, :self.num_tokens] = old[:, :, :self.num_tokens]
+            self.kv[i] = new
+        self.capacity_tokens = capacity_tokens
+        self._positions = torch.arange(capacity_tokens)
+
+    def truncate(self, num_tokens: int) -> None:
+        """Forget slots [num_tokens, ...) (a rolled-back or rewritten tail); the next append overwrites them."""
+        self.num_tokens = min(self.num_tokens, num_tokens)
 
     @property
     def nbytes(self) -> int:

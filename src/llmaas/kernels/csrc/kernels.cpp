@@ -426,11 +426,14 @@ void attend(at::Tensor out, const at::Tensor& q, const at::Tensor& kv, const std
   }
 }
 
+// The GIL is released while a kernel runs (as PyTorch's own ops do): the service's HTTP thread keeps serving while
+// the compute thread multiplies. Kernels touch only tensor memory, never Python objects.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("q4_matmul", &q4_matmul);
-  m.def("q8_matmul", &q8_matmul);
-  m.def("rms_norm", &rms_norm);
-  m.def("rope_", &rope_);
-  m.def("silu_mul", &silu_mul);
-  m.def("attend", &attend);
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("q4_matmul", &q4_matmul, release());
+  m.def("q8_matmul", &q8_matmul, release());
+  m.def("rms_norm", &rms_norm, release());
+  m.def("rope_", &rope_, release());
+  m.def("silu_mul", &silu_mul, release());
+  m.def("attend", &attend, release());
 }

@@ -1,0 +1,46 @@
+"""`llmaas serve`: run the service (one resident model, persistent contexts) on this data directory."""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import sys
+from pathlib import Path
+
+from llmaas.engine.worker import EngineConfig
+from llmaas.service.logs import setup_logging
+from llmaas.service.server import ServeOptions, Service
+from llmaas.storage.paths import DataDir
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="llmaas serve", description=__doc__)
+    p.add_argument("--home", help="data directory (default: $LLMAAS_HOME or ~/.local/share/llmaas)")
+    p.add_argument("--model", type=Path, help="a llama-architecture GGUF (default: the bundled SmolLM2-135M)")
+    p.add_argument("--port", type=int, help="also listen on TCP (default: the Unix socket only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="TCP address (default: 127.0.0.1; another host exposes the service beyond this device)")
+    p.add_argument("--kv-budget-mb", type=float, default=256, help="memory for contexts' KV, MiB (default: 256)")
+    p.add_argument("--max-queue", type=int, default=64, help="calls that may wait before 429 (default: 64)")
+    p.add_argument("--threads", type=int, help="compute threads (default: one per core)")
+    p.add_argument("--quiet", action="store_true", help="log to the data directory only, not stderr")
+    args = p.parse_args(argv)
+    if args.port is not None and not 0 <= args.port <= 65535:
+        p.error("--port must be in 0..65535")
+    if not _is_loopback(args.host):
+        print(f"llmaas serve: warning: listening on {args.host} makes the service reachable from other hosts",
+              file=sys.stderr)
+    home = DataDir.resolve(args.home).create()
+    log_path = setup_logging(home.log_dir, quiet=args.quiet)
+    engine = EngineConfig(kv_budget_bytes=int(args.kv_budget_mb * 2**20), max_pending=args.max_queue)
+    service = Service(ServeOptions(home, args.model, args.port, args.host, engine, args.threads))
+    print(f"{service.describe()}; logs in {log_path}", file=sys.stderr, flush=True)
+    service.run()
+    return 0
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"

@@ -1,0 +1,80 @@
+"""What a caller asks the engine for and what comes back: call requests, results, timings and events.
+
+Owns plain data only. A call either continues a persistent context (LLMS callLLM: one new user turn) or runs a
+stateless conversation sent whole (OpenAI chat completions without a context). Events flow back through a sink:
+text deltas, then exactly one CallDone or CallFailed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from llmaas.engine.generate import TextDelta
+from llmaas.engine.sampling import SamplingParams
+from llmaas.errors import InvalidRequestError, LlmaasError
+from llmaas.storage.catalog import App, Message
+
+
+@dataclass(frozen=True)
+class CallParams:
+    max_tokens: int = 256
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be an integer >= 1; got {self.max_tokens!r}")
+        if len(self.stop) > 4 or any(not isinstance(s, str) or not s for s in self.stop):
+            raise InvalidRequestError("stop takes at most 4 non-empty strings")
+
+
+@dataclass(frozen=True)
+class ContextCall:
+    app: App
+    context_id: str
+    prompt: str
+    params: CallParams
+
+
+@dataclass(frozen=True)
+class ChatCall:
+    app: App
+    messages: tuple[Message, ...]
+    params: CallParams
+
+
+Call = ContextCall | ChatCall
+
+
+@dataclass(frozen=True)
+class CallTimings:
+    queue_s: float  # waiting for the compute thread
+    switch_s: float  # making the context's KV resident (LLMS switch latency)
+    prefill_s: float  # the new prompt's prefill
+    ttft_s: float  # arrival to first generated token: queue + switch + prefill + first sample
+    decode_tok_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class CallResult:
+    context_id: str | None
+    reply: str
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int  # tokens this call added before the reply
+    completion_tokens: int
+    context_tokens: int  # the context's length after the call (0 for stateless calls)
+    timings: CallTimings
+
+
+@dataclass(frozen=True)
+class CallDone:
+    result: CallResult
+
+
+@dataclass(frozen=True)
+class CallFailed:
+    error: LlmaasError
+
+
+CallEvent = TextDelta | CallDone | CallFailed

@@ -1,0 +1,58 @@
+"""A persistent context's turns as exact token ids, built incrementally with the model's chat template.
+
+Owns the token arithmetic of a call: the new prompt's tokens are the template's rendering of (history + user turn +
+generation prompt) minus its rendering of the history; after the reply, the template's closing text for the
+assistant turn (ChatML: "<|im_end|>\\n") is appended. The ids of earlier turns are never re-tokenized (a concatenated
+text can tokenize differently), so a context's KV always matches its stored ids. Models without a chat template
+continue raw text. Ignores generation and storage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from llmaas.errors import UnsupportedModelError
+from llmaas.model.chat_template import ChatTemplate
+from llmaas.model.tokenizer import Tokenizer
+from llmaas.storage.catalog import Message
+
+
+class Conversation:
+    def __init__(self, tokenizer: Tokenizer, template: ChatTemplate | None) -> None:
+        self.tokenizer = tokenizer
+        self.template = template
+
+    def _render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+        assert self.template is not None
+        return self.template.render([{"role": m.role, "content": m.content} for m in messages],
+                                    add_generation_prompt=add_generation_prompt)
+
+    def _suffix(self, longer: str, prefix: str) -> str:
+        if not longer.startswith(prefix):
+            raise UnsupportedModelError(
+                "this model's chat template does not render conversations incrementally, which persistent contexts "
+                "need; use stateless chat completions instead"
+            )
+        return longer[len(prefix):]
+
+    def prompt_ids(self, history: Sequence[Message], user: str, *, starts_context: bool) -> list[int]:
+        """Tokens to append for a new user turn, up to where the assistant's reply begins."""
+        add_bos = None if starts_context else False  # None: as the model asks, for a context's first tokens only
+        if self.template is None:
+            return self.tokenizer.encode(user, add_bos=add_bos)
+        text = self._suffix(self._render([*history, Message("user", user)], True), self._render(history, False))
+        return self.tokenizer.encode(text, add_bos=add_bos)
+
+    def closing_ids(self, history: Sequence[Message], user: str, reply: str) -> list[int]:
+        """Tokens that close the assistant turn after its reply text (the end-of-turn marker and separator)."""
+        if self.template is None:
+            return []
+        opened = self._render([*history, Message("user", user)], True) + reply
+        closed = self._render([*history, Message("user", user), Message("assistant", reply)], False)
+        return self.tokenizer.encode(self._suffix(closed, opened), add_bos=False)
+
+    def chat_ids(self, messages: Sequence[Message]) -> list[int]:
+        """A whole stateless conversation, ready for the assistant's reply."""
+        if self.template is None:
+            return self.tokenizer.encode("\n".join(m.content for m in messages))
+        return self.tokenizer.encode(self._render(messages, True))

@@ -1,0 +1,229 @@
+"""The engine: one compute thread that owns the model and runs calls one at a time.
+
+The compute thread should be the thread that loaded the model (the service runs the loop on its main thread): each
+thread that runs PyTorch ops gets its own OpenMP pool, and an idle second pool's spinning workers slowed decode by
+~25% on 2 cores (measured).
+
+The loop reads like a serving step: take the next call (fair across apps) -> make its context's KV resident (the
+switch) -> generate, streaming deltas -> commit the turn durably -> acknowledge. Requests arrive through submit() with
+their own sink for events (mlx-lm's server pattern); a Ticket lets the caller cancel, which the loop checks between
+tokens. Ignores HTTP and authentication (the service layer), and how KV is kept (ContextKVStore).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from llmaas.engine.calls import (
+    Call,
+    CallDone,
+    CallEvent,
+    CallFailed,
+    CallParams,
+    CallResult,
+    CallTimings,
+    ChatCall,
+    ContextCall,
+)
+from llmaas.engine.context_kv import ContextKVStore, common_prefix
+from llmaas.engine.conversation import Conversation
+from llmaas.engine.generate import Finished, GenerateRequest, Generator, TextDelta
+from llmaas.engine.scheduler import FairQueue
+from llmaas.errors import CallCancelled, ContextLengthError, LlmaasError, NotFoundError
+from llmaas.kv.dense import DenseKVCache
+from llmaas.model.loader import LoadedModel
+from llmaas.storage.catalog import Catalog, ContextRecord
+
+log = logging.getLogger("llmaas.engine")
+Sink = Callable[[CallEvent], None]
+
+
+class Ticket:
+    """A submitted call: cancel() stops it at the next token (and nothing of it is committed)."""
+
+    def __init__(self, call: Call, sink: Sink) -> None:
+        self.call, self.sink = call, sink
+        self.submitted_s = time.perf_counter()
+        self.started_s = self.submitted_s  # set when the compute thread takes it
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    kv_budget_bytes: int = 256 * 2**20
+    max_pending: int = 64
+    prefill_chunk_tokens: int = 512
+
+    def __post_init__(self) -> None:
+        if self.kv_budget_bytes < 0 or self.max_pending < 1 or self.prefill_chunk_tokens < 1:
+            raise ValueError("kv_budget_bytes >= 0, max_pending >= 1 and prefill_chunk_tokens >= 1 are required")
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, catalog: Catalog, config: EngineConfig = EngineConfig()) -> None:
+        self.loaded, self.catalog, self.config = loaded, catalog, config
+        self.conversation = Conversation(loaded.tokenizer, loaded.chat_template)
+        self.generator = Generator(loaded.model, loaded.tokenizer, config.prefill_chunk_tokens)
+        self.kv = ContextKVStore(loaded.model, config.kv_budget_bytes, config.prefill_chunk_tokens)
+        self.queue: FairQueue[Ticket] = FairQueue(config.max_pending)
+        self.counters = {"calls": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0}
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    # -- lifecycle and submission (any thread) ----------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve calls on the calling thread until stop()."""
+        self._loop()
+
+    def start(self) -> Engine:
+        """Serve calls on a new background thread."""
+        self._thread = threading.Thread(target=self._loop, name="llmaas-compute", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, call: Call, sink: Sink) -> Ticket:
+        """Queue a call; raises QueueFullError when too many are waiting."""
+        ticket = Ticket(call, sink)
+        self.queue.push(call.app.id, ticket)
+        return ticket
+
+    def forget_context(self, context_id: str) -> None:
+        """The context was deleted: drop its KV (a call in flight on it will find it gone and commit nothing)."""
+        self.kv.drop(context_id)
+
+    # -- the compute thread --------------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            ticket = self.queue.pop(timeout_s=0.1)
+            if ticket is None:
+                continue
+            ticket.started_s = time.perf_counter()
+            try:
+                if ticket.cancelled:
+                    raise CallCancelled("the call was cancelled before it started")
+                run = self._run_context_call if isinstance(ticket.call, ContextCall) else self._run_chat_call
+                result = run(ticket)
+                self.counters["calls"] += 1
+                self.counters["generated_tokens"] += result.completion_tokens
+                self._log_call(ticket, result)
+                ticket.sink(CallDone(result))
+            except CallCancelled as exc:
+                self.counters["cancelled"] += 1
+                ticket.sink(CallFailed(exc))
+            except LlmaasError as exc:
+                self.counters["failed"] += 1
+                ticket.sink(CallFailed(exc))
+            except Exception as exc:  # a bug: report it to the caller and keep serving everyone else
+                log.exception("call failed")
+                self.counters["failed"] += 1
+                ticket.sink(CallFailed(LlmaasError(f"internal error: {type(exc).__name__}: {exc}")))
+
+    def _run_context_call(self, ticket: Ticket) -> CallResult:
+        call: ContextCall = ticket.call  # type: ignore[assignment]
+        started = time.perf_counter()
+        ctx = self.catalog.get_context(call.app.id, call.context_id)
+        if ctx is None:
+            raise NotFoundError(f"no context {call.context_id!r}")
+        base = list(ctx.token_ids)
+        prompt = self.conversation.prompt_ids(ctx.messages, call.prompt, starts_context=not base)
+        closing_reserve = len(self.conversation.closing_ids(ctx.messages, call.prompt, ""))
+        max_tokens = self._room(call.app.max_context_tokens, len(base) + len(prompt) + closing_reserve, call.params)
+        try:
+            cache = self.kv.acquire(ctx.id, base, len(base) + len(prompt) + max_tokens + closing_reserve)
+            switch_s = time.perf_counter() - started
+            done = self._generate(ticket, prompt, max_tokens, cache)
+            new_ids, covered = self._close_turn(ctx, call.prompt, base, prompt, done, cache)
+            committed = self.catalog.commit_turn(call.app.id, ctx.id, len(base), call.prompt, done.text, new_ids)
+        except BaseException:
+            self.kv.release(ctx.id, base)  # roll the KV back to the committed context
+            raise
+        if not committed:
+            self.kv.drop(ctx.id)
+            raise NotFoundError(f"context {ctx.id!r} was deleted during the call; nothing was saved")
+        self.kv.release(ctx.id, new_ids[:covered])
+        return self._result(ticket, ctx.id, done, len(prompt), len(new_ids), switch_s)
+
+    def _run_chat_call(self, ticket: Ticket) -> CallResult:
+        call: ChatCall = ticket.call  # type: ignore[assignment]
+        prompt = self.conversation.chat_ids(call.messages)
+        max_tokens = self._room(call.app.max_context_tokens, len(prompt), call.params)
+        cache = DenseKVCache(self.kv.spec, len(prompt) + max_tokens, self.kv.dtype)
+        done = self._generate(ticket, prompt, max_tokens, cache)
+        return self._result(ticket, None, done, len(prompt), 0, 0.0)
+
+    def _room(self, app_limit: int, used_tokens: int, params: CallParams) -> int:
+        """How many tokens the reply may have: the request's max_tokens, capped by the context limit."""
+        limit = min(app_limit, self.loaded.config.context_length)
+        room = limit - used_tokens
+        if room < 1:
+            raise ContextLengthError(
+                f"the context would need {used_tokens} tokens before the reply, over its limit of {limit}; "
+                "start a new context or send a shorter prompt"
+            )
+        return min(params.max_tokens, room)
+
+    def _generate(self, ticket: Ticket, prompt: list[int], max_tokens: int, cache: DenseKVCache) -> Finished:
+        request = GenerateRequest(tuple(prompt), max_tokens, ticket.call.params.sampling, ticket.call.params.stop)
+        stream = self.generator.stream(request, cache)
+        try:
+            for event in stream:
+                if ticket.cancelled:
+                    raise CallCancelled("the caller went away; the call was stopped and nothing was saved")
+                if isinstance(event, TextDelta):
+                    if event.text:
+                        ticket.sink(event)
+                else:
+                    return event
+        finally:
+            stream.close()
+        raise AssertionError("generation ended without a Finished event")
+
+    def _close_turn(self, ctx: ContextRecord, user: str, base: list[int], prompt: list[int], done: Finished,
+                    cache: DenseKVCache) -> tuple[list[int], int]:
+        """The context's ids after this turn, and how many of them the cache already covers."""
+        generated = list(done.token_ids)
+        reply = generated
+        if self.loaded.tokenizer.decode(generated) != done.text:  # cut by a stop string: keep the text's tokens
+            reply = self.loaded.tokenizer.encode(done.text, add_bos=False, parse_special=False)
+        closing = self.conversation.closing_ids(ctx.messages, user, done.text)
+        new_ids = base + prompt + reply + closing
+        forwarded = (base + prompt + generated)[:cache.num_tokens]
+        return new_ids, common_prefix(forwarded, new_ids)
+
+    def _result(self, ticket: Ticket, context_id: str | None, done: Finished, prompt_tokens: int,
+                context_tokens: int, switch_s: float) -> CallResult:
+        t = done.timings
+        queue_s = ticket.started_s - ticket.submitted_s
+        timings = CallTimings(queue_s, switch_s, t.prefill_s, queue_s + switch_s + t.ttft_s, t.decode_tok_s,
+                              time.perf_counter() - ticket.submitted_s)
+        return CallResult(context_id, done.text, done.finish_reason, prompt_tokens, len(done.token_ids),
+                          context_tokens, timings)
+
+    def _log_call(self, ticket: Ticket, r: CallResult) -> None:
+        t = r.timings
+        log.info("call", extra={"fields": {
+            "app": ticket.call.app.name, "context": r.context_id, "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens, "context_tokens": r.context_tokens,
+            "finish_reason": r.finish_reason, "queue_s": round(t.queue_s, 4), "switch_s": round(t.switch_s, 4),
+            "prefill_s": round(t.prefill_s, 4), "ttft_s": round(t.ttft_s, 4), "decode_tok_s": round(t.decode_tok_s, 1),
+            "total_s": round(t.total_s, 4), "kv_resident_bytes": self.kv.resident_bytes,
+        }})
+

@@ -1,0 +1,1 @@
+"""The system-service face of llmaas: HTTP (LLMS contexts API and OpenAI-compatible API) over the engine."""

@@ -1,0 +1,104 @@
+"""OpenAI-compatible routes: /v1/models and /v1/chat/completions (plain and streamed), checked with the official
+`openai` client.
+
+Owns the translation between OpenAI's request and response shapes and engine calls. Stateless by default (the
+conversation comes whole); with the extension field `llmaas: {"context_id": ...}` the chat runs on a persistent
+context and only the new user message is sent. Ignores generation and storage.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from llmaas.engine.calls import CallDone, CallParams, ChatCall, ContextCall
+from llmaas.engine.sampling import SamplingParams
+from llmaas.errors import InvalidRequestError, LlmaasError
+from llmaas.service.contexts_api import SSE_HEADERS
+from llmaas.service.errors import ApiError, to_response
+from llmaas.service.schemas import (
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionBody,
+    ChatMessageOut,
+    ChatUsage,
+    ModelCard,
+    ModelList,
+)
+from llmaas.service.state import CallStream, ServiceState, authenticate, get_state
+from llmaas.storage.catalog import App, Message
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+DEFAULT_MAX_TOKENS = 256
+
+
+@router.get("/models", response_model=ModelList, summary="The resident model (OpenAI-compatible)")
+def list_models(app: App = Depends(authenticate), state: ServiceState = Depends(get_state)) -> ModelList:
+    return ModelList(data=[ModelCard(id=state.model_id, created=state.created)])
+
+
+def _call(body: ChatCompletionBody, app: App, state: ServiceState):
+    if body.model != state.model_id:
+        raise ApiError(404, "not_found_error", f"model {body.model!r} not found; this service runs {state.model_id!r}")
+    temperature = 1.0 if body.temperature is None else float(body.temperature)
+    params = CallParams(body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS,
+                        SamplingParams(temperature, 0, 1.0 if body.top_p is None else float(body.top_p), body.seed),
+                        tuple(body.stop or ()))
+    if body.llmaas is None:
+        return ChatCall(app, tuple(Message(m.role, m.content) for m in body.messages), params)
+    if len(body.messages) != 1 or body.messages[0].role != "user":
+        raise InvalidRequestError("with llmaas.context_id, send only the new user message: the context holds the rest")
+    return ContextCall(app, body.llmaas.context_id, body.messages[0].content, params)
+
+
+@router.post("/chat/completions", response_model=ChatCompletion, summary="Chat completion (OpenAI-compatible)",
+             responses={200: {"content": {"text/event-stream": {}}}})
+async def chat_completions(body: ChatCompletionBody, request: Request, app: App = Depends(authenticate),
+                           state: ServiceState = Depends(get_state)):
+    call = _call(body, app, state)
+    stream = CallStream(state, call, request)
+    completion_id = "chatcmpl-" + secrets.token_hex(12)
+    created = int(time.time())
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        await stream.start()
+        return StreamingResponse(_chunks(stream, completion_id, created, state.model_id, include_usage),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+    r = await stream.result()
+    return ChatCompletion(
+        id=completion_id, created=created, model=state.model_id,
+        choices=[ChatChoice(message=ChatMessageOut(content=r.reply), finish_reason=r.finish_reason)],
+        usage=ChatUsage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
+                        total_tokens=r.prompt_tokens + r.completion_tokens),
+        llmaas={"context_id": r.context_id, "timings": r.timings.__dict__})
+
+
+async def _chunks(stream: CallStream, completion_id: str, created: int, model: str,
+                  include_usage: bool) -> AsyncIterator[str]:
+    def chunk(delta: dict, finish: str | None = None, **extra) -> str:
+        body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra}
+        return f"data: {json.dumps(body)}\n\n"
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        async for event in stream.events():
+            if isinstance(event, CallDone):
+                r = event.result
+                yield chunk({}, r.finish_reason, llmaas={"context_id": r.context_id, "timings": r.timings.__dict__})
+                if include_usage:
+                    usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+                             "total_tokens": r.prompt_tokens + r.completion_tokens}
+                    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                            "model": model, "choices": [], "usage": usage}
+                    yield f"data: {json.dumps(body)}\n\n"
+            else:
+                yield chunk({"content": event.text})
+        yield "data: [DONE]\n\n"
+    except LlmaasError as exc:
+        yield f"data: {to_response(exc).body.decode()}\n\n"

@@ -1,0 +1,177 @@
+"""Request and response bodies of the HTTP API, as pydantic models (they also make the published OpenAPI spec).
+
+Owns validation at the edge: strict types, ranges and no unknown fields, so bad input becomes a 400 before it reaches
+the engine. The OpenAI models accept OpenAI's own field names and refuse the values llmaas does not implement (n > 1,
+penalties, tools) with a message saying so. Ignores what the fields do.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+
+MAX_TEXT_CHARS = 200_000
+Number = StrictFloat | StrictInt
+Text = Annotated[StrictStr, Field(max_length=MAX_TEXT_CHARS)]
+StopStrings = Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=256)]], Field(max_length=4)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Generation(_Strict):
+    """Generation parameters shared by the calls of the contexts API."""
+
+    max_tokens: StrictInt = Field(256, ge=1, le=8192, description="most tokens to generate")
+    temperature: Number = Field(0.0, ge=0, le=2, description="0 = greedy")
+    top_p: Number = Field(1.0, gt=0, le=1)
+    top_k: StrictInt = Field(0, ge=0, le=100_000, description="0 = off")
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
+    stop: StopStrings = Field(default_factory=list, description="stop before any of these strings")
+
+
+# -- the contexts API (LLMS: new context, call, get, list, delete) ----------------------------------------------------
+
+
+class NewContext(_Strict):
+    system_prompt: Text | None = None
+
+
+class CallBody(Generation):
+    prompt: Annotated[StrictStr, Field(min_length=1, max_length=MAX_TEXT_CHARS)]
+    stream: StrictBool = False
+
+
+class MessageOut(BaseModel):
+    role: str
+    content: str
+
+
+class ContextOut(BaseModel):
+    id: str
+    created_at: float
+    updated_at: float
+    num_calls: int
+    num_tokens: int
+    resident_bytes: int = Field(description="bytes of this context's KV in memory now (0 = not resident)")
+    messages: list[MessageOut]
+
+
+class ContextList(BaseModel):
+    data: list[ContextOut]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    context_tokens: int
+
+
+class Timings(BaseModel):
+    queue_s: float
+    switch_s: float = Field(description="making the context's KV resident (context-switch latency)")
+    prefill_s: float
+    ttft_s: float
+    decode_tok_s: float
+    total_s: float
+
+
+class CallOut(BaseModel):
+    context_id: str | None
+    reply: str
+    finish_reason: Literal["stop", "length"]
+    usage: Usage
+    timings: Timings
+
+
+class Deleted(BaseModel):
+    id: str
+    deleted: bool
+
+
+# -- OpenAI-compatible chat completions -------------------------------------------------------------------------------
+
+
+class ChatMessageIn(_Strict):
+    role: Literal["system", "user", "assistant"]
+    content: Text
+    name: StrictStr | None = None
+
+
+class StreamOptions(_Strict):
+    include_usage: StrictBool = False
+
+
+class LlmaasExtension(_Strict):
+    """llmaas's extension: run the chat on a persistent context. Send only the new user message; the service holds
+    the rest (openai client: `extra_body={"llmaas": {"context_id": ...}}`)."""
+
+    context_id: StrictStr
+
+
+class ChatCompletionBody(_Strict):
+    model: StrictStr
+    messages: Annotated[list[ChatMessageIn], Field(min_length=1, max_length=1000)]
+    max_tokens: StrictInt | None = Field(None, ge=1, le=8192)
+    max_completion_tokens: StrictInt | None = Field(None, ge=1, le=8192)
+    temperature: Number | None = Field(None, ge=0, le=2, description="default 1, as in OpenAI's API")
+    top_p: Number | None = Field(None, gt=0, le=1)
+    n: StrictInt | None = Field(None, ge=1, le=1, description="only 1 is supported")
+    stream: StrictBool | None = None
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | StopStrings | None = None
+    seed: StrictInt | None = Field(None, ge=0, le=2**63 - 1)
+    user: StrictStr | None = None
+    presence_penalty: Number | None = Field(None, ge=0, le=0, description="only 0 is supported")
+    frequency_penalty: Number | None = Field(None, ge=0, le=0, description="only 0 is supported")
+    llmaas: LlmaasExtension | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_list(cls, v: str | list[str] | None) -> list[str] | None:
+        if isinstance(v, str):
+            if not v or len(v) > 256:
+                raise ValueError("a stop string must have 1 to 256 characters")
+            return [v]
+        return v
+
+
+class ChatMessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: ChatMessageOut
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatUsage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: ChatUsage
+    llmaas: dict = Field(description="context_id and timings of this call")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llmaas"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

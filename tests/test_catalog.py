@@ -1,0 +1,78 @@
+"""The SQLite catalogue: keys stored only hashed, quotas, isolation between apps, atomic and guarded turns."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from llmaas.engine.scheduler import FairQueue, QueueFullError
+from llmaas.storage.catalog import Catalog, CatalogError, QuotaError, hash_key
+
+
+@pytest.fixture
+def catalog(tmp_path):
+    c = Catalog(tmp_path / "c.sqlite3")
+    yield c
+    c.close()
+
+
+def test_keys_are_stored_only_as_hashes(catalog, tmp_path):
+    app, key = catalog.add_app("mail")
+    assert catalog.app_for_key(key) == app
+    assert catalog.app_for_key(key + "x") is None
+    raw = sqlite3.connect(tmp_path / "c.sqlite3").execute("SELECT key_hash FROM apps").fetchall()
+    assert raw == [(hash_key(key),)] and key not in str(raw)
+
+
+def test_app_names_are_validated_and_unique(catalog):
+    catalog.add_app("notes")
+    for bad in ("", "has space", "x" * 65, "../etc"):
+        with pytest.raises(CatalogError):
+            catalog.add_app(bad)
+    with pytest.raises(CatalogError, match="already exists"):
+        catalog.add_app("notes")
+
+
+def test_context_quota_and_isolation(catalog):
+    a, _ = catalog.add_app("a", max_contexts=2)
+    b, _ = catalog.add_app("b")
+    c1 = catalog.create_context(a, "sys")
+    catalog.create_context(a, None)
+    with pytest.raises(QuotaError, match="limit"):
+        catalog.create_context(a, None)
+    assert catalog.get_context(b.id, c1.id) is None  # another app's context does not exist for b
+    assert not catalog.delete_context(b.id, c1.id)
+    assert catalog.get_context(a.id, c1.id).messages[0].content == "sys"
+    assert catalog.delete_context(a.id, c1.id)
+    catalog.create_context(a, None)  # room again after a delete
+
+
+def test_turns_commit_atomically_and_only_on_the_expected_base(catalog):
+    app, _ = catalog.add_app("a")
+    ctx = catalog.create_context(app, None)
+    assert catalog.commit_turn(app.id, ctx.id, 0, "hi", "hello", [1, 2, 3])
+    assert not catalog.commit_turn(app.id, ctx.id, 0, "again", "stale", [9])  # the context moved on
+    rec = catalog.get_context(app.id, ctx.id)
+    assert rec.token_ids == (1, 2, 3) and [m.content for m in rec.messages] == ["hi", "hello"] and rec.num_calls == 1
+    catalog.delete_context(app.id, ctx.id)
+    assert not catalog.commit_turn(app.id, ctx.id, 3, "x", "y", [1, 2, 3, 4])  # deleted meanwhile
+
+
+def test_removing_an_app_removes_its_contexts(catalog):
+    app, key = catalog.add_app("gone")
+    ids = {catalog.create_context(app, None).id for _ in range(3)}
+    assert set(catalog.remove_app("gone")) == ids
+    assert catalog.app_for_key(key) is None and catalog.list_contexts(app.id) == []
+
+
+def test_fair_queue_round_robins_apps_and_bounds_the_backlog():
+    q: FairQueue[str] = FairQueue(max_pending=5)
+    for job in ("a1", "a2", "a3"):
+        q.push(1, job)
+    q.push(2, "b1")
+    q.push(3, "c1")
+    with pytest.raises(QueueFullError):
+        q.push(2, "b2")
+    assert [q.pop(0.1) for _ in range(5)] == ["a1", "b1", "c1", "a2", "a3"]
+    assert q.pop(0.01) is None

@@ -1,0 +1,94 @@
+"""Contexts survive kill -9: a real `llmaas serve` process is killed after a call and in the middle of one, restarted,
+and the context continues with the same greedy reply as an uninterrupted twin. One service per data directory."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from llmaas.cli.demo import start_service
+from llmaas.client import Client
+from llmaas.storage.catalog import Catalog
+from llmaas.storage.paths import DataDir
+
+SYSTEM = "You are a helpful assistant. Answer briefly."
+TURNS = ["My favourite colour is green and my cat is called Miso.", "What is my cat called, and what colour do I like?"]
+GEN = {"max_tokens": 24, "temperature": 0}
+
+
+def fresh_home(tmp_path, name: str) -> tuple[DataDir, str]:
+    home = DataDir(tmp_path / name).create()
+    catalog = Catalog(home.catalog)
+    key = catalog.add_app("persist")[1]
+    catalog.close()
+    return home, key
+
+
+@pytest.fixture(scope="module")
+def twin(tmp_path_factory) -> list[str]:
+    """The replies of an uninterrupted service to the same two turns."""
+    home, key = fresh_home(tmp_path_factory.mktemp("twin"), "h")
+    proc = start_service(home, [])
+    try:
+        c = Client(key, socket=home.socket)
+        ctx = c.new_context(SYSTEM)
+        return [c.call(ctx, turn, **GEN).reply for turn in TURNS]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_kill_after_a_call_then_restart_continues_like_the_twin(tmp_path, twin):
+    home, key = fresh_home(tmp_path, "h")
+    proc = start_service(home, [])
+    ctx = Client(key, socket=home.socket).new_context(SYSTEM)
+    assert Client(key, socket=home.socket).call(ctx, TURNS[0], **GEN).reply == twin[0]
+    proc.kill()  # SIGKILL: no shutdown code runs
+    proc.wait()
+    proc = start_service(home, [])  # stale socket and lock are handled
+    try:
+        c = Client(key, socket=home.socket)
+        assert [m["content"] for m in c.get(ctx)["messages"]] == [SYSTEM, TURNS[0], twin[0]]
+        assert c.get(ctx)["resident_bytes"] == 0  # the KV did not survive the process; it is rebuilt on the call
+        reply = c.call(ctx, TURNS[1], **GEN)
+        assert reply.reply == twin[1]
+        assert reply.timings["switch_s"] > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_kill_during_a_call_loses_only_that_call(tmp_path, twin):
+    home, key = fresh_home(tmp_path, "h")
+    proc = start_service(home, [])
+    c = Client(key, socket=home.socket)
+    ctx = c.new_context(SYSTEM)
+    c.call(ctx, TURNS[0], **GEN)
+    pieces = c.stream(ctx, TURNS[1], max_tokens=400, temperature=0)
+    next(pieces), next(pieces)  # the reply has started streaming
+    proc.kill()
+    proc.wait()
+    proc = start_service(home, [])
+    try:
+        c = Client(key, socket=home.socket)
+        assert [m["content"] for m in c.get(ctx)["messages"]] == [SYSTEM, TURNS[0], twin[0]]  # nothing half-saved
+        assert c.call(ctx, TURNS[1], **GEN).reply == twin[1]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_a_second_service_on_the_same_data_directory_fails_clearly(tmp_path):
+    home, _ = fresh_home(tmp_path, "h")
+    proc = start_service(home, [])
+    try:
+        second = subprocess.run([sys.executable, "-m", "llmaas", "serve", "--home", str(home.root), "--quiet"],
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2
+        assert f"another llmaas service (pid {proc.pid}) is using {home.root}" in second.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
