@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = {"engine": "llmaas.bench.engine"}
+BENCHMARKS = {"engine": "llmaas.bench.engine", "service": "llmaas.bench.service"}
 
 
 def main(argv: list[str]) -> int:
