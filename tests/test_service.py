@@ -62,7 +62,7 @@ def test_contexts_round_trip(service):
     assert [m["content"] for m in got["messages"][1:]] == ["Name a fruit.", first.reply, "Name another one.",
                                                            second.reply]
     assert got["num_tokens"] == second.usage["context_tokens"] > first.usage["context_tokens"] > 0
-    assert got["num_calls"] == 2 and got["resident_bytes"] > 0
+    assert got["num_calls"] == 2 and got["resident_bytes"] > 0 and got["state"] == "resident"
     for t in (first.timings, second.timings):
         assert 0 <= t["switch_s"] < t["ttft_s"] <= t["total_s"] and t["queue_s"] >= 0
     assert [x["id"] for x in c.list()] == [ctx]

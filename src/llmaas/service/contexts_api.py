@@ -35,9 +35,10 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def context_out(state: ServiceState, ctx: ContextRecord) -> ContextOut:
-    resident = {r.context_id: r.resident_bytes for r in state.engine.kv.usage()}
+    resident = {r.context_id: r.resident_bytes for r in state.engine.kv.usage()}.get(ctx.id, 0)
     return ContextOut(id=ctx.id, created_at=ctx.created_at, updated_at=ctx.updated_at, num_calls=ctx.num_calls,
-                      num_tokens=len(ctx.token_ids), resident_bytes=resident.get(ctx.id, 0),
+                      num_tokens=len(ctx.token_ids), state="resident" if resident else "stored",
+                      resident_bytes=resident,
                       messages=[MessageOut(role=m.role, content=m.content) for m in ctx.messages])
 
 

@@ -55,6 +55,8 @@ class ContextOut(BaseModel):
     updated_at: float
     num_calls: int
     num_tokens: int
+    state: Literal["resident", "stored"] = Field(description="resident: its KV is in memory; stored: only its text "
+                                                             "and token ids are, and the next call rebuilds the KV")
     resident_bytes: int = Field(description="bytes of this context's KV in memory now (0 = not resident)")
     messages: list[MessageOut]
 
