@@ -6,6 +6,7 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 
@@ -17,6 +18,18 @@ from llmaas.storage.paths import DataDir
 SYSTEM = "You are a helpful assistant. Answer briefly."
 TURNS = ["My favourite colour is green and my cat is called Miso.", "What is my cat called, and what colour do I like?"]
 GEN = {"max_tokens": 24, "temperature": 0}
+
+
+@contextmanager
+def serving(home: DataDir):
+    """A `llmaas serve` process on home, stopped at the end unless a test killed it."""
+    proc = start_service(home, [])
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=30)
 
 
 def fresh_home(tmp_path, name: str) -> tuple[DataDir, str]:
@@ -31,25 +44,20 @@ def fresh_home(tmp_path, name: str) -> tuple[DataDir, str]:
 def twin(tmp_path_factory) -> list[str]:
     """The replies of an uninterrupted service to the same two turns."""
     home, key = fresh_home(tmp_path_factory.mktemp("twin"), "h")
-    proc = start_service(home, [])
-    try:
+    with serving(home):
         c = Client(key, socket=home.socket)
         ctx = c.new_context(SYSTEM)
         return [c.call(ctx, turn, **GEN).reply for turn in TURNS]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def test_kill_after_a_call_then_restart_continues_like_the_twin(tmp_path, twin):
     home, key = fresh_home(tmp_path, "h")
-    proc = start_service(home, [])
-    ctx = Client(key, socket=home.socket).new_context(SYSTEM)
-    assert Client(key, socket=home.socket).call(ctx, TURNS[0], **GEN).reply == twin[0]
-    proc.kill()  # SIGKILL: no shutdown code runs
-    proc.wait()
-    proc = start_service(home, [])  # stale socket and lock are handled
-    try:
+    with serving(home) as proc:
+        ctx = Client(key, socket=home.socket).new_context(SYSTEM)
+        assert Client(key, socket=home.socket).call(ctx, TURNS[0], **GEN).reply == twin[0]
+        proc.kill()  # SIGKILL: no shutdown code runs
+        proc.wait()
+    with serving(home):  # stale socket and lock are handled
         c = Client(key, socket=home.socket)
         assert [m["content"] for m in c.get(ctx)["messages"]] == [SYSTEM, TURNS[0], twin[0]]
         got = c.get(ctx)  # the KV did not survive the process; it is rebuilt on the next call
@@ -57,39 +65,28 @@ def test_kill_after_a_call_then_restart_continues_like_the_twin(tmp_path, twin):
         reply = c.call(ctx, TURNS[1], **GEN)
         assert reply.reply == twin[1]
         assert reply.timings["switch_s"] > 0
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def test_kill_during_a_call_loses_only_that_call(tmp_path, twin):
     home, key = fresh_home(tmp_path, "h")
-    proc = start_service(home, [])
-    c = Client(key, socket=home.socket)
-    ctx = c.new_context(SYSTEM)
-    c.call(ctx, TURNS[0], **GEN)
-    pieces = c.stream(ctx, TURNS[1], max_tokens=400, temperature=0)
-    next(pieces), next(pieces)  # the reply has started streaming
-    proc.kill()
-    proc.wait()
-    proc = start_service(home, [])
-    try:
+    with serving(home) as proc:
+        c = Client(key, socket=home.socket)
+        ctx = c.new_context(SYSTEM)
+        c.call(ctx, TURNS[0], **GEN)
+        pieces = c.stream(ctx, TURNS[1], max_tokens=400, temperature=0)
+        next(pieces), next(pieces)  # the reply has started streaming
+        proc.kill()
+        proc.wait()
+    with serving(home):
         c = Client(key, socket=home.socket)
         assert [m["content"] for m in c.get(ctx)["messages"]] == [SYSTEM, TURNS[0], twin[0]]  # nothing half-saved
         assert c.call(ctx, TURNS[1], **GEN).reply == twin[1]
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def test_a_second_service_on_the_same_data_directory_fails_clearly(tmp_path):
     home, _ = fresh_home(tmp_path, "h")
-    proc = start_service(home, [])
-    try:
+    with serving(home) as proc:
         second = subprocess.run([sys.executable, "-m", "llmaas", "serve", "--home", str(home.root), "--quiet"],
                                 capture_output=True, text=True, timeout=120)
         assert second.returncode == 2
         assert f"another llmaas service (pid {proc.pid}) is using {home.root}" in second.stderr
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from collections.abc import Iterator
 
-from llmaas.client import Client, ServiceError
+from llmaas.client import CallReply, Client, ServiceError
 from llmaas.errors import LlmaasError
 from llmaas.storage.catalog import Catalog
 from llmaas.storage.paths import DataDir
@@ -83,14 +84,23 @@ def main(argv: list[str]) -> int:
             return 0
 
 
-def _say(client: Client, ctx: str, line: str, args: argparse.Namespace) -> str:
-    for piece in client.stream(ctx, line, max_tokens=args.max_tokens, temperature=args.temperature):
+def print_streamed(pieces: Iterator[str | CallReply]) -> CallReply:
+    """Print a streamed reply as it arrives, then its timings; returns the final CallReply."""
+    reply = None
+    for piece in pieces:
         if isinstance(piece, str):
             print(piece, end="", flush=True)
         else:
-            t = piece.timings
-            print(f"\n[switch {t['switch_s'] * 1000:.0f} ms, TTFT {t['ttft_s'] * 1000:.0f} ms, "
-                  f"{t['decode_tok_s']:.0f} tok/s]")
+            reply = piece
+    assert reply is not None
+    t = reply.timings
+    print(f"\n    (switch {t['switch_s'] * 1000:.0f} ms, TTFT {t['ttft_s'] * 1000:.0f} ms, "
+          f"{t['decode_tok_s']:.0f} tok/s, context {reply.usage['context_tokens']} tokens)")
+    return reply
+
+
+def _say(client: Client, ctx: str, line: str, args: argparse.Namespace) -> str:
+    print_streamed(client.stream(ctx, line, max_tokens=args.max_tokens, temperature=args.temperature))
     return ctx
 
 

@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from llmaas.cli.chat import print_streamed
 from llmaas.client import Client, ServiceError
 from llmaas.storage.catalog import Catalog
 from llmaas.storage.paths import DataDir
@@ -62,13 +63,7 @@ def main(argv: list[str]) -> int:
             for name, client in clients.items():  # the apps take turns: every call switches context
                 prompt = CONVERSATIONS[name][1][turn]
                 print(f"\n[{name} · {contexts[name]}] user: {prompt}\n[{name}] assistant: ", end="", flush=True)
-                for piece in client.stream(contexts[name], prompt, max_tokens=args.max_tokens):
-                    if isinstance(piece, str):
-                        print(piece, end="", flush=True)
-                    else:
-                        t = piece.timings
-                        print(f"\n    (switch {t['switch_s'] * 1000:.0f} ms, TTFT {t['ttft_s'] * 1000:.0f} ms, "
-                              f"{t['decode_tok_s']:.0f} tok/s, context {piece.usage['context_tokens']} tokens)")
+                print_streamed(client.stream(contexts[name], prompt, max_tokens=args.max_tokens))
         print("\nisolation:")
         for name, client in clients.items():
             other = next(n for n in contexts if n != name)
