@@ -40,3 +40,24 @@ def test_recomputed_contexts_continue_like_never_evicted_ones(tmp_path, smollm):
         kept.stop()
         evicted.stop()
         catalog.close()
+
+
+def test_stopping_cancels_the_call_in_flight_and_refuses_the_queue(tmp_path, smollm):
+    from llmaas.errors import CallCancelled, ShuttingDownError
+
+    catalog = Catalog(tmp_path / "c.sqlite3")
+    app, _ = catalog.add_app("x")
+    engine = Engine(smollm, catalog).start()
+    long_ctx, queued_ctx = catalog.create_context(app, None), catalog.create_context(app, None)
+    running: queue.Queue = queue.Queue()
+    waiting: queue.Queue = queue.Queue()
+    engine.submit(ContextCall(app, long_ctx.id, "Write a long story.", CallParams(max_tokens=2000)), running.put)
+    engine.submit(ContextCall(app, queued_ctx.id, "hi", CallParams(max_tokens=4)), waiting.put)
+    running.get(timeout=60)  # the first call is generating
+    engine.stop()
+    while not isinstance(event := running.get(timeout=30), CallFailed):
+        pass
+    assert isinstance(event.error, CallCancelled)
+    assert isinstance(waiting.get(timeout=30).error, ShuttingDownError)
+    assert catalog.get_context(app.id, long_ctx.id).num_calls == 0  # nothing of the cancelled call was saved
+    catalog.close()

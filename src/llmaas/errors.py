@@ -33,3 +33,7 @@ class NotFoundError(LlmaasError):
 
 class CallCancelled(LlmaasError):
     """The caller went away (or cancelled) before the call finished; nothing was committed."""
+
+
+class ShuttingDownError(LlmaasError):
+    """The service is stopping and will not run this call; retry when it is back."""

@@ -33,7 +33,7 @@ from llmaas.engine.context_kv import ContextKVStore, common_prefix
 from llmaas.engine.conversation import Conversation
 from llmaas.engine.generate import Finished, GenerateRequest, Generator, TextDelta
 from llmaas.engine.scheduler import FairQueue
-from llmaas.errors import CallCancelled, ContextLengthError, LlmaasError, NotFoundError
+from llmaas.errors import CallCancelled, ContextLengthError, LlmaasError, NotFoundError, ShuttingDownError
 from llmaas.kv.dense import DenseKVCache
 from llmaas.model.loader import LoadedModel
 from llmaas.storage.catalog import Catalog, ContextRecord
@@ -81,6 +81,7 @@ class Engine:
         self.counters = {"calls": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0}
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._current: Ticket | None = None
 
     # -- lifecycle and submission (any thread) ----------------------------------------------------------------------
 
@@ -95,7 +96,11 @@ class Engine:
         return self
 
     def stop(self) -> None:
+        """Stop serving: the call in flight is cancelled (nothing of it is saved) and queued calls are refused."""
         self._stopping.set()
+        current = self._current
+        if current is not None:
+            current.cancel()
         if self._thread is not None:
             self._thread.join(timeout=30)
 
@@ -114,28 +119,34 @@ class Engine:
     def _loop(self) -> None:
         while not self._stopping.is_set():
             ticket = self.queue.pop(timeout_s=0.1)
-            if ticket is None:
-                continue
-            ticket.started_s = time.perf_counter()
-            try:
-                if ticket.cancelled:
-                    raise CallCancelled("the call was cancelled before it started")
-                run = self._run_context_call if isinstance(ticket.call, ContextCall) else self._run_chat_call
-                result = run(ticket)
-                self.counters["calls"] += 1
-                self.counters["generated_tokens"] += result.completion_tokens
-                self._log_call(ticket, result)
-                ticket.sink(CallDone(result))
-            except CallCancelled as exc:
-                self.counters["cancelled"] += 1
-                ticket.sink(CallFailed(exc))
-            except LlmaasError as exc:
-                self.counters["failed"] += 1
-                ticket.sink(CallFailed(exc))
-            except Exception as exc:  # a bug: report it to the caller and keep serving everyone else
-                log.exception("call failed")
-                self.counters["failed"] += 1
-                ticket.sink(CallFailed(LlmaasError(f"internal error: {type(exc).__name__}: {exc}")))
+            if ticket is not None:
+                self._current = ticket
+                self._serve(ticket)
+                self._current = None
+        while (ticket := self.queue.pop(timeout_s=0)) is not None:
+            ticket.sink(CallFailed(ShuttingDownError("the service is shutting down; retry when it is back")))
+
+    def _serve(self, ticket: Ticket) -> None:
+        ticket.started_s = time.perf_counter()
+        try:
+            if ticket.cancelled:
+                raise CallCancelled("the call was cancelled before it started")
+            run = self._run_context_call if isinstance(ticket.call, ContextCall) else self._run_chat_call
+            result = run(ticket)
+            self.counters["calls"] += 1
+            self.counters["generated_tokens"] += result.completion_tokens
+            self._log_call(ticket, result)
+            ticket.sink(CallDone(result))
+        except CallCancelled as exc:
+            self.counters["cancelled"] += 1
+            ticket.sink(CallFailed(exc))
+        except LlmaasError as exc:
+            self.counters["failed"] += 1
+            ticket.sink(CallFailed(exc))
+        except Exception as exc:  # a bug: report it to the caller and keep serving everyone else
+            log.exception("call failed")
+            self.counters["failed"] += 1
+            ticket.sink(CallFailed(LlmaasError(f"internal error: {type(exc).__name__}: {exc}")))
 
     def _run_context_call(self, ticket: Ticket) -> CallResult:
         call: ContextCall = ticket.call  # type: ignore[assignment]

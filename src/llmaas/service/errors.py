@@ -15,6 +15,7 @@ from llmaas.errors import (
     InvalidRequestError,
     LlmaasError,
     NotFoundError,
+    ShuttingDownError,
     UnsupportedModelError,
 )
 from llmaas.storage.catalog import QuotaError
@@ -53,6 +54,8 @@ def to_response(exc: LlmaasError) -> JSONResponse:
         return error_response(400, "invalid_request_error", str(exc), code="context_length_exceeded")
     if isinstance(exc, InvalidRequestError | UnsupportedModelError):
         return error_response(400, "invalid_request_error", str(exc))
+    if isinstance(exc, ShuttingDownError):
+        return error_response(503, "service_unavailable", str(exc), {"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, CallCancelled):
         return error_response(499, "cancelled", str(exc))
     return error_response(500, "server_error", str(exc))
