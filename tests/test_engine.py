@@ -7,13 +7,14 @@ import queue
 
 from llmaas.engine.calls import CallDone, CallFailed, CallParams, ContextCall
 from llmaas.engine.worker import Engine, EngineConfig
+from llmaas.memory.policy import POLICIES
 from llmaas.storage.catalog import Catalog
 
 CONVERSATIONS = [("You are helpful.", ["Tell me about the moon.", "And the sun?", "Which is bigger?"]),
                  ("Answer briefly.", ["List three animals.", "Which is the fastest?", "Why?"])]
 
 
-def converse(engine: Engine, catalog: Catalog, app, system: str, turns: list[str]) -> list[str]:
+def converse(engine: Engine, catalog: Catalog, app, system: str, turns: list[str], after_call=None) -> list[str]:
     ctx = catalog.create_context(app, system)
     replies = []
     for turn in turns:
@@ -23,22 +24,28 @@ def converse(engine: Engine, catalog: Catalog, app, system: str, turns: list[str
             pass
         assert isinstance(event, CallDone), event
         replies.append(event.result.reply)
+        if after_call is not None:
+            after_call()
     return replies
 
 
 def test_recomputed_contexts_continue_like_never_evicted_ones(tmp_path, smollm):
     catalog = Catalog(tmp_path / "c.sqlite3")
     app, _ = catalog.add_app("x", max_contexts=10)
-    kept = Engine(smollm, catalog, EngineConfig(kv_budget_bytes=2**30)).start()
-    evicted = Engine(smollm, catalog, EngineConfig(kv_budget_bytes=0)).start()  # drops every context after a call
+    lmk = POLICIES["lmk"]
+    kept = Engine(smollm, catalog, EngineConfig(kv_budget_bytes=2**30, memory=lmk, kv_dir=tmp_path / "kv1")).start()
+    evicted = Engine(smollm, catalog, EngineConfig(memory=lmk, kv_dir=tmp_path / "kv2")).start()
     try:
         for system, turns in CONVERSATIONS:
-            assert converse(kept, catalog, app, system, turns) == converse(evicted, catalog, app, system, turns)
+            drop_all = lambda: evicted.kv.reclaim(evicted.kv.budget_bytes)  # noqa: E731  (kill every context)
+            want = converse(kept, catalog, app, system, turns)
+            assert want == converse(evicted, catalog, app, system, turns, after_call=drop_all)
         assert evicted.kv.recomputed_tokens > 100 and evicted.kv.resident_bytes == 0
         assert kept.kv.resident_bytes > 0
     finally:
-        kept.stop()
-        evicted.stop()
+        for engine in (kept, evicted):
+            engine.stop()
+            engine.close()
         catalog.close()
 
 
@@ -47,7 +54,7 @@ def test_stopping_cancels_the_call_in_flight_and_refuses_the_queue(tmp_path, smo
 
     catalog = Catalog(tmp_path / "c.sqlite3")
     app, _ = catalog.add_app("x")
-    engine = Engine(smollm, catalog).start()
+    engine = Engine(smollm, catalog, EngineConfig(kv_dir=tmp_path / "kv")).start()
     long_ctx, queued_ctx = catalog.create_context(app, None), catalog.create_context(app, None)
     running: queue.Queue = queue.Queue()
     waiting: queue.Queue = queue.Queue()

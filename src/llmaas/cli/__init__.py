@@ -15,7 +15,9 @@ SUBCOMMANDS = {
     "generate": "generate text from a prompt on the resident model (streamed, no service needed)",
     "openapi": "print the service's OpenAPI document (the repo keeps it in docs/openapi.json)",
     "info": "show the model's architecture, parameters, weight formats and KV bytes per token",
-    "bench": "benchmarks: `llmaas bench engine` (prefill/decode speed vs peers)",
+    "bench": "benchmarks: `llmaas bench engine|service|restore` (speed vs peers, service overhead, cold restore)",
+    "eval": "quality evaluations: `llmaas eval kv` (KV compression variants: perplexity, task scores, bytes)",
+    "profile": "measure (once) the restore cost model the KV planner uses; --refresh measures again",
 }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = {"engine": "llmaas.bench.engine", "service": "llmaas.bench.service"}
+BENCHMARKS = {"engine": "llmaas.bench.engine", "service": "llmaas.bench.service", "restore": "llmaas.bench.restore"}
 
 
 def main(argv: list[str]) -> int:

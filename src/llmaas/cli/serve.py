@@ -8,9 +8,11 @@ import sys
 from pathlib import Path
 
 from llmaas.engine.worker import EngineConfig
+from llmaas.memory.policy import POLICIES
 from llmaas.service.logs import setup_logging
 from llmaas.service.server import ServeOptions, Service
 from llmaas.storage.paths import DataDir
+from llmaas.storage.throttle import DiskThrottle
 
 
 def main(argv: list[str]) -> int:
@@ -20,7 +22,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--port", type=int, help="also listen on TCP (default: the Unix socket only)")
     p.add_argument("--host", default="127.0.0.1",
                    help="TCP address (default: 127.0.0.1; another host exposes the service beyond this device)")
-    p.add_argument("--kv-budget-mb", type=float, default=256, help="memory for contexts' KV, MiB (default: 256)")
+    p.add_argument("--kv-budget-mb", type=float,
+                   help="memory for contexts' KV chunks, MiB (default: two maximum-length contexts at INT8, 48.5 MiB "
+                        "for SmolLM2 at 2048 tokens)")
+    p.add_argument("--kv-policy", default="llms", choices=sorted(POLICIES),
+                   help="context memory policy: LLMS, an ablation or a baseline of the paper (default: llms)")
+    p.add_argument("--max-context-tokens", type=int, default=2048, help="longest context (default: 2048)")
+    p.add_argument("--disk-throttle-mbps", type=float,
+                   help="SIMULATION: limit KV disk reads and writes to this many MB/s, to study slower flash "
+                        "(default: off)")
     p.add_argument("--max-queue", type=int, default=64, help="calls that may wait before 429 (default: 64)")
     p.add_argument("--threads", type=int, help="compute threads (default: one per core)")
     p.add_argument("--quiet", action="store_true", help="log to the data directory only, not stderr")
@@ -32,7 +42,10 @@ def main(argv: list[str]) -> int:
               file=sys.stderr)
     home = DataDir.resolve(args.home).create()
     log_path = setup_logging(home.log_dir, quiet=args.quiet)
-    engine = EngineConfig(kv_budget_bytes=int(args.kv_budget_mb * 2**20), max_pending=args.max_queue)
+    budget = None if args.kv_budget_mb is None else int(args.kv_budget_mb * 2**20)
+    throttle = None if args.disk_throttle_mbps is None else DiskThrottle.from_mb_s(args.disk_throttle_mbps)
+    engine = EngineConfig(kv_budget_bytes=budget, max_pending=args.max_queue, memory=POLICIES[args.kv_policy],
+                          max_context_tokens=args.max_context_tokens, throttle=throttle)
     service = Service(ServeOptions(home, args.model, args.port, args.host, engine, args.threads))
     print(f"{service.describe()}; logs in {log_path}", file=sys.stderr, flush=True)
     service.run()

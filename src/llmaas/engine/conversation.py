@@ -56,3 +56,12 @@ class Conversation:
         if self.template is None:
             return self.tokenizer.encode("\n".join(m.content for m in messages))
         return self.tokenizer.encode(self._render(messages, True))
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading ids two sequences share."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i

@@ -128,7 +128,8 @@ class Generator:
         for start in range(0, len(token_ids), self.prefill_chunk_tokens):
             chunk = ids[start:start + self.prefill_chunk_tokens]
             positions = torch.arange(cache.num_tokens, cache.num_tokens + chunk.numel())
-            h = self.model.run_layers(self.model.embed(chunk), positions, cache.append(chunk.numel()))
+            view = cache.append(chunk.numel())
+            h = self.model.run_layers(self.model.embed(chunk), positions, view, stats=cache.stats_view())
         return self.model.logits(h[-1:])[0]
 
     def stream(self, request: GenerateRequest, cache: DenseKVCache) -> Iterator[TextDelta | Finished]:
@@ -160,7 +161,8 @@ class Generator:
             if len(generated) == request.max_tokens or cache.num_tokens >= cache.capacity_tokens:
                 break
             position = torch.tensor([cache.num_tokens])
-            logits = self.model.forward(torch.tensor([token]), position, cache.append(1))[0]
+            view = cache.append(1)
+            logits = self.model.forward(torch.tensor([token]), position, view, stats=cache.stats_view())[0]
         if not scanner.hit:
             tail = scanner.add(decoder.flush()) + scanner.finish()
             if tail:

@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from llmaas.engine.calls import (
     Call,
@@ -29,17 +30,23 @@ from llmaas.engine.calls import (
     ChatCall,
     ContextCall,
 )
-from llmaas.engine.context_kv import ContextKVStore, common_prefix
-from llmaas.engine.conversation import Conversation
+from llmaas.engine.conversation import Conversation, common_prefix
 from llmaas.engine.generate import Finished, GenerateRequest, Generator, TextDelta
 from llmaas.engine.scheduler import FairQueue
 from llmaas.errors import CallCancelled, ContextLengthError, LlmaasError, NotFoundError, ShuttingDownError
+from llmaas.kv.codec import ChunkGeometry
 from llmaas.kv.dense import DenseKVCache
+from llmaas.kv.spec import KVSpec
+from llmaas.memory.policy import POLICIES, MemoryPolicy
+from llmaas.memory.store import ChunkedKVStore, MemoryConfig
 from llmaas.model.loader import LoadedModel
+from llmaas.restore.profiler import ensure_profile
 from llmaas.storage.catalog import Catalog, ContextRecord
+from llmaas.storage.throttle import DiskThrottle
 
 log = logging.getLogger("llmaas.engine")
 STREAM_FLUSH_S = 0.025
+DEFAULT_BUDGET_CONTEXTS = 2  # LLMS §7: end-to-end runs default to a budget of two maximum-length INT8 contexts
 Sink = Callable[[CallEvent], None]
 
 
@@ -62,13 +69,26 @@ class Ticket:
 
 @dataclass(frozen=True)
 class EngineConfig:
-    kv_budget_bytes: int = 256 * 2**20
+    kv_budget_bytes: int | None = None  # None: room for DEFAULT_BUDGET_CONTEXTS maximum-length contexts
     max_pending: int = 64
     prefill_chunk_tokens: int = 512
+    memory: MemoryPolicy = POLICIES["llms"]
+    max_context_tokens: int = 2048  # the service's maximum context length (LLMS §1.2); app quotas are capped by it
+    kv_dir: Path | None = None  # None: "kv" beside the catalogue
+    throttle: DiskThrottle | None = None  # emulate slower flash (a study option; off by default)
 
     def __post_init__(self) -> None:
-        if self.kv_budget_bytes < 0 or self.max_pending < 1 or self.prefill_chunk_tokens < 1:
-            raise ValueError("kv_budget_bytes >= 0, max_pending >= 1 and prefill_chunk_tokens >= 1 are required")
+        if (self.kv_budget_bytes is not None and self.kv_budget_bytes < 0) or self.max_pending < 1 \
+                or self.prefill_chunk_tokens < 1 or self.max_context_tokens < 1:
+            raise ValueError("kv_budget_bytes >= 0, max_pending >= 1, prefill_chunk_tokens >= 1 and "
+                             "max_context_tokens >= 1 are required")
+
+    def budget_bytes(self, spec: KVSpec) -> int:
+        if self.kv_budget_bytes is not None:
+            return self.kv_budget_bytes
+        geometry = ChunkGeometry(spec, self.memory.chunk_tokens)
+        one = ChunkedKVStore.minimum_budget_bytes(geometry, self.memory, self.max_context_tokens)
+        return DEFAULT_BUDGET_CONTEXTS * one
 
 
 class Engine:
@@ -76,7 +96,7 @@ class Engine:
         self.loaded, self.catalog, self.config = loaded, catalog, config
         self.conversation = Conversation(loaded.tokenizer, loaded.chat_template)
         self.generator = Generator(loaded.model, loaded.tokenizer, config.prefill_chunk_tokens)
-        self.kv = ContextKVStore(loaded.model, config.kv_budget_bytes, config.prefill_chunk_tokens)
+        self.kv = open_kv_store(loaded, catalog, config)
         self.queue: FairQueue[Ticket] = FairQueue(config.max_pending)
         self.counters = {"calls": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0}
         self._thread: threading.Thread | None = None
@@ -103,6 +123,10 @@ class Engine:
             current.cancel()
         if self._thread is not None:
             self._thread.join(timeout=30)
+
+    def close(self) -> None:
+        """After stop(): finish the background KV write-back and close the chunk store."""
+        self.kv.close()
 
     def submit(self, call: Call, sink: Sink) -> Ticket:
         """Queue a call; raises QueueFullError when too many are waiting."""
@@ -177,13 +201,13 @@ class Engine:
         call: ChatCall = ticket.call  # type: ignore[assignment]
         prompt = self.conversation.chat_ids(call.messages)
         max_tokens = self._room(call.app.max_context_tokens, len(prompt), call.params)
-        cache = DenseKVCache(self.kv.spec, len(prompt) + max_tokens, self.kv.dtype)
+        cache = DenseKVCache(self.kv.spec, len(prompt) + max_tokens)
         done = self._generate(ticket, prompt, max_tokens, cache)
         return self._result(ticket, None, done, len(prompt), 0, 0.0)
 
     def _room(self, app_limit: int, used_tokens: int, params: CallParams) -> int:
         """How many tokens the reply may have: the request's max_tokens, capped by the context limit."""
-        limit = min(app_limit, self.loaded.config.context_length)
+        limit = min(app_limit, self.loaded.config.context_length, self.config.max_context_tokens)
         room = limit - used_tokens
         if room < 1:
             raise ContextLengthError(
@@ -247,3 +271,19 @@ class Engine:
             "total_s": round(t.total_s, 4), "kv_resident_bytes": self.kv.resident_bytes,
         }})
 
+
+
+def open_kv_store(loaded: LoadedModel, catalog: Catalog, config: EngineConfig) -> ChunkedKVStore:
+    """The context-KV store for this policy, its restore profile measured once (LLMS §5.3) and stale state cleaned."""
+    kv_dir = config.kv_dir if config.kv_dir is not None else catalog.path.parent / "kv"
+    policy = config.memory
+    spec = KVSpec.from_config(loaded.config)
+    memory = MemoryConfig(policy, config.budget_bytes(spec), kv_dir, loaded.model_id, config.max_context_tokens,
+                          config.throttle, config.prefill_chunk_tokens)
+    profile = None
+    if policy.restore == "pipeline":
+        profile = ensure_profile(loaded.model, ChunkGeometry(spec, policy.chunk_tokens), loaded.model_id,
+                                 kv_dir / "profiles", config.throttle)
+    store = ChunkedKVStore(loaded.model, memory, profile)
+    store.recover(catalog.all_context_ids())
+    return store

@@ -12,6 +12,7 @@ import torch
 
 from llmaas.errors import ContextLengthError
 from llmaas.kv.spec import KVSpec
+from llmaas.model.stats import AttentionStats
 
 
 class DenseKVCache:
@@ -21,6 +22,17 @@ class DenseKVCache:
         self.capacity_tokens = capacity_tokens
         self.num_tokens = 0  # slots [0, num_tokens) hold keys
         self._positions = torch.arange(capacity_tokens)
+        self.attention: AttentionStats | None = None  # per-slot attention received, when tracked (LLMS density)
+
+    def track_attention(self) -> None:
+        """Start (or restart) accumulating the attention every slot receives from the passes run on this cache."""
+        self.attention = AttentionStats.zeros(self.capacity_tokens)
+
+    def stats_view(self) -> AttentionStats | None:
+        """The accumulator for the pass just appended (views over slots [0, num_tokens)), or None if untracked."""
+        if self.attention is None:
+            return None
+        return AttentionStats(self.attention.prob_sum[:self.num_tokens], self.attention.row_count[:self.num_tokens])
 
     def reserve(self, capacity_tokens: int) -> None:
         """Grow to at least capacity_tokens slots, keeping what is cached (a copy: call it rarely)."""
@@ -32,6 +44,11 @@ class DenseKVCache:
             self.kv[i] = new
         self.capacity_tokens = capacity_tokens
         self._positions = torch.arange(capacity_tokens)
+        if self.attention is not None:
+            grown = AttentionStats.zeros(capacity_tokens)
+            grown.prob_sum[:self.num_tokens] = self.attention.prob_sum[:self.num_tokens]
+            grown.row_count[:self.num_tokens] = self.attention.row_count[:self.num_tokens]
+            self.attention = grown
 
     def truncate(self, num_tokens: int) -> None:
         """Forget slots [num_tokens, ...) (a rolled-back or rewritten tail); the next append overwrites them."""
@@ -73,5 +90,5 @@ class _SlotView:
         if isinstance(self._slots, slice):  # one strided copy for keys and values (the decode hot path)
             store[:, :, self._slots].copy_(kv)
         else:
-            store[:, :, self._slots] = kv
+            store[:, :, self._slots] = kv.to(store.dtype)
         return store[:, :, :self._length]

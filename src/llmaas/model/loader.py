@@ -6,6 +6,8 @@ kernels are used, and the load-time report. Ignores: the forward math (transform
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import sys
 import time
 from collections import Counter
@@ -36,6 +38,19 @@ class LoadedModel:
     chat_template: ChatTemplate | None  # None: the GGUF has none (a base model); use raw prompts
     tensor_types: dict[str, int]  # GGUF tensor type name -> number of tensors
     load_s: float
+
+    @functools.cached_property
+    def model_id(self) -> str:
+        """Name plus a fingerprint of the config and the weights file (size and a sample of its bytes: cheap, and
+        any re-quantization or other checkpoint changes it), so KV built by another model is never reused."""
+        h = hashlib.blake2b(repr(self.config).encode(), digest_size=8)
+        size = self.path.stat().st_size
+        h.update(str(size).encode())
+        with open(self.path, "rb") as f:
+            for offset in range(0, size, max(1, size // 64)):  # 64 samples of 4 KiB spread over the file
+                f.seek(offset)
+                h.update(f.read(4096))
+        return f"{self.path.stem}:{h.hexdigest()}"
 
 
 def load_model(path: str | Path | None = None, *, use_kernels: bool = True) -> LoadedModel:

@@ -111,6 +111,7 @@ class Service:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.engine.stop()
+        self.engine.close()
         self.catalog.close()
         for s in self.sockets:
             s.close()

@@ -199,6 +199,10 @@ class Catalog:
         return ContextRecord(row[0], row[1], tuple(Message(*m) for m in msgs), _blob_to_ids(row[2]), row[3], row[4],
                              row[5])
 
+    def all_context_ids(self) -> set[str]:
+        with self._lock:
+            return {r[0] for r in self._db.execute("SELECT id FROM contexts")}
+
     def list_contexts(self, app_id: int) -> list[ContextRecord]:
         with self._lock:
             ids = [r[0] for r in self._db.execute("SELECT id FROM contexts WHERE app_id=? ORDER BY created_at",

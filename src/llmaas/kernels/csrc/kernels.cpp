@@ -2,7 +2,8 @@
 //
 // Owns: weight-only matmuls that read GGUF-style blocks directly (Q4: 32 nibbles + scale and min; Q8: 32 int8 +
 // scale), the per-token element-wise work around them (RMSNorm, interleaved RoPE, SiLU*mul) and grouped-query
-// attention for a few query rows with optional attention statistics.
+// attention for a few query rows with optional attention statistics, and the decode of stored KV chunks
+// (llmaas.kv.codec's INT8/INT4/INT2/FP16 layouts) into the engine's fp16 KV tensors.
 // Ignores: anything about where KV lives or which rows are active. Callers pass views (row/column ranges, strides);
 // every function writes into caller-owned tensors (only small scratch vectors are allocated inside).
 // Numerics: weights are used exactly as stored in the GGUF; matmul activations are rounded to 16 bits per 32-value
@@ -16,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -426,6 +428,157 @@ void attend(at::Tensor out, const at::Tensor& q, const at::Tensor& kv, const std
   }
 }
 
+// ---- KV chunk decode (llmaas.kv.codec): chunk payloads -> the engine's fp16 per-layer KV ----------------------
+//
+// One layer section of a chunk (H KV heads, C tokens, D head_dim; fp16 metadata):
+//   K codes [H, C, D*b/8] | K scales [H, D] (+ zeros [H, D]) | V codes [H, C, D*b/8] | V scales [H, C] (+ zeros)
+// b = 8: int8 codes, x = q * scale. b = 4 / 2: unsigned codes packed along D (byte j holds values j + i*D/per at
+// bits b*i, per = 8/b), x = q * scale + zero. b = 16: raw fp16 K then V, no metadata.
+// q * scale is exact in fp32 (a code of <= 8 bits times an 11-bit mantissa), so whether or not the compiler fuses
+// the multiply-add, the result has the bits of llmaas.kv.codec.decode's torch reference, rounded once to fp16.
+
+namespace {
+
+struct KVSection {
+  int64_t k_codes, k_meta, v_codes, v_meta, bytes;
+};
+
+KVSection kv_section(int64_t bits, int64_t H, int64_t C, int64_t D) {
+  const int64_t n = H * C * D;
+  if (bits == 16) return {0, 2 * n, 2 * n, 4 * n, 4 * n};
+  const int64_t codes = n * bits / 8, fields = bits == 8 ? 1 : 2;
+  const int64_t k_meta = 2 * fields * H * D, v_meta = 2 * fields * H * C;
+  return {0, codes, codes + k_meta, 2 * codes + k_meta, 2 * codes + k_meta + v_meta};
+}
+
+// Codes of values d .. d+7 of one row (d a multiple of 8, D a multiple of 32) as floats.
+template <int BITS>
+inline __m256 kv_codes8(const uint8_t* row, int64_t d, int64_t D) {
+  if constexpr (BITS == 8) {
+    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + d));
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw));
+  } else {
+    constexpr int64_t per = 8 / BITS;
+    const int64_t seg = D / per, part = d / seg;
+    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + (d - part * seg)));
+    const __m256i wide = _mm256_cvtepu8_epi32(raw);
+    const __m256i q = _mm256_and_si256(_mm256_srl_epi32(wide, _mm_cvtsi32_si128(static_cast<int>(BITS * part))),
+                                       _mm256_set1_epi32((1 << BITS) - 1));
+    return _mm256_cvtepi32_ps(q);
+  }
+}
+
+inline __m256 kv_half8(const uint8_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline void kv_store8(at::Half* out, __m256 x) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(out), _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT));
+}
+
+// One tensor (K or V) of one layer section: rows t < fill of each head, to out + h * hs + t * ts.
+// Per channel (K): scale/zero [H, D]; per token (V): scale/zero [H, C].
+template <int BITS, bool PER_CHANNEL>
+void kv_decode_tensor(const uint8_t* codes, const uint8_t* meta, int64_t H, int64_t C, int64_t D, int64_t fill,
+                      at::Half* out, int64_t hs, int64_t ts) {
+  const int64_t row_bytes = D * BITS / 8, n_meta = PER_CHANNEL ? H * D : H * C;
+  const uint8_t* scales = meta;
+  const uint8_t* zeros = meta + 2 * n_meta;  // only read below INT8
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t t = 0; t < fill; ++t) {
+      const uint8_t* row = codes + (h * C + t) * row_bytes;
+      at::Half* o = out + h * hs + t * ts;
+      __m256 s = _mm256_setzero_ps(), z = _mm256_setzero_ps();
+      if constexpr (!PER_CHANNEL) {
+        s = _mm256_set1_ps(half_to_float(*reinterpret_cast<const uint16_t*>(scales + 2 * (h * C + t))));
+        if constexpr (BITS != 8) z = _mm256_set1_ps(half_to_float(*reinterpret_cast<const uint16_t*>(
+                                      zeros + 2 * (h * C + t))));
+      }
+      for (int64_t d = 0; d < D; d += 8) {
+        if constexpr (PER_CHANNEL) {
+          s = kv_half8(scales + 2 * (h * D + d));
+          if constexpr (BITS != 8) z = kv_half8(zeros + 2 * (h * D + d));
+        }
+        __m256 x = _mm256_mul_ps(kv_codes8<BITS>(row, d, D), s);
+        if constexpr (BITS != 8) x = _mm256_add_ps(x, z);
+        kv_store8(o + d, x);
+      }
+    }
+  }
+}
+
+template <int BITS>
+void kv_decode_section(const uint8_t* sec, const KVSection& lay, int64_t H, int64_t C, int64_t D, int64_t fill,
+                       at::Half* k_out, at::Half* v_out, int64_t hs, int64_t ts) {
+  kv_decode_tensor<BITS, true>(sec + lay.k_codes, sec + lay.k_meta, H, C, D, fill, k_out, hs, ts);
+  kv_decode_tensor<BITS, false>(sec + lay.v_codes, sec + lay.v_meta, H, C, D, fill, v_out, hs, ts);
+}
+
+void kv_copy_fp16(const uint8_t* sec, int64_t H, int64_t C, int64_t D, int64_t fill, at::Half* out, int64_t hs,
+                  int64_t ts) {
+  for (int64_t h = 0; h < H; ++h)
+    for (int64_t t = 0; t < fill; ++t)
+      std::memcpy(out + h * hs + t * ts, sec + 2 * ((h * C + t) * D), 2 * D);
+}
+
+// (chunk, layer) tasks per thread: one task is about 1.3 us of work, so a single layer of a 2,048-token context
+// (128 tasks) runs on the calling thread. Splitting it measured 60x slower on a loaded 2-core machine, where the
+// OpenMP worker waits for a core; a whole context (3,840 tasks) is memory-bound and gains little from a split.
+constexpr int64_t kDecodeGrain = 512;
+
+}  // namespace
+
+// Decode chunk i's layer sections (payloads[i]: uint8, num_layers = out.size() sections of levels[i] bits, layer
+// j for out[j]) into out[j][:, :, token_starts[i] : token_starts[i] + fills[i]]; out[j]: [2, H, cap, D] fp16,
+// contiguous D, D a multiple of 32. Tasks are (chunk, layer) pairs: 3,840 for a 2,048-token context.
+void decode_kv_chunks(const std::vector<at::Tensor>& payloads, const std::vector<int64_t>& levels,
+                      const std::vector<int64_t>& token_starts, const std::vector<int64_t>& fills,
+                      const std::vector<at::Tensor>& out, int64_t chunk_tokens) {
+  const int64_t n = static_cast<int64_t>(payloads.size()), L = static_cast<int64_t>(out.size());
+  check(levels.size() == payloads.size() && token_starts.size() == payloads.size() &&
+            fills.size() == payloads.size(), "one level, start and fill per payload");
+  if (n == 0 || L == 0) return;
+  const at::Tensor& o0 = out[0];
+  check(o0.dim() == 4 && o0.size(0) == 2, "out tensors must be [2, n_kv_heads, capacity, head_dim]");
+  const int64_t H = o0.size(1), cap = o0.size(2), D = o0.size(3), C = chunk_tokens;
+  check(D % 32 == 0, "head_dim must be a multiple of 32");
+  std::vector<at::Half*> outs(L);
+  for (int64_t j = 0; j < L; ++j) {
+    const at::Tensor& o = out[j];
+    check(o.scalar_type() == at::kHalf && o.sizes() == o0.sizes() && o.strides() == o0.strides() &&
+              o.stride(3) == 1, "out tensors must be fp16 of one shape and strides, contiguous head_dim");
+    outs[j] = o.data_ptr<at::Half>();
+  }
+  const int64_t s0 = o0.stride(0), hs = o0.stride(1), ts = o0.stride(2);
+  std::vector<const uint8_t*> srcs(n);
+  std::vector<KVSection> lays(n);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t bits = levels[i];
+    check(bits == 2 || bits == 4 || bits == 8 || bits == 16, "level must be 2, 4, 8 or 16 bits");
+    lays[i] = kv_section(bits, H, C, D);
+    check(payloads[i].scalar_type() == at::kByte && payloads[i].is_contiguous() &&
+              payloads[i].numel() == L * lays[i].bytes, "payload must be contiguous uint8 of num_layers sections");
+    check(1 <= fills[i] && fills[i] <= C && 0 <= token_starts[i] && token_starts[i] + fills[i] <= cap,
+          "token range outside the chunk or the cache");
+    srcs[i] = payloads[i].data_ptr<uint8_t>();
+  }
+  at::parallel_for(0, n * L, kDecodeGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / L, j = task % L, fill = fills[i];
+      const uint8_t* sec = srcs[i] + j * lays[i].bytes;
+      at::Half* k_out = outs[j] + token_starts[i] * ts;
+      at::Half* v_out = k_out + s0;
+      switch (levels[i]) {
+        case 8: kv_decode_section<8>(sec, lays[i], H, C, D, fill, k_out, v_out, hs, ts); break;
+        case 4: kv_decode_section<4>(sec, lays[i], H, C, D, fill, k_out, v_out, hs, ts); break;
+        case 2: kv_decode_section<2>(sec, lays[i], H, C, D, fill, k_out, v_out, hs, ts); break;
+        default:
+          kv_copy_fp16(sec, H, C, D, fill, k_out, hs, ts);
+          kv_copy_fp16(sec + lays[i].v_codes, H, C, D, fill, v_out, hs, ts);
+      }
+    }
+  });
+}
+
 // The GIL is released while a kernel runs (as PyTorch's own ops do): the service's HTTP thread keeps serving while
 // the compute thread multiplies. Kernels touch only tensor memory, never Python objects.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -436,4 +589,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rope_", &rope_, release());
   m.def("silu_mul", &silu_mul, release());
   m.def("attend", &attend, release());
+  m.def("decode_kv_chunks", &decode_kv_chunks, release());
 }

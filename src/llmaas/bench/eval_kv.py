@@ -1,0 +1,431 @@
+"""`llmaas eval kv`: quality of LLMS's tolerance-aware KV compression against static baselines (spec §10.4, §11.6).
+
+Owns the variants (fp16 reference; uniform int8/int4/int2 through the codec; LLMS at ratio_global with the `paper`
+and `density_error` objectives), the perplexity harness (segment B of WikiText-2 teacher-forced over the compressed
+KV of the preceding segment A, plus next-token KL and top-1 agreement with fp16), the two-call task harness, the
+true bytes per token, the table, the JSON and the plot. Each context is computed once at fp16 (densities gathered
+on that pass); every variant only swaps in its own encode->decode copy of that KV. Ignores storage and restore.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from llmaas.bench.kv_tasks import DATA_DIR, ROW_SEED, TASKS, Item, load_items, score
+from llmaas.bench.text_metrics import mean_ci95
+from llmaas.engine.conversation import Conversation
+from llmaas.engine.generate import GenerateRequest, Generator
+from llmaas.kv import codec
+from llmaas.kv.codec import ChunkGeometry, Level
+from llmaas.kv.dense import DenseKVCache
+from llmaas.kv.spec import KVSpec
+from llmaas.memory.levels import assign_levels
+from llmaas.model.loader import LoadedModel
+from llmaas.model.stats import AttentionStats
+from llmaas.model.transformer import Transformer
+
+VARIANTS = ("fp16", "int8", "int4", "int2", "llms_paper", "llms_error")
+UNIFORM = {"fp16": Level.FP16, "int8": Level.INT8, "int4": Level.INT4, "int2": Level.INT2}
+OBJECTIVES = {"llms_paper": "paper", "llms_error": "density_error"}
+WIKITEXT = DATA_DIR / "wikitext2" / "test.raw.txt"
+DECODE_COST = 5.0  # one decoded token costs about this many prefill tokens on CPU (ETA weighting only)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    ratio_global: float = 0.5
+    chunk_tokens: int = codec.DEFAULT_CHUNK_TOKENS
+    ppl_windows: int = 16
+    ppl_context_tokens: int = 1024  # segment A: compressed
+    ppl_target_tokens: int = 256  # segment B: scored, its own KV stays fp16
+    limit: int = 20  # items per task
+    tasks: tuple[str, ...] = tuple(TASKS)
+
+    def __post_init__(self) -> None:
+        if not 0.25 <= self.ratio_global <= 1.0:
+            raise ValueError(f"ratio_global must be in [0.25, 1]; got {self.ratio_global}")
+        if self.ppl_windows < 0 or self.limit < 0 or self.ppl_target_tokens < 2 or self.ppl_context_tokens < 1:
+            raise ValueError("windows and limit must be >= 0, segment A >= 1 token and segment B >= 2 tokens")
+        unknown = set(self.tasks) - set(TASKS)
+        if unknown:
+            raise ValueError(f"unknown tasks {sorted(unknown)}; choose from {', '.join(TASKS)}")
+
+
+# -- one context's KV at every level -----------------------------------------------------------------------------
+
+def to_chunks(kv: Sequence[torch.Tensor], n_tokens: int, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-layer [2, Hkv, >=n, D] -> (k, v) float32 [N, L, Hkv, C, D], the last chunk zero-padded."""
+    n_chunks = -(-n_tokens // chunk_tokens)
+    x = torch.stack([t[:, :, :n_tokens] for t in kv], dim=1).float()  # [2, L, Hkv, n, D]
+    x = F.pad(x, (0, 0, 0, n_chunks * chunk_tokens - n_tokens))
+    x = x.unflatten(3, (n_chunks, chunk_tokens)).permute(0, 3, 1, 2, 4, 5)  # [2, N, L, Hkv, C, D]
+    return x[0], x[1]
+
+
+def from_chunks(k: torch.Tensor, v: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """(k, v) [N, L, Hkv, C, D] -> [2, L, Hkv, n, D] (the inverse of to_chunks)."""
+    x = torch.stack([k, v]).permute(0, 2, 3, 1, 4, 5)  # [2, L, Hkv, N, C, D]
+    return x.flatten(3, 4)[:, :, :, :n_tokens]
+
+
+@dataclass
+class ContextKV:
+    """A context's KV decoded at each level (every chunk at that level), so a variant is a per-chunk pick: the
+    codec works chunk by chunk, so this equals encoding each chunk at its own level."""
+
+    n_tokens: int
+    geom: ChunkGeometry
+    by_level: dict[Level, tuple[torch.Tensor, torch.Tensor]]  # level -> (k, v) [N, L, Hkv, C, D] float32
+    chunk_densities: list[float]  # sealed chunks only
+
+    @property
+    def sealed_chunks(self) -> int:
+        return self.n_tokens // self.geom.chunk_tokens
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.n_tokens // self.geom.chunk_tokens)
+
+    @classmethod
+    def build(cls, kv: Sequence[torch.Tensor], n_tokens: int, token_density: torch.Tensor,
+              geom: ChunkGeometry) -> ContextKV:
+        c = geom.chunk_tokens
+        k, v = to_chunks(kv, n_tokens, c)
+        sealed, tail = divmod(n_tokens, c)
+        fills = [c] * sealed + ([tail] if tail else [])
+        p8 = codec.encode(k, v, Level.INT8, geom, fills)
+        by_level = {Level.FP16: (k, v), Level.INT8: codec.decode(p8, Level.INT8, geom)}
+        for level in (Level.INT4, Level.INT2):
+            by_level[level] = codec.decode(codec.requantize(p8, level, geom, fills), level, geom)
+        densities = token_density[:sealed * c].view(sealed, c).mean(dim=1).tolist()
+        return cls(n_tokens, geom, by_level, densities)
+
+    def levels(self, variant: str, ratio_global: float) -> list[Level]:
+        """One level per chunk, the partial tail included (LLMS keeps it INT8: it is the staging buffer)."""
+        if variant in UNIFORM:
+            return [UNIFORM[variant]] * self.num_chunks
+        sealed = assign_levels(self.chunk_densities, [Level.INT8] * self.sealed_chunks, ratio_global,
+                               OBJECTIVES[variant], codec.LEVEL_ERROR)
+        return sealed + [Level.INT8] * (self.num_chunks - self.sealed_chunks)
+
+    def write(self, levels: Sequence[Level], cache: DenseKVCache) -> None:
+        """Put the KV at these per-chunk levels into the cache's first n_tokens slots (rounded to fp16)."""
+        k, v = (t.clone() for t in self.by_level[Level.FP16])
+        for level in set(levels) - {Level.FP16}:
+            idx = torch.tensor([i for i, lv in enumerate(levels) if lv == level])
+            k[idx], v[idx] = self.by_level[level][0][idx], self.by_level[level][1][idx]
+        x = from_chunks(k, v, self.n_tokens)
+        for layer, store in enumerate(cache.kv):
+            store[:, :, :self.n_tokens] = x[:, layer]
+
+
+LevelPolicy = Callable[[ContextKV], list[Level]]  # a context -> one level per chunk (diagnostics add their own)
+
+
+def variant_policy(variant: str, ratio_global: float) -> LevelPolicy:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    return lambda ctx: ctx.levels(variant, ratio_global)
+
+
+def prefill_with_density(model: Transformer, ids: torch.Tensor, cache: DenseKVCache) -> torch.Tensor:
+    """Run the context into an empty cache (no LM head) and return each token's density (spec §4.2)."""
+    assert cache.num_tokens == 0
+    stats = AttentionStats.zeros(ids.numel())
+    model.run_layers(model.embed(ids), torch.arange(ids.numel()), cache.append(ids.numel()), stats=stats)
+    return stats.density()
+
+
+# -- bookkeeping per variant ------------------------------------------------------------------------------------
+
+@dataclass
+class VariantTally:
+    nll_sum: float = 0.0
+    nll_tokens: int = 0
+    kl_sum: float = 0.0
+    top1_sum: float = 0.0
+    window_ppl: list[float] = field(default_factory=list)
+    chunk_counts: dict[int, int] = field(default_factory=dict)  # level bits -> sealed chunks assigned
+    scores: dict[str, list[float]] = field(default_factory=dict)
+    agree_fp16: dict[str, list[float]] = field(default_factory=dict)
+
+    def count_levels(self, levels: Sequence[Level], sealed: int) -> None:
+        for level in levels[:sealed]:
+            self.chunk_counts[int(level)] = self.chunk_counts.get(int(level), 0) + 1
+
+
+def ppl_window(model: Transformer, spec: KVSpec, ids_a: torch.Tensor, ids_b: torch.Tensor, geom: ChunkGeometry,
+               policies: dict[str, LevelPolicy], tallies: dict[str, VariantTally]) -> ContextKV:
+    """NLL of B[1:] teacher-forced after A's KV under each policy (the first one is the KL/top-1 reference)."""
+    n_a, n_b = ids_a.numel(), ids_b.numel()
+    cache = DenseKVCache(spec, n_a + n_b)
+    ctx = ContextKV.build(cache.kv, n_a, prefill_with_density(model, ids_a, cache), geom)
+    targets = ids_b[1:]
+    ref: torch.Tensor | None = None
+    for name, policy in policies.items():
+        tally = tallies.setdefault(name, VariantTally())
+        levels = policy(ctx)
+        ctx.write(levels, cache)
+        cache.truncate(n_a)
+        logits = model.forward(ids_b, torch.arange(n_a, n_a + n_b), cache.append(n_b))[:-1]
+        logp = torch.log_softmax(logits, dim=-1)
+        nll = -logp.gather(1, targets[:, None]).sum().item()
+        if ref is None:
+            ref = logp
+        tally.nll_sum += nll
+        tally.nll_tokens += targets.numel()
+        tally.window_ppl.append(math.exp(nll / targets.numel()))
+        tally.kl_sum += (ref.exp() * (ref - logp)).sum().item()
+        tally.top1_sum += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
+        tally.count_levels(levels, ctx.sealed_chunks)
+    return ctx
+
+
+def run_item(loaded: LoadedModel, generator: Generator, item: Item, geom: ChunkGeometry,
+             policies: dict[str, LevelPolicy], tallies: dict[str, VariantTally]) -> dict[str, str]:
+    """The context call once (fp16 KV and densities), then the question call greedily per variant."""
+    n = len(item.context_ids)
+    cache = DenseKVCache(KVSpec.from_config(loaded.config), n + len(item.question_ids) + item.max_new_tokens)
+    density = prefill_with_density(loaded.model, torch.tensor(item.context_ids), cache)
+    ctx = ContextKV.build(cache.kv, n, density, geom)
+    task = TASKS[item.task]
+    answers: dict[str, str] = {}
+    for variant, policy in policies.items():
+        tally = tallies.setdefault(variant, VariantTally())
+        levels = policy(ctx)
+        ctx.write(levels, cache)
+        cache.truncate(n)
+        answers[variant] = generator.generate(GenerateRequest(item.question_ids, item.max_new_tokens), cache).text
+        tally.scores.setdefault(item.task, []).append(score(task, answers[variant], item.gold))
+        first = next(iter(answers.values()))
+        tally.agree_fp16.setdefault(item.task, []).append(float(answers[variant].strip() == first.strip()))
+        tally.count_levels(levels, ctx.sealed_chunks)
+    return answers
+
+
+# -- the run --------------------------------------------------------------------------------------------------------
+
+class Progress:
+    """Progress lines on stderr with an ETA from the work done so far (units: prefill-token equivalents)."""
+
+    def __init__(self, total_units: float) -> None:
+        self.total, self.done, self.t0 = max(total_units, 1e-9), 0.0, time.perf_counter()
+
+    def step(self, units: float, label: str) -> None:
+        self.done += units
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / self.done * (self.total - self.done) if self.done else float("nan")
+        print(f"  {label:<28} {100 * self.done / self.total:5.1f}%  elapsed {elapsed:6.0f} s  ETA {eta:6.0f} s",
+              file=sys.stderr, flush=True)
+
+
+def ppl_segments(ids: Sequence[int], cfg: EvalConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """cfg.ppl_windows (A, B) pairs spread evenly over the token stream, without overlap."""
+    width = cfg.ppl_context_tokens + cfg.ppl_target_tokens
+    if cfg.ppl_windows == 0:
+        return []
+    if len(ids) < width * cfg.ppl_windows:
+        raise ValueError(f"the text has {len(ids)} tokens; {cfg.ppl_windows} windows of {width} need more")
+    stride = (len(ids) - width) // max(cfg.ppl_windows - 1, 1)
+    out = []
+    for w in range(cfg.ppl_windows):
+        window = torch.tensor(ids[w * stride:w * stride + width])
+        out.append((window[:cfg.ppl_context_tokens], window[cfg.ppl_context_tokens:]))
+    return out
+
+
+def evaluate(loaded: LoadedModel, cfg: EvalConfig, ppl_text: str, items: Sequence[Item],
+             variants: Sequence[str] = VARIANTS) -> dict:
+    """Run both harnesses and return the result document (see `llmaas eval kv --help` for its shape)."""
+    if variants[0] != "fp16":
+        raise ValueError("the fp16 variant must come first: it is the reference for KL, top-1 and agreement")
+    t0 = time.perf_counter()
+    spec = KVSpec.from_config(loaded.config)
+    geom = ChunkGeometry(spec, cfg.chunk_tokens)
+    segments = ppl_segments(loaded.tokenizer.encode(ppl_text, add_bos=False), cfg) if cfg.ppl_windows else []
+    policies = {v: variant_policy(v, cfg.ratio_global) for v in variants}
+    tallies = {v: VariantTally() for v in variants}
+    nv = len(variants)
+    window_units = 1.4 * cfg.ppl_context_tokens + nv * cfg.ppl_target_tokens
+    item_units = [1.4 * len(it.context_ids) + nv * (len(it.question_ids) + DECODE_COST * it.max_new_tokens)
+                  for it in items]
+    progress = Progress(window_units * len(segments) + sum(item_units))
+    for w, (ids_a, ids_b) in enumerate(segments):
+        ppl_window(loaded.model, spec, ids_a, ids_b, geom, policies, tallies)
+        progress.step(window_units, f"perplexity window {w + 1}/{len(segments)}")
+    generator = Generator(loaded.model, loaded.tokenizer)
+    examples: dict[str, list[dict]] = {}
+    for i, (item, units) in enumerate(zip(items, item_units, strict=True)):
+        answers = run_item(loaded, generator, item, geom, policies, tallies)
+        if len(examples.setdefault(item.task, [])) < 2:
+            examples[item.task].append({"id": item.id, "gold": item.gold, "answers": answers})
+        progress.step(units, f"{item.task} item {i + 1}/{len(items)}")
+    return assemble(cfg, geom, tallies, items, examples, time.perf_counter() - t0)
+
+
+def assemble(cfg: EvalConfig, geom: ChunkGeometry, tallies: dict[str, VariantTally], items: Sequence[Item],
+             examples: dict, runtime_s: float) -> dict:
+    tasks = list(dict.fromkeys(it.task for it in items))
+    chunk_bytes = {lv: geom.payload_bytes(lv) for lv in Level}
+    result: dict = {"variants": {}, "ci95": {}, "bytes": {}, "fidelity": {}, "agree_fp16": {}, "ppl_windows": {}}
+    fp16_ppl = None
+    for variant, t in tallies.items():
+        ppl = math.exp(t.nll_sum / t.nll_tokens) if t.nll_tokens else None
+        fp16_ppl = fp16_ppl if fp16_ppl is not None else ppl
+        chunks = sum(t.chunk_counts.values())
+        total_bytes = sum(chunk_bytes[Level(bits)] * n for bits, n in t.chunk_counts.items())
+        bpt = total_bytes / (chunks * cfg.chunk_tokens) if chunks else None
+        result["variants"][variant] = {
+            "ppl": ppl, "bytes_per_token": bpt,
+            "accuracy": {task: mean_ci95(t.scores[task])[0] for task in tasks},
+        }
+        result["ci95"][variant] = {task: list(mean_ci95(t.scores[task])[1:]) for task in tasks}
+        result["bytes"][variant] = {
+            "nominal_ratio": sum(bits * n for bits, n in t.chunk_counts.items()) / (8 * chunks) if chunks else None,
+            "effective_ratio": total_bytes / (chunk_bytes[Level.INT8] * chunks) if chunks else None,
+            "level_fractions": {Level(bits).name: n / chunks for bits, n in sorted(t.chunk_counts.items())},
+            "sealed_chunks": chunks,
+        }
+        result["fidelity"][variant] = {
+            "kl_to_fp16": t.kl_sum / t.nll_tokens if t.nll_tokens else None,
+            "top1_agreement": t.top1_sum / t.nll_tokens if t.nll_tokens else None,
+            "ppl_increase_pct": 100 * (ppl / fp16_ppl - 1) if ppl and fp16_ppl else None,
+        }
+        result["agree_fp16"][variant] = {task: mean_ci95(t.agree_fp16[task])[0] for task in tasks}
+        result["ppl_windows"][variant] = t.window_ppl
+    metrics = {task: TASKS[task].metric for task in tasks}
+    result["config"] = {**asdict(cfg), "tasks": tasks, "task_metrics": metrics,
+                        "level_error": {lv.name: e for lv, e in codec.LEVEL_ERROR.items()},
+                        "chunk_bytes": {lv.name: b for lv, b in chunk_bytes.items()},
+                        "rows": f"first `limit` non-empty rows after random.Random({ROW_SEED}).shuffle of each "
+                                "task file (the non-held-out 80% in shared/data)",
+                        "items": {task: [it.id for it in items if it.task == task] for task in tasks}}
+    result["examples"] = examples
+    result["runtime_s"] = runtime_s
+    return result
+
+
+def table(result: dict) -> str:
+    tasks = result["config"]["tasks"]
+    head = f"{'variant':<11}{'B/token':>9}{'eff.':>6}{'ppl':>8}{'Δppl%':>7}{'KL':>8}{'top1':>6}"
+    head += "".join(f"{t[:9]:>10}" for t in tasks) + f"{'mean':>7}"
+    lines = [head]
+    for variant, r in result["variants"].items():
+        b, f = result["bytes"][variant], result["fidelity"][variant]
+        acc = [r["accuracy"][t] for t in tasks]
+        cells = [fmt(r["bytes_per_token"], 9, 0), fmt(b["effective_ratio"], 6, 2), fmt(r["ppl"], 8, 2),
+                 fmt(f["ppl_increase_pct"], 7, 1), fmt(f["kl_to_fp16"], 8, 4), fmt(f["top1_agreement"], 6, 3)]
+        cells += [fmt(a, 10, 3) for a in acc] + [fmt(sum(acc) / len(acc) if acc else None, 7, 3)]
+        lines.append(f"{variant:<11}" + "".join(cells))
+    lines.append("(B/token: true bytes incl. scales per sealed-chunk token; eff.: vs all-INT8 bytes; task scores in "
+                 "[0,1]: " + ", ".join(f"{t} {m}" for t, m in result["config"]["task_metrics"].items()) + ")")
+    return "\n".join(lines)
+
+
+def fmt(x: float | None, width: int, digits: int) -> str:
+    return f"{'-':>{width}}" if x is None else f"{x:>{width}.{digits}f}"
+
+
+def plot(result: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for variant, r in result["variants"].items():
+        accs = list(r["accuracy"].values())
+        for ax, y in ((axes[0], r["ppl"]), (axes[1], sum(accs) / len(accs) if accs else None)):
+            if y is not None and r["bytes_per_token"] is not None:
+                ax.scatter(r["bytes_per_token"], y)
+                ax.annotate(variant, (r["bytes_per_token"], y), textcoords="offset points", xytext=(4, 4))
+    cfg = result["config"]
+    axes[0].set_title(f"WikiText-2 ppl of B ({cfg['ppl_target_tokens']}) after compressed A "
+                      f"({cfg['ppl_context_tokens']}), {cfg['ppl_windows']} windows")
+    axes[0].set_yscale("log")
+    axes[0].set_ylabel("perplexity (log)")
+    axes[1].set_title(f"mean task score over {len(cfg['tasks'])} tasks, {cfg['limit']} items each")
+    axes[1].set_ylabel("score (accuracy / ROUGE-L / chrF, 0..1)")
+    for ax in axes:
+        ax.set_xlabel("KV bytes per token (true, incl. scales)")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"KV compression at ratio_global {cfg['ratio_global']}, chunk {cfg['chunk_tokens']} tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llmaas.cli.common import add_model_options
+
+    p = argparse.ArgumentParser(prog="llmaas eval kv", description=__doc__,
+                                epilog="JSON: {variants: {<variant>: {ppl, bytes_per_token, accuracy: {<task>: x}}}, "
+                                       "config, machine, ci95, bytes, fidelity, agree_fp16, ppl_windows, examples}")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
+    p.add_argument("--png", type=Path, metavar="FILE",
+                   help="plot ppl and mean task score vs bytes per token (default: beside --json)")
+    p.add_argument("--limit", type=int, default=EvalConfig.limit,
+                   help=f"items per task (default: {EvalConfig.limit})")
+    p.add_argument("--windows", type=int, default=EvalConfig.ppl_windows,
+                   help=f"perplexity windows (default: {EvalConfig.ppl_windows})")
+    p.add_argument("--context-tokens", type=int, default=EvalConfig.ppl_context_tokens,
+                   help=f"segment A, compressed (default: {EvalConfig.ppl_context_tokens})")
+    p.add_argument("--target-tokens", type=int, default=EvalConfig.ppl_target_tokens,
+                   help=f"segment B, scored (default: {EvalConfig.ppl_target_tokens})")
+    p.add_argument("--ratio-global", type=float, default=EvalConfig.ratio_global,
+                   help=f"LLMS ratio_global (default: {EvalConfig.ratio_global})")
+    p.add_argument("--task", action="append", choices=sorted(TASKS), help="only this task (repeatable; default: all)")
+    p.add_argument("--quick", action="store_true",
+                   help="a tiny run: 2 windows of 256+64 tokens and 2 items per task (overrides the sizes above)")
+    add_model_options(p)
+    # One thread by default: this measures quality, not speed, and on a shared 2-core machine PyTorch's two
+    # spinning OpenMP threads ran the harness 7x slower than one thread (measured: 56 s vs 8 s for --quick's windows).
+    p.set_defaults(threads=1)
+    return p
+
+
+def main(argv: list[str]) -> int:
+    from llmaas.bench.engine import machine
+    from llmaas.cli.common import load_from_args
+
+    args = build_parser().parse_args(argv)
+    cfg = EvalConfig(args.ratio_global, codec.DEFAULT_CHUNK_TOKENS, args.windows, args.context_tokens,
+                     args.target_tokens, args.limit, tuple(args.task or TASKS))
+    if args.quick:
+        cfg = EvalConfig(cfg.ratio_global, cfg.chunk_tokens, 2, 256, 64, 2, cfg.tasks)
+    if codec.LEVEL_ERROR[Level.INT4] == 0 or codec.LEVEL_ERROR[Level.INT2] == 0:
+        print("warning: codec.LEVEL_ERROR is not measured yet (e(INT4) or e(INT2) is 0): the density_error "
+              "objective degenerates", file=sys.stderr)
+    loaded = load_from_args(args)
+    conversation = Conversation(loaded.tokenizer, loaded.chat_template)
+    items = [it for task in cfg.tasks for it in load_items(TASKS[task], cfg.limit, loaded.tokenizer, conversation)]
+    text = WIKITEXT.read_text(encoding="utf-8") if cfg.ppl_windows else ""
+    print(f"evaluating {len(VARIANTS)} KV variants: {cfg.ppl_windows} perplexity windows, {len(items)} task items "
+          f"({cfg.limit} per task)", file=sys.stderr, flush=True)
+    result = evaluate(loaded, cfg, text, items)
+    result["machine"] = machine()
+    result["config"]["model"] = loaded.config.name
+    result["config"]["threads"] = torch.get_num_threads()
+    print(table(result))
+    print(f"runtime {result['runtime_s']:.0f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {args.json}")
+    png = args.png or (args.json.with_suffix(".png") if args.json else None)
+    if png is not None:
+        print(f"wrote {png}" if plot(result, png) else "no plot: pip install matplotlib")
+    return 0

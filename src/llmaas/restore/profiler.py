@@ -1,0 +1,116 @@
+"""Install-time restore profile (LLMS §5.3): measured recompute seconds per chunk count and read seconds per byte.
+
+Owns the measurement: a synthetic context of real text is prefilled once; recompute of x scattered chunks is timed for
+x in {1, 2, 4, ..., 64}; the context's chunks are written to a scratch chunk log (page cache dropped, the active disk
+throttle applied) and cold reads of growing subsets are timed; both are fitted by least squares. Ignores when to
+re-profile (the caller decides; `llmaas profile` refreshes).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from llmaas.kernels import cache_dir
+from llmaas.kv.codec import ChunkGeometry, Level, encode
+from llmaas.kv.dense import DenseKVCache
+from llmaas.model.transformer import Transformer
+from llmaas.restore.cost_model import ProfileError, RestoreProfile, fit_linear, profile_path
+from llmaas.restore.pipeline import LoadItem, restore
+from llmaas.storage.chunk_log import ChunkLog, ChunkRecord
+from llmaas.storage.throttle import DiskThrottle
+
+CHUNK_COUNTS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def measure_profile(model: Transformer, geometry: ChunkGeometry, model_id: str, codec: str,
+                    throttle: DiskThrottle | None, context_tokens: int = 1024, repeats: int = 2) -> RestoreProfile:
+    """Measure and fit both cost models (about 20 s for SmolLM2 on two cores)."""
+    size = geometry.chunk_tokens
+    n_chunks = context_tokens // size
+    counts = [x for x in CHUNK_COUNTS if x <= n_chunks]
+    ids = torch.randint(100, model.config.vocab_size - 100, (n_chunks * size,),
+                        generator=torch.Generator().manual_seed(0))
+    cache = DenseKVCache(geometry.spec, len(ids))
+    model.run_layers(model.embed(ids), torch.arange(len(ids)), cache.append(len(ids)))
+    re_points = []
+    for x in counts:
+        spans = [(i * size, size) for i in _spread(x, n_chunks)]
+        t = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            restore(model, cache, None, (), spans, ids.tolist())  # type: ignore[arg-type]
+            t.append(time.perf_counter() - t0)
+        re_points.append((float(x), statistics.median(t)))
+        _progress(f"recompute {x} chunks: {re_points[-1][1] * 1e3:.1f} ms")
+    k = torch.stack([kv[0].reshape(geometry.spec.n_kv_heads, n_chunks, size, -1) for kv in cache.kv], 1)
+    v = torch.stack([kv[1].reshape(geometry.spec.n_kv_heads, n_chunks, size, -1) for kv in cache.kv], 1)
+    payload = encode(k.permute(2, 1, 0, 3, 4).float(), v.permute(2, 1, 0, 3, 4).float(), Level.INT8, geometry)
+    io_points = []
+    with tempfile.TemporaryDirectory(prefix="llmaas-profile-") as tmp:
+        log = ChunkLog(Path(tmp), model_id, codec, throttle=throttle)
+        layers, section = geometry.spec.n_layers, geometry.section_bytes(Level.INT8)
+        records = [ChunkRecord(i, 1, int(Level.INT8), i * size, (i + 1) * size, size, bytes(16), layers, section,
+                               payload[i].reshape(-1)) for i in range(n_chunks)]
+        locations = log.write("profile", records)
+        for x in counts:
+            items = [LoadItem(i, locations[i], Level.INT8, i * size, size) for i in _spread(x, n_chunks)]
+            t = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                restore(model, cache, log, items, (), ids.tolist())
+                t.append(time.perf_counter() - t0)
+            io_points.append((float(x * geometry.payload_bytes(Level.INT8)), statistics.median(t)))
+            _progress(f"load {x} chunks ({io_points[-1][0] / 2**20:.1f} MiB): {io_points[-1][1] * 1e3:.1f} ms")
+        log.close()
+    throttle_name = throttle.describe() if throttle is not None else "none"
+    re_fit = fit_linear([x for x, _ in re_points], [y for _, y in re_points])
+    io_fit = fit_linear([x for x, _ in io_points], [y for _, y in io_points])
+    return RestoreProfile(model_id, codec, size, throttle_name, re_fit, io_fit, context_tokens,
+                          recompute_points=tuple(re_points), io_points=tuple(io_points))
+
+
+def ensure_profile(model: Transformer, geometry: ChunkGeometry, model_id: str, profiles_dir: Path,
+                   throttle: DiskThrottle | None, refresh: bool = False) -> RestoreProfile:
+    """The stored profile for these settings, measured (and stored) first if there is none or refresh is asked.
+    A profile describes this machine and model, not a data directory, so one measured for another data directory
+    on this machine (kept in the cache directory too) is reused rather than measured again."""
+    codec = codec_id(geometry)
+    throttle_name = throttle.describe() if throttle is not None else "none"
+    key = (model_id, codec, geometry.chunk_tokens, throttle_name)
+    path = profile_path(profiles_dir, *key)
+    machine_copy = profile_path(cache_dir() / "profiles", *key)
+    for candidate in () if refresh else (path, machine_copy):
+        if candidate.exists():
+            try:
+                profile = RestoreProfile.load(candidate, model_id=model_id, codec=codec,
+                                              chunk_tokens=geometry.chunk_tokens, throttle=throttle_name)
+            except ProfileError as exc:
+                _progress(f"{exc}; measuring again")
+                continue
+            if candidate != path:
+                profile.save(path)
+            return profile
+    _progress(f"measuring the restore cost model once ({throttle_name}); stored in {path}")
+    profile = measure_profile(model, geometry, model_id, codec, throttle)
+    profile.save(path)
+    profile.save(machine_copy)
+    return profile
+
+
+def codec_id(geometry: ChunkGeometry) -> str:
+    return f"llmaas-kv/int8-c{geometry.chunk_tokens}"
+
+
+def _spread(x: int, n: int) -> list[int]:
+    """x chunk indices spread evenly over n (non-contiguous, like real restores)."""
+    return sorted({round(i * n / x) for i in range(x)})[:x]
+
+
+def _progress(line: str) -> None:
+    print(f"llmaas profile: {line}", file=sys.stderr, flush=True)
