@@ -124,15 +124,18 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="bench_chunk_log.", dir=args.dir))
     records = make_records(args.chunks, args.layers, args.section_bytes)
-    with ChunkLog(root / "log", "bench-model", "bench-codec") as log:
-        t = time.perf_counter()
-        locs = log.write("ctx", records)
-        write_ms = (time.perf_counter() - t) * 1e3
-        total = sum(loc.record_bytes for loc in locs)
-        segment = log.segment_paths()[0]
-    mb = total / 2**20
-    print(f"context: {args.chunks} records of {locs[0].record_bytes} B = {mb:.2f} MiB in one segment "
-          f"({DiskThrottle().describe()}); write + fsync + commit {write_ms:.1f} ms")
+    locs, segments = {}, {}
+    for grouped in (True, False):
+        with ChunkLog(root / str(grouped), "bench-model", "bench-codec", config=ChunkLogConfig(grouped=grouped)) as log:
+            t = time.perf_counter()
+            locs[grouped] = log.write("ctx", records)
+            write_ms = (time.perf_counter() - t) * 1e3
+            segments[grouped] = log.segment_paths()[0]
+        total = sum(loc.record_bytes for loc in locs[grouped])
+        mb = total / 2**20
+        layout = "one group (layer-major across chunks)" if grouped else "lone records (each chunk's layers together)"
+        print(f"context: {args.chunks} chunks of {locs[grouped][0].record_bytes} B = {mb:.2f} MiB in one segment as "
+              f"{layout} ({DiskThrottle().describe()}); write + fsync + commit {write_ms:.1f} ms")
 
     plain = root / "plain.bin"
     with open(plain, "wb") as f:
@@ -142,7 +145,7 @@ def main() -> None:
     drop(plain)
     files = root / "files"
     files.mkdir()
-    for loc in locs:
+    for loc in locs[True]:
         (files / f"{loc.chunk_index}.bin").write_bytes(os.urandom(loc.record_bytes))
     os.sync()
     fsync_dir(files)
@@ -159,41 +162,48 @@ def main() -> None:
     logs = []  # opened once per configuration: their header caches warm up on the first round, as in service
 
     def log_case(name: str, config: ChunkLogConfig, group: int) -> tuple[str, Callable[[], object], Callable[[], None]]:
-        log = ChunkLog(root / "log", "bench-model", "bench-codec", config=config)
+        log = ChunkLog(root / str(config.grouped), "bench-model", "bench-codec", config=config)
         logs.append(log)
+        mine = locs[config.grouped]
 
         def read() -> None:
             for first in range(0, args.layers, group):
-                assert all(r.ok for r in log.read(locs, first, min(group, args.layers - first)))
-        return name, read, lambda: drop(segment)
+                assert all(r.ok for r in log.read(mine, first, min(group, args.layers - first)))
+        return name, read, lambda: drop(segments[config.grouped])
 
     cases = [(f"ideal: plain file, {p} pread(s)", lambda p=p: read_plain(plain, total, p), lambda: drop(plain))
              for p in (1, 2, 4)]
-    cases.append(("one file per record, sequential preads", read_files, lambda: None))
+    cases.append(("one file per chunk, sequential preads", read_files, lambda: None))
     for threads in (1, 2, 3, 4):
-        for readahead in (False, True):
-            ra = "on" if readahead else "off"
-            cases.append(log_case(f"chunk log, all layers, {threads} thread(s), readahead {ra}",
-                                  ChunkLogConfig(io_threads=threads, readahead=readahead), args.layers))
-    for group in (1, 6):
-        cases.append(log_case(f"chunk log, {group} layer(s) per read() call", ChunkLogConfig(), group))
+        cases.append(log_case(f"chunk log, group, all layers, {threads} thread(s)",
+                              ChunkLogConfig(io_threads=threads), args.layers))
+    cases.append(log_case("chunk log, group, all layers, 3 threads, readahead on",
+                          ChunkLogConfig(readahead=True), args.layers))
+    cases.append(log_case("chunk log, lone records, all layers, 3 threads", ChunkLogConfig(grouped=False),
+                          args.layers))
+    for grouped in (True, False):
+        for group in (1, 6):
+            name = "group" if grouped else "lone records"
+            cases.append(log_case(f"chunk log, {name}, {group} layer(s) per read() call",
+                                  ChunkLogConfig(grouped=grouped), group))
+    lone = locs[False][0]
     for layer_major in (False, True):
         name = "layer-major across chunks (1 pread" if layer_major else "records (1 pread per chunk"
         cases.append((f"ideal per-layer reads, {name} per layer)",
-                      lambda lm=layer_major: read_per_layer(plain, args.layers, args.chunks, locs[0].record_bytes,
-                                                            locs[0].header_bytes, args.section_bytes, lm),
+                      lambda lm=layer_major: read_per_layer(plain, args.layers, args.chunks, lone.record_bytes,
+                                                            lone.header_bytes, args.section_bytes, lm),
                       lambda: drop(plain)))
     rows = run_round_robin(cases, args.repeats)
     log = logs[0]
-    results = log.read(locs)
-    headers = [log._headers[loc.segment][loc.offset] for loc in locs]
+    results = log.read(locs[True])
+    headers = [log._headers[loc.segment][loc.offset] for loc in locs[True]]
     verify_ms = min(_timed(lambda: [verify_sections(h, memoryview(r.payload.numpy()), 0)
-                                    for h, r in zip(headers, results, strict=True)]) for _ in range(5)) * 1e3
+                                    for h, r in zip(headers, results, strict=True)]) for _ in range(7)) * 1e3
     for log in logs:
         log.close()
     print(f"\ncold reads of {mb:.2f} MiB (median and min of {args.repeats}, cases interleaved):")
     for name, ms, best in rows:
-        print(f"  {name:60s} {ms:6.1f} ms ({best:5.1f} min)  {mb / ms * 1e3:5.0f} MiB/s")
+        print(f"  {name:68s} {ms:6.1f} ms ({best:5.1f} min)  {mb / ms * 1e3:5.0f} MiB/s")
     print(f"\nverification of all sections (xxh3_64, in memory): {verify_ms:.2f} ms = {verify_ms / mb:.3f} ms/MiB")
     checksum_speeds(args.section_bytes, total)
     for p in sorted(root.rglob("*"), reverse=True):

@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
-import traceback
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from llmaas.storage import chunk_log as chunk_log_module
 from llmaas.storage.chunk_log import ChunkLog, ChunkLogConfig
 from llmaas.storage.chunk_record import ChunkFault, ChunkRecord, chain_prefix_hash
 from llmaas.storage.page_cache import cached_pages, cached_pages_all
@@ -122,6 +122,18 @@ def test_one_layer_of_a_group_is_one_request(tmp_path):
                                                                      2, 3))
 
 
+def test_mixed_section_sizes_and_sparse_subsets(log):
+    # one write-back holding chunks at different levels (different section sizes), read whole, sparse and in parts
+    sizes = [3000, 1500, 750, 3000, 1500, 750, 3000]
+    records = [make_record(i, layers=5, section_bytes=s) for i, s in enumerate(sizes)]
+    locs = log.write("ctx", records)
+    for pick in ([0, 1, 2, 3, 4, 5, 6], [0, 2, 5], [6, 1], [3, 3, 4]):
+        for first, n in ((0, None), (1, 3), (4, 1), (0, 2)):
+            results = log.read([locs[k] for k in pick], first, n)
+            for k, res in zip(pick, results, strict=True):
+                assert res.ok and torch.equal(res.payload, sections(records[k], first, 5 - first if n is None else n))
+
+
 def test_write_validates_its_input(log):
     with pytest.raises(ValueError, match="at most once"):
         log.write("ctx", [make_record(0), make_record(0, version=2)])
@@ -148,74 +160,62 @@ def test_unsafe_context_ids_and_newer_versions(log):
 BIG = {"layers": 30, "section_bytes": 4096}
 
 
-def _writer_child(directory: Path, mode: str, batches: list[list[ChunkRecord]], out_fd: int) -> None:
-    """Runs in a forked child, which never returns into pytest. Payloads were made before the fork, so the child
-    runs no torch kernels (a forked OpenMP pool can hang)."""
-    out = os.fdopen(out_fd, "w", buffering=1)
-    code = 0
-    try:
-        log = ChunkLog(directory, MODEL, CODEC)
-        log.write("ctx", batches[0])
-        print("committed ctx 1", file=out)
+_WRITER = r"""
+import os, sys, time
+sys.path.insert(0, sys.argv[3])
+from llmaas.storage import chunk_log
+from test_chunk_log import BIG, CODEC, MODEL, make_record
+directory, mode = sys.argv[1], sys.argv[2]
+log = chunk_log.ChunkLog(directory, MODEL, CODEC)
+log.write("ctx", [make_record(i, 1, **BIG) for i in range(8)])
+print("committed ctx 1", flush=True)
 
-        def stall(*args, **kwargs):
-            print("stalled", file=out)
-            time.sleep(60)
+def stall(*args, **kwargs):
+    print("stalled", flush=True)
+    time.sleep(60)
 
-        if mode == "mid_write":  # half the bytes reach the disk, then the writer dies
-            def half_then_stall(fd, buffers, offset):
-                data = b"".join(bytes(b) for b in buffers)
-                os.pwrite(fd, data[:len(data) // 2], offset)
-                os.fsync(fd)
-                stall()
-            chunk_log_module.pwrite_all = half_then_stall
-            log.write("ctx", batches[1])
-        elif mode == "before_commit":  # every byte durable in a new segment, but the index commit never happens
-            log._index.commit = stall
-            log.write("ctx2", batches[1])
-        else:  # killed at some moment while writing batch after batch (re-versions, compactions)
-            for batch in batches[1:]:
-                log.write("ctx", batch)
-                print(f"committed ctx {batch[0].version}", file=out)
-            stall()
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    finally:
-        os._exit(code)
+if mode == "mid_write":  # half the bytes reach the disk, then the writer dies
+    def half_then_stall(fd, buffers, offset):
+        data = b"".join(bytes(b) for b in buffers)
+        os.pwrite(fd, data[:len(data) // 2], offset)
+        os.fsync(fd)
+        stall()
+    chunk_log.pwrite_all = half_then_stall
+    log.write("ctx", [make_record(i, 2, **BIG) for i in range(4, 12)])
+elif mode == "before_commit":  # every byte durable in a new segment, but the index commit never happens
+    log._index.commit = stall
+    log.write("ctx2", [make_record(i, 1, **BIG) for i in range(8)])
+else:  # killed at some moment while writing batch after batch (re-versions, compactions)
+    for version in range(2, 1000):
+        log.write("ctx", [make_record(i, version, **BIG) for i in range(8)])
+        print(f"committed ctx {version}", flush=True)
+"""
 
 
 @pytest.mark.parametrize("mode", ["mid_write", "before_commit", "random"])
 def test_kill9_during_write_leaves_only_committed_chunks(tmp_path, mode):
+    # A fresh interpreter, not a bare fork: a fork of this (threaded) test process can deadlock in the child.
     directory = tmp_path / "kv"
-    if mode == "random":
-        batches = [[make_record(i, v, **BIG) for i in range(8)] for v in range(1, 13)]
-    else:  # the second batch re-versions chunks 4-7 and adds chunks 8-11
-        batches = [[make_record(i, 1, **BIG) for i in range(8)], [make_record(i, 2, **BIG) for i in range(4, 12)]]
-    read_fd, write_fd = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_fd)
-        _writer_child(directory, mode, batches, write_fd)
-    os.close(write_fd)
+    child = subprocess.Popen([sys.executable, "-c", _WRITER, str(directory), mode, str(Path(__file__).parent)],
+                             stdout=subprocess.PIPE, text=True)
     last_version = 0
-    with os.fdopen(read_fd) as lines:
-        try:
-            for line in lines:
-                if line.startswith("committed ctx"):
-                    last_version = int(line.split()[-1])
-                    if mode == "random" and last_version >= 3:
-                        time.sleep(0.003 * (os.getpid() % 7))  # somewhere inside a later write
-                        break
-                elif line.startswith("stalled"):
-                    break
-        finally:
-            os.kill(pid, signal.SIGKILL)
-            _, status = os.waitpid(pid, 0)
-        for line in lines:  # commits reported after we stopped listening
+    try:
+        for line in child.stdout:
             if line.startswith("committed ctx"):
                 last_version = int(line.split()[-1])
-    assert os.WIFSIGNALED(status), "the writer exited by itself: see its traceback above"
+                if mode == "random" and last_version >= 3:
+                    time.sleep(0.003 * (os.getpid() % 7))  # somewhere inside a later write
+                    break
+            elif line.startswith("stalled"):
+                break
+    finally:
+        child.send_signal(signal.SIGKILL)
+        status = child.wait(timeout=30)
+        for line in child.stdout:  # commits reported after we stopped listening
+            if line.startswith("committed ctx"):
+                last_version = int(line.split()[-1])
+        child.stdout.close()
+    assert status == -signal.SIGKILL, "the writer exited by itself: see its traceback above"
 
     with ChunkLog(directory, MODEL, CODEC) as log:
         locs = log.locations("ctx")
@@ -368,7 +368,7 @@ def test_a_failed_compaction_does_not_fail_the_committed_write(tmp_path, monkeyp
 
         def disk_full(*args):
             raise OSError(28, "No space left on device")
-        monkeypatch.setattr(log, "_copy_records", disk_full)
+        monkeypatch.setattr(log, "_rewrite", disk_full)
         locs = log.write("ctx", [make_record(i, version=3) for i in range(2)])  # dead > live: compaction fails
         assert log.stats().compaction_failures == 1 and log.stats().compactions == 0
         assert log.locations("ctx") == {loc.chunk_index: loc for loc in locs}

@@ -214,3 +214,10 @@ def test_decode_into_infers_other_chunk_sizes(use_kernels):
     decode_into(payloads, levels, starts, fills, 0, layers, out, use_kernels=use_kernels)
     for got, want in zip(out, _expected(payloads, levels, starts, fills, geom, 0, layers, 40), strict=True):
         assert torch.equal(got, want)
+
+
+def test_values_beyond_fp16_range_are_refused():
+    k, v = random_kv(SMALL, 1)
+    k[0, 0, 0, 0, 0] = 1e9
+    with pytest.raises(ValueError, match="fp16"):
+        encode(k, v, Level.INT8, SMALL)

@@ -54,7 +54,7 @@ def main(argv: list[str]) -> int:
                          "throttle": throttle.describe() if throttle else "unthrottled", "dir": str(root)},
               "machine": machine()}
     result["ours"] = measure_ours(loaded, ids, root, POLICIES[args.policy], throttle, args.repeats)
-    disk = measure_disk(root, file_bytes=max(result["ours"]["bytes_read"], 8 * 2**20))
+    disk = measure_disk(root, file_bytes=max(result["ours"]["bytes_read"], 64 * 2**20))
     result["disk"] = {**disk.to_json(), "describe": disk.describe()}
     ours = result["ours"]
     io_floor = ours["bytes_read"] / disk.seq_read_bytes_per_s

@@ -96,12 +96,18 @@ class ChunkGeometry:
 
 def _fp16_at_least(x: torch.Tensor) -> torch.Tensor:
     h = x.to(torch.float16)
-    return torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, float("inf"))), h)
+    return _finite(torch.where(h.float() < x, torch.nextafter(h, torch.full_like(h, float("inf"))), h))
 
 
 def _fp16_at_most(x: torch.Tensor) -> torch.Tensor:
     h = x.to(torch.float16)
-    return torch.where(h.float() > x, torch.nextafter(h, torch.full_like(h, float("-inf"))), h)
+    return _finite(torch.where(h.float() > x, torch.nextafter(h, torch.full_like(h, float("-inf"))), h))
+
+
+def _finite(h: torch.Tensor) -> torch.Tensor:
+    if not torch.isfinite(h).all():
+        raise ValueError("a scale or zero-point overflows fp16: KV values must be finite and within fp16 range")
+    return h
 
 
 def _safe_div(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from llmaas.storage.chunk_index import ChunkLocation
 from llmaas.storage.segment_io import Span, Want
@@ -62,11 +62,27 @@ class Run:
     start: int  # file offset of the run's layer-0 bytes
     length: int  # bytes of the run in one layer
     stride: int
+    members: list[tuple[int, int, int]] = field(default_factory=list)  # (chunk position, offset in run, section bytes)
     wants: list[Want] = field(default_factory=list)  # one for all layers (when length == stride), else one per layer
+    # Dense reads of several layers of several chunks scatter: each chunk's sections land contiguous in `gathered`
+    # (chunk after chunk, at gathered_at[offset in run]), put there by the read itself, not by a copy.
+    gathered: np.ndarray | None = None
+    gathered_at: dict[int, int] = field(default_factory=dict)
 
     @property
     def is_dense(self) -> bool:
         return self.length == self.stride
+
+    def extents(self, num_layers: int) -> list[tuple[int, memoryview]]:
+        """(file offset, destination) of every section this scattering run reads, in file order."""
+        assert self.gathered is not None
+        dest, out = memoryview(self.gathered), []
+        chunks = [(rel, s, self.gathered_at[rel]) for rel, s in sorted({(rel, s) for _, rel, s in self.members})]
+        base = self.wants[0].offset
+        for j in range(num_layers):  # ~4,000 pieces for a 2048-token context: kept to one comprehension per layer
+            layer_at = base + j * self.stride
+            out += [(layer_at + rel, dest[g + j * s:g + (j + 1) * s]) for rel, s, g in chunks]
+        return out
 
 
 @dataclass
@@ -75,7 +91,7 @@ class ReadPlan:
     num_layers: int
     wants: list[Want]
     headers: dict[int, Want]  # chunk position in the request -> its header's range (absent when cached)
-    placement: list[tuple[Run, int]]  # per chunk: its run and its offset within the run's per-layer bytes
+    runs: list[Run]
 
 
 def plan_read(locs: list[ChunkLocation], first_layer: int, num_layers: int, cached: list[bool]) -> ReadPlan:
@@ -84,49 +100,69 @@ def plan_read(locs: list[ChunkLocation], first_layer: int, num_layers: int, cach
                for i, loc in enumerate(locs) if not cached[i]}
     order = sorted(range(len(locs)), key=lambda i: (locs[i].segment, locs[i].layer_stride, locs[i].sections_offset))
     runs: list[Run] = []
-    placement: list[tuple[Run, int] | None] = [None] * len(locs)
     for i in order:
         loc = locs[i]
         run = runs[-1] if runs else None
+        if run is not None and run.segment == loc.segment and run.stride == loc.layer_stride \
+                and run.start <= loc.sections_offset < run.start + run.length:
+            run.members.append((i, loc.sections_offset - run.start, loc.section_bytes))  # asked for twice
+            continue
         if run is None or run.segment != loc.segment or run.stride != loc.layer_stride \
                 or loc.sections_offset != run.start + run.length:
-            if run is not None and run.start <= loc.sections_offset < run.start + run.length:
-                placement[i] = (run, loc.sections_offset - run.start)  # the same chunk asked for twice
-                continue
             run = Run(loc.segment, loc.sections_offset, 0, loc.layer_stride)
             runs.append(run)
-        placement[i] = (run, run.length)
+        run.members.append((i, run.length, loc.section_bytes))
         run.length += loc.section_bytes
     wants = list(headers.values())
     for r, run in enumerate(runs):
         base = run.start + first_layer * run.stride
         if run.is_dense:
             run.wants = [Want(run.segment, base, num_layers * run.stride, ("run", r, 0))]
+            if num_layers > 1 and len({rel for _, rel, _ in run.members}) > 1:
+                at = 0
+                for rel, s in sorted({(rel, s) for _, rel, s in run.members}):
+                    run.gathered_at[rel] = at
+                    at += num_layers * s
+                run.gathered = np.empty(at, dtype=np.uint8)
         else:
             run.wants = [Want(run.segment, base + j * run.stride, run.length, ("run", r, j)) for j in range(num_layers)]
         wants += run.wants
-    return ReadPlan(first_layer, num_layers, wants, headers, placement)  # type: ignore[arg-type]
+    return ReadPlan(first_layer, num_layers, wants, headers, runs)
 
 
-def cut_sections(plan: ReadPlan, i: int, loc: ChunkLocation, span_of: dict[object, Span]) -> torch.Tensor | str:
-    """Chunk i's sections of the planned layers, contiguous: a view when they are contiguous in the read buffer,
-    else one strided copy. Returns 'io_error' or 'truncated' when the bytes are not all there."""
-    run, rel = plan.placement[i]
-    n, s = plan.num_layers, loc.section_bytes
-    # (want, offset of this chunk's section within it) per layer
-    pieces = [(run.wants[0], rel + j * run.stride) for j in range(n)] if run.is_dense else [(w, rel) for w in run.wants]
-    spans = {id(span_of[w.tag]) for w, _ in pieces}
-    for w, at in (pieces[0], pieces[-1]) if len(spans) == 1 else pieces:
-        span = span_of[w.tag]
+def cut_run(run: Run, num_layers: int, span_of: dict[object, Span]) -> list[tuple[int, np.ndarray | str]]:
+    """Each member chunk's sections of the planned layers, contiguous (views into the read's buffers), or
+    'io_error' / 'truncated' when its bytes are not all there. numpy, not torch: this runs per chunk per read on the
+    restore path, where torch's small-op overheads (and, measured, its strided uint8 copy on 2 busy cores) show."""
+    n, out = num_layers, []
+    if run.is_dense:
+        want = run.wants[0]
+        span = span_of[want.tag]
         if span.error is not None:
-            return "io_error"
-        if not span.covers(Want(w.segment, w.offset + at, s, None)):
-            return "truncated"
-    if len(spans) == 1:
-        span = span_of[pieces[0][0].tag]
-        start = pieces[0][0].offset - span.offset + pieces[0][1]
-        assert span.buffer is not None
-        if n == 1 or run.stride == s:
-            return span.buffer[start:start + n * s]
-        return span.buffer.as_strided((n, s), (run.stride, 1), span.buffer.storage_offset() + start).reshape(-1)
-    return torch.cat([span_of[w.tag].view(Want(w.segment, w.offset + at, s, None)) for w, at in pieces])
+            return [(i, "io_error") for i, _, _ in run.members]
+        data, base, valid = span.array, want.offset - span.offset, span.valid_bytes
+        for i, rel, s in run.members:
+            at = base + rel
+            if at + (n - 1) * run.stride + s > valid:
+                out.append((i, "truncated"))
+            elif run.gathered is not None:
+                out.append((i, run.gathered[run.gathered_at[rel]:run.gathered_at[rel] + n * s]))
+            elif n == 1 or run.stride == s:
+                out.append((i, data[at:at + n * s]))
+            else:  # not reached with plan_read's plans (a lone chunk's run has stride == s); kept for completeness
+                strided = np.lib.stride_tricks.as_strided(data[at:], (n, s), (run.stride, 1), writeable=False)
+                out.append((i, np.ascontiguousarray(strided).reshape(-1)))
+        return out
+    spans = [span_of[w.tag] for w in run.wants]
+    firsts = [w.offset - sp.offset for w, sp in zip(run.wants, spans, strict=True)]
+    if any(sp.error is not None for sp in spans):
+        return [(i, "io_error") for i, _, _ in run.members]
+    for i, rel, s in run.members:
+        if any(f + rel + s > sp.valid_bytes for f, sp in zip(firsts, spans, strict=True)):
+            out.append((i, "truncated"))
+        elif n == 1:
+            out.append((i, spans[0].array[firsts[0] + rel:firsts[0] + rel + s]))
+        else:
+            parts = [sp.array[f + rel:f + rel + s] for f, sp in zip(firsts, spans, strict=True)]
+            out.append((i, np.concatenate(parts)))
+    return out

@@ -23,10 +23,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from llmaas.storage.chunk_index import ChunkIndex, ChunkLocation
-from llmaas.storage.chunk_layout import ReadPlan, cut_sections, layout_write, plan_read
+from llmaas.storage.chunk_layout import Run, cut_run, layout_write, plan_read
 from llmaas.storage.chunk_record import (
     ChunkFault,
     ChunkRecord,
@@ -37,7 +38,7 @@ from llmaas.storage.chunk_record import (
     section_checksums,
     verify_sections,
 )
-from llmaas.storage.segment_io import Span, coalesce, drop_cache, fsync_dir, pread_into, pwrite_all, split
+from llmaas.storage.segment_io import Span, Want, coalesce, drop_cache, fsync_dir, preadv_all, pwrite_all, split
 from llmaas.storage.throttle import DiskThrottle
 
 INDEX_NAME = "index.sqlite"
@@ -320,31 +321,72 @@ class ChunkLog:
             headers = [self._headers.get(loc.segment, {}).get(loc.offset) for loc in locs]
         plan = plan_read(locs, first_layer, n, [h is not None for h in headers])
         spans = coalesce(plan.wants, self.config.max_gap_bytes)
-        missing = self._read_spans(spans, for_compaction)
+        scatter = {run.wants[0].tag: run for run in plan.runs if run.gathered is not None}
+        missing = self._read_spans(spans, scatter, for_compaction)
         span_of = {w.tag: sp for sp in spans for w in sp.wants}
 
         results: list[ReadResult | None] = [None] * len(locs)
+        faults: list[tuple[int, ChunkFault]] = []
         moved: list[tuple[int, ChunkLocation]] = []
         current: dict[str, dict[int, ChunkLocation]] = {}
-        for i, loc in enumerate(locs):
-            if loc.segment not in missing:
-                results[i] = self._verify(i, loc, headers[i], plan, span_of, for_compaction)
+        for run in plan.runs:
+            if run.segment in missing:
+                for i, _, _ in run.members:
+                    loc = locs[i]
+                    if retry_moved and loc.context_id not in current:
+                        current[loc.context_id] = self._index.locations(loc.context_id)
+                    now = current.get(loc.context_id, {}).get(loc.chunk_index)
+                    if now is not None and now.segment != loc.segment and now.version == loc.version \
+                            and now.prefix_hash == loc.prefix_hash:
+                        moved.append((i, now))  # compacted between the caller's locations() and this read
+                    else:
+                        faults.append((i, ChunkFault.MISSING))
                 continue
-            if retry_moved and loc.context_id not in current:
-                current[loc.context_id] = self._index.locations(loc.context_id)
-            now = current.get(loc.context_id, {}).get(loc.chunk_index)
-            if now is not None and now.segment != loc.segment and now.version == loc.version \
-                    and now.prefix_hash == loc.prefix_hash:
-                moved.append((i, now))  # compacted between the caller's locations() and this read
-            else:
-                results[i] = self._fault(loc, ChunkFault.MISSING)
+            for i, got in cut_run(run, n, span_of):
+                fault = self._check(locs[i], headers[i], plan.headers.get(i), span_of, got, first_layer)
+                if fault is None:
+                    results[i] = ReadResult(locs[i], torch.from_numpy(got))  # type: ignore[arg-type]
+                else:
+                    faults.append((i, fault))
+        with self._lock:
+            for i, fault in faults:
+                self._counters.faults[fault.value] += 1
+                results[i] = ReadResult(locs[i], None, fault)
+            if not for_compaction:
+                done = [r for r in results if r is not None and r.payload is not None]
+                self._counters.records_read += len(done)
+                self._counters.payload_bytes_read += sum(r.payload.numel() for r in done)  # type: ignore[union-attr]
         if moved:
             again = self._read([m for _, m in moved], first_layer, n, False, for_compaction)
             for (i, _), r in zip(moved, again, strict=True):
                 results[i] = r
         return results  # type: ignore[return-value]  # every slot is filled above
 
-    def _read_spans(self, spans: list[Span], for_compaction: bool) -> set[str]:
+    def _check(self, loc: ChunkLocation, header: RecordHeader | None, head: Want | None, span_of: dict[object, Span],
+               sections: np.ndarray | str, first_layer: int) -> ChunkFault | None:
+        """Verify the header (unless cached: then it was verified before) and the sections read."""
+        if header is None:
+            assert head is not None
+            hsp = span_of[head.tag]
+            if hsp.error is not None:
+                return ChunkFault.IO_ERROR
+            if not hsp.covers(head):
+                return ChunkFault.TRUNCATED
+            parsed = parse_header(memoryview(hsp.view(head)), self.model_id, self.codec_id)
+            if isinstance(parsed, ChunkFault):
+                return parsed
+            if not _describes(parsed, loc):
+                return ChunkFault.MISMATCH
+            header = parsed
+            with self._lock:
+                self._headers.setdefault(loc.segment, {})[loc.offset] = header
+        if isinstance(sections, str):
+            return ChunkFault.IO_ERROR if sections == "io_error" else ChunkFault.TRUNCATED
+        if not verify_sections(header, memoryview(sections), first_layer):
+            return ChunkFault.CHECKSUM
+        return None
+
+    def _read_spans(self, spans: list[Span], scatter: dict[object, Run], for_compaction: bool) -> set[str]:
         """Issue the reads (large spans split across the pool), then drop the segments' pages. Returns the segments
         that do not exist."""
         fds: dict[str, int] = {}
@@ -366,17 +408,17 @@ class ChunkLog:
             for sp in spans:
                 if sp.segment in missing:
                     continue
-                sp.buffer = torch.empty(sp.length, dtype=torch.uint8)
-                view = memoryview(sp.buffer.numpy())
+                sp.array = np.empty(sp.length, dtype=np.uint8)
+                sp.extents = _extents(sp, scatter)
                 for off, n in split(sp.offset, sp.length, self.config.io_threads, self.config.min_piece_bytes):
-                    jobs.append((sp, fds[sp.segment], view[off - sp.offset:off - sp.offset + n], off))
+                    jobs.append((sp, fds[sp.segment], sp.destinations(off, off + n), off, n))
             outcomes = self._run(jobs)
             for sp in spans:
                 sp.valid_bytes = sp.length
-            for (sp, _, dest, off), got in zip(jobs, outcomes, strict=True):
+            for (sp, _, _, off, n), got in zip(jobs, outcomes, strict=True):
                 if isinstance(got, OSError):
                     sp.error = got
-                elif got < len(dest):
+                elif got < n:
                     sp.valid_bytes = min(sp.valid_bytes, off - sp.offset + got)
         finally:
             for fd in fds.values():
@@ -391,52 +433,19 @@ class ChunkLog:
                 self._counters.bytes_read += nbytes
         return missing
 
-    def _run(self, jobs: list[tuple[Span, int, memoryview, int]]) -> list[int | OSError]:
+    def _run(self, jobs: list[tuple[Span, int, list[memoryview], int, int]]) -> list[int | OSError]:
         if len(jobs) <= 1 or self.config.io_threads == 1:
-            return [self._pread(fd, dest, off) for _, fd, dest, off in jobs]
+            return [self._pread(*job[1:]) for job in jobs]
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.config.io_threads, thread_name_prefix="chunk-io")
-        return list(self._pool.map(lambda job: self._pread(job[1], job[2], job[3]), jobs))
+        return list(self._pool.map(lambda job: self._pread(*job[1:]), jobs))
 
-    def _pread(self, fd: int, dest: memoryview, offset: int) -> int | OSError:
+    def _pread(self, fd: int, dest: list[memoryview], offset: int, nbytes: int) -> int | OSError:
         try:
-            with self._limiter.request(len(dest)):
-                return pread_into(fd, dest, offset)
+            with self._limiter.request(nbytes):
+                return preadv_all(fd, dest, offset)
         except OSError as e:  # reported per chunk as ChunkFault.IO_ERROR, never dropped
             return e
-
-    def _verify(self, i: int, loc: ChunkLocation, header: RecordHeader | None, plan: ReadPlan,
-                span_of: dict[object, Span], for_compaction: bool) -> ReadResult:
-        if header is None:
-            head = plan.headers[i]
-            hsp = span_of[head.tag]
-            if hsp.error is not None:
-                return self._fault(loc, ChunkFault.IO_ERROR)
-            if not hsp.covers(head):
-                return self._fault(loc, ChunkFault.TRUNCATED)
-            parsed = parse_header(memoryview(hsp.view(head).numpy()), self.model_id, self.codec_id)
-            if isinstance(parsed, ChunkFault):
-                return self._fault(loc, parsed)
-            if not _describes(parsed, loc):
-                return self._fault(loc, ChunkFault.MISMATCH)
-            header = parsed
-            with self._lock:
-                self._headers.setdefault(loc.segment, {})[loc.offset] = header
-        payload = cut_sections(plan, i, loc, span_of)
-        if isinstance(payload, str):
-            return self._fault(loc, ChunkFault.IO_ERROR if payload == "io_error" else ChunkFault.TRUNCATED)
-        if not verify_sections(header, memoryview(payload.numpy()), plan.first_layer):
-            return self._fault(loc, ChunkFault.CHECKSUM)
-        if not for_compaction:
-            with self._lock:
-                self._counters.records_read += 1
-                self._counters.payload_bytes_read += payload.numel()
-        return ReadResult(loc, payload)
-
-    def _fault(self, loc: ChunkLocation, fault: ChunkFault) -> ReadResult:
-        with self._lock:
-            self._counters.faults[fault.value] += 1
-        return ReadResult(loc, None, fault)
 
     # -- compaction, deletion, recovery --------------------------------------------------------------------------
 
@@ -599,6 +608,25 @@ class ChunkLog:
                     truncated += size - end
             self._active = {c: s for c, s in self._active.items() if c in live}
         return RecoveryReport(rows_removed, len(doomed), bytes_removed, truncated)
+
+
+def _extents(span: Span, scatter: dict[object, Run]) -> list[tuple[int, memoryview]] | None:
+    """Where each byte of `span` goes: scattering runs' sections to their chunks' buffers, the rest (headers, other
+    runs, gaps) to the span's own buffer. None when all of it goes to the span's buffer."""
+    runs = [(w, scatter[w.tag]) for w in span.wants if w.tag in scatter]
+    if not runs:
+        return None
+    assert span.array is not None
+    own, out, at = memoryview(span.array), [], span.offset
+    for want, run in sorted(runs, key=lambda wr: wr[0].offset):
+        assert want.offset >= at, "a scattering run overlaps another range of the same read"
+        if want.offset > at:
+            out.append((at, own[at - span.offset:want.offset - span.offset]))
+        out += run.extents(want.length // run.stride)
+        at = want.offset + want.length
+    if at < span.offset + span.length:
+        out.append((at, own[at - span.offset:]))
+    return out
 
 
 def _describes(h: RecordHeader, loc: ChunkLocation) -> bool:

@@ -7,12 +7,13 @@ bytes mean and which ranges belong to which chunk beyond an opaque tag.
 
 from __future__ import annotations
 
+import bisect
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
+import numpy as np
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 _IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX"))
@@ -43,6 +44,26 @@ def pread_into(fd: int, dest: memoryview, offset: int) -> int:
         if n == 0:
             break
         got += n
+    return got
+
+
+def preadv_all(fd: int, views: Sequence[memoryview], offset: int) -> int:
+    """Fill `views`, in order, from consecutive bytes at `offset` (a scattering read: the kernel copies each piece
+    straight to where it belongs). Returns the bytes read (fewer only at end of file)."""
+    bufs = [v for v in views if len(v)]
+    got, i = 0, 0
+    while i < len(bufs):
+        n = os.preadv(fd, bufs[i:i + _IOV_MAX], offset + got)
+        if n == 0:
+            break
+        got += n
+        while n and i < len(bufs):
+            if n >= len(bufs[i]):
+                n -= len(bufs[i])
+                i += 1
+            else:
+                bufs[i] = bufs[i][n:]
+                n = 0
     return got
 
 
@@ -83,14 +104,32 @@ class Span:
     offset: int
     length: int
     wants: list[Want] = field(default_factory=list)
-    buffer: torch.Tensor | None = None  # uint8 [length] once read
+    array: np.ndarray | None = None  # uint8 [length], the read's buffer (pages scattered elsewhere stay untouched)
     valid_bytes: int = 0  # bytes actually read (less than length if the file ended early)
     error: OSError | None = None
+    extents: list[tuple[int, memoryview]] | None = None  # (file offset, destination) pieces, in order; None: array
+    _starts: list[int] | None = None
 
-    def view(self, want: Want) -> torch.Tensor:
-        assert self.buffer is not None
+    def destinations(self, lo: int, hi: int) -> list[memoryview]:
+        """Where the file bytes [lo, hi) of this span go, in order."""
+        assert self.array is not None
+        if self.extents is None:
+            return [memoryview(self.array)[lo - self.offset:hi - self.offset]]
+        if self._starts is None:
+            self._starts = [start for start, _ in self.extents]
+        first = max(0, bisect.bisect_right(self._starts, lo) - 1)
+        last = bisect.bisect_left(self._starts, hi)  # extents [first, last) overlap [lo, hi)
+        out = [view for _, view in self.extents[first:last]]
+        start, view = self.extents[first]
+        out[0] = view[lo - start:]  # only the two ends may be partly outside [lo, hi)
+        start, view = self.extents[last - 1]
+        out[-1] = out[-1][:len(out[-1]) - (start + len(view) - hi)] if start + len(view) > hi else out[-1]
+        return out
+
+    def view(self, want: Want) -> np.ndarray:
+        assert self.array is not None
         start = want.offset - self.offset
-        return self.buffer[start:start + want.length]
+        return self.array[start:start + want.length]
 
     def covers(self, want: Want) -> bool:
         return want.offset + want.length <= self.offset + self.valid_bytes
