@@ -137,6 +137,8 @@ def test_mixed_section_sizes_and_sparse_subsets(log):
 def test_write_validates_its_input(log):
     with pytest.raises(ValueError, match="at most once"):
         log.write("ctx", [make_record(0), make_record(0, version=2)])
+    with pytest.raises(ValueError, match="same number of layers"):
+        log.write("ctx", [make_record(0), make_record(1, layers=5)])
     with pytest.raises(ValueError, match="bytes"):
         replace(make_record(0), section_bytes=100)
     with pytest.raises(ValueError, match="prefix_hash"):
