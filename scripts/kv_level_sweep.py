@@ -90,10 +90,14 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--windows", type=int, default=8, help="perplexity windows (default: 8)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default: 1)")
-    p.add_argument("--json", type=Path, default=Path("docs/eval_kv_sweep.json"), help="output (default: %(default)s)")
+    p.add_argument("--ratio-global", type=float, default=0.5, help="byte budget G (default: 0.5)")
+    p.add_argument("--json", type=Path, help="output (default: docs/eval_kv_sweep.json, or _G<ratio> for G != 0.5)")
     args = p.parse_args()
+    if args.json is None:
+        suffix = "" if args.ratio_global == 0.5 else f"_G{args.ratio_global:g}"
+        args.json = Path(f"docs/eval_kv_sweep{suffix}.json")
     torch.set_num_threads(args.threads)
-    cfg = EvalConfig(ppl_windows=args.windows)
+    cfg = EvalConfig(ratio_global=args.ratio_global, ppl_windows=args.windows)
     loaded = load_model()
     spec = KVSpec.from_config(loaded.config)
     geom = ChunkGeometry(spec, cfg.chunk_tokens)
@@ -105,10 +109,10 @@ def main() -> int:
     t0 = time.perf_counter()
     for w, (ids_a, ids_b) in enumerate(segments):
         policies: dict[str, LevelPolicy] = {v: variant_policy(v, cfg.ratio_global) for v in VARIANTS}
-        for n8 in sorted({1, 2, 4, 8, max_n8 * 2 // 3, max_n8}):
+        for n8 in sorted({0, 1, 2, 4, 8, max_n8 * 2 // 3, max_n8}):
             policies[f"density n8={n8}"] = banded(n8, "density", cfg.ratio_global, w)
         for order in ORDERS[1:]:
-            for n8 in (8, max_n8):
+            for n8 in sorted({0, min(8, max_n8), max_n8}):
                 policies[f"{order} n8={n8}"] = banded(n8, order, cfg.ratio_global, w)
         ctx = ppl_window(loaded.model, spec, ids_a, ids_b, geom, policies, tallies)
         summaries.append(density_summary(ctx))

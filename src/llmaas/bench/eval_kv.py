@@ -344,23 +344,25 @@ def plot(result: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for variant, r in result["variants"].items():
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, (variant, r) in enumerate(result["variants"].items()):
         accs = list(r["accuracy"].values())
         for ax, y in ((axes[0], r["ppl"]), (axes[1], sum(accs) / len(accs) if accs else None)):
             if y is not None and r["bytes_per_token"] is not None:
-                ax.scatter(r["bytes_per_token"], y)
-                ax.annotate(variant, (r["bytes_per_token"], y), textcoords="offset points", xytext=(4, 4))
+                ax.scatter(r["bytes_per_token"], y, color=f"C{i}")
+                # staggered labels: LLMS and INT4 sit on top of each other by design (same bytes)
+                ax.annotate(variant, (r["bytes_per_token"], y), textcoords="offset points", xytext=(6, 8 - 7 * i),
+                            color=f"C{i}", fontsize=8)
     cfg = result["config"]
     axes[0].set_title(f"WikiText-2 ppl of B ({cfg['ppl_target_tokens']}) after compressed A "
                       f"({cfg['ppl_context_tokens']}), {cfg['ppl_windows']} windows")
-    axes[0].set_yscale("log")
-    axes[0].set_ylabel("perplexity (log)")
+    axes[0].set_ylabel("perplexity")
     axes[1].set_title(f"mean task score over {len(cfg['tasks'])} tasks, {cfg['limit']} items each")
     axes[1].set_ylabel("score (accuracy / ROUGE-L / chrF, 0..1)")
     for ax in axes:
         ax.set_xlabel("KV bytes per token (true, incl. scales)")
         ax.grid(alpha=0.3)
+        ax.margins(y=0.15)
     fig.suptitle(f"KV compression at ratio_global {cfg['ratio_global']}, chunk {cfg['chunk_tokens']} tokens")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -373,7 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="llmaas eval kv", description=__doc__,
                                 epilog="JSON: {variants: {<variant>: {ppl, bytes_per_token, accuracy: {<task>: x}}}, "
-                                       "config, machine, ci95, bytes, fidelity, agree_fp16, ppl_windows, examples}")
+                                       "config, machine, ci95, bytes, fidelity, agree_fp16, ppl_windows, examples}. "
+                                       "--threads defaults to 1 here (see the comment in build_parser). The "
+                                       "default run takes about 21 minutes on 2 shared cores; --quick about 2.")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
     p.add_argument("--png", type=Path, metavar="FILE",
                    help="plot ppl and mean task score vs bytes per token (default: beside --json)")

@@ -28,7 +28,7 @@ CONVERSATIONS = {
 }
 
 
-def start_service(home: DataDir, extra: list[str], timeout_s: float = 120.0) -> subprocess.Popen:
+def start_service(home: DataDir, extra: list[str], timeout_s: float = 300.0) -> subprocess.Popen:
     """`llmaas serve` in a child process, returned once it answers on its socket."""
     proc = subprocess.Popen([sys.executable, "-m", "llmaas", "serve", "--home", str(home.root), "--quiet", *extra])
     deadline = time.monotonic() + timeout_s

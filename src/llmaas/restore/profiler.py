@@ -29,7 +29,7 @@ CHUNK_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def measure_profile(model: Transformer, geometry: ChunkGeometry, model_id: str, codec: str,
-                    throttle: DiskThrottle | None, context_tokens: int = 1024, repeats: int = 2) -> RestoreProfile:
+                    throttle: DiskThrottle | None, context_tokens: int = 1024, repeats: int = 1) -> RestoreProfile:
     """Measure and fit both cost models (about 20 s for SmolLM2 on two cores)."""
     size = geometry.chunk_tokens
     n_chunks = context_tokens // size
