@@ -7,21 +7,19 @@ down across restarts. Ignores chunks (derived from the arrays on demand) and tex
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from pathlib import Path
 
 import numpy as np
+
+from llmaas.storage.sqlite_db import open_database
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS density (context_id TEXT PRIMARY KEY, prob_sum BLOB, row_count BLOB)"
 
 
 class DensityStore:
     def __init__(self, path: Path) -> None:
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute(_SCHEMA)
+        self._db = open_database(path, _SCHEMA)
         self._lock = threading.Lock()  # one connection shared by the compute and write-back threads
 
     def save(self, context_id: str, prob_sum: np.ndarray, row_count: np.ndarray) -> None:

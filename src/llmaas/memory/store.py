@@ -231,7 +231,7 @@ class ChunkedKVStore:
     def minimum_budget_bytes(geometry: ChunkGeometry, policy: MemoryPolicy, max_context_tokens: int) -> int:
         """One maximum-length context at base precision plus its open chunk's staging copy (LLMS §6.3)."""
         chunks = -(-max_context_tokens // geometry.chunk_tokens)
-        staging = 2 * geometry.spec.values_per_token * (geometry.chunk_tokens - 1) // 2 * 2
+        staging = 0 if policy.base_level == Level.FP16 else staging_bytes(geometry.spec, geometry.chunk_tokens - 1)
         return chunks * geometry.payload_bytes(policy.base_level) + staging
 
     # -- Load -------------------------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ class ChunkedKVStore:
     def _load(self, ctx: ContextKV, missing: list[Chunk], token_ids: Sequence[int], report: SwitchReport) -> None:
         buf = self.buffer
         t0 = time.perf_counter()
-        self._claim(sum(self._restored_bytes(c) for c in missing), report)
+        self._claim(sum(self.geometry.payload_bytes(c.level) for c in missing), report)
         report.reclaim_s = time.perf_counter() - t0
         resident = [c for c in ctx.chunks if c.is_resident]
         if resident:  # decode what is in memory (everything, on the common path of a warm context)
@@ -252,9 +252,8 @@ class ChunkedKVStore:
         spans = [(by_index[i].token_start, by_index[i].fill) for i in plan.recompute]
         outcome = restore(self.model, buf, self.log, loads, spans, token_ids, self.policy.layers_per_step)
         self._adopt(ctx, by_index, plan, outcome)
-        for c in ctx.chunks:
-            if c.fill < self.policy.chunk_tokens and c.staging is not None and c in resident:
-                self._apply_staging(c)
+        if ctx.chunks and ctx.chunks[-1].staging is not None:  # the open chunk's exact values (only if it stayed)
+            self._apply_staging(ctx.chunks[-1])
         report.restore_s = outcome.elapsed_s
         report.bytes_read = outcome.bytes_read
         report.loaded_chunks = len(plan.load) - len(outcome.failed)
@@ -317,7 +316,7 @@ class ChunkedKVStore:
         """Fault: bring a missing chunk in during a call, synchronously, by recompute (counted; LLMS never needs it)."""
         missing = [c for c in ctx.chunks if not c.is_resident]
         self.counters["faults"] += len(missing)
-        self._claim(sum(self._restored_bytes(c) for c in missing), None)
+        self._claim(sum(self.geometry.payload_bytes(c.level) for c in missing), None)
         restore(self.model, self.buffer, self.log, (), [(c.token_start, c.fill) for c in missing], token_ids)
         for c in missing:
             self._set_resident(ctx, c, self._encode_from_buffer([c], c.level)[0], None)
@@ -505,11 +504,6 @@ class ChunkedKVStore:
         c.payload = c.staging = None
         self.queue.remove((ctx.id, c.index))
 
-    def _restored_bytes(self, c: Chunk) -> int:
-        staging = 0 if c.fill == self.policy.chunk_tokens or self.policy.base_level == Level.FP16 else (
-            2 * self.spec.values_per_token * c.fill // 2)
-        return self.geometry.payload_bytes(c.level) + staging
-
     def _kv_of(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact K and V of chunks from the working KV: float32 [n, L, Hkv, chunk_tokens, D], zero-padded."""
         size = self.policy.chunk_tokens
@@ -549,3 +543,8 @@ class ChunkedKVStore:
 
     def _codec_id(self) -> str:
         return f"llmaas-kv/{self.policy.base_level.name.lower()}-c{self.policy.chunk_tokens}"
+
+
+def staging_bytes(spec: KVSpec, tokens: int) -> int:
+    """An open chunk's exact fp16 copy of `tokens` tokens (K and V, every layer and KV head)."""
+    return spec.bytes_per_token("fp16") * tokens

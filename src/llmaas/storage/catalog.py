@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmaas.errors import LlmaasError
+from llmaas.storage.sqlite_db import open_database
 
 SCHEMA_VERSION = 1
 DEFAULT_MAX_CONTEXTS = 8  # K of LLMS: contexts per app
@@ -107,17 +108,9 @@ class Catalog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         # One connection shared by the HTTP and engine threads, serialised by a lock: every statement is short.
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
+        self._db = open_database(self.path, "PRAGMA foreign_keys=ON;" + _SCHEMA, SCHEMA_VERSION, "catalogue",
+                                 CatalogError)
         self._lock = threading.RLock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            version = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
-        if int(version) != SCHEMA_VERSION:
-            raise CatalogError(f"{self.path} has catalogue schema {version}; this llmaas reads {SCHEMA_VERSION}")
 
     def close(self) -> None:
         with self._lock:

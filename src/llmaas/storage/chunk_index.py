@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmaas.storage.sqlite_db import open_database
+
 SCHEMA_VERSION = 1
 
 _COLUMNS = ("context_id, chunk_index, version, level, token_start, token_end, fill, prefix_hash, segment, "
@@ -85,16 +87,8 @@ class ChunkIndex:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         # One connection shared by the write-back and restore threads, serialised by a lock: statements are short.
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30.0)
+        self._db = open_database(self.path, _SCHEMA, SCHEMA_VERSION, "chunk-index")
         self._lock = threading.RLock()
-        with self._lock:
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.executescript(_SCHEMA)
-            self._db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
-            version = self._db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
-        if int(version) != SCHEMA_VERSION:
-            raise RuntimeError(f"{self.path} has chunk-index schema {version}; this llmaas reads {SCHEMA_VERSION}")
 
     def close(self) -> None:
         with self._lock:

@@ -26,14 +26,21 @@ def pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> i
     while i < len(bufs):
         n = os.pwritev(fd, bufs[i:i + _IOV_MAX], offset + written)
         written += n
-        while n and i < len(bufs):
-            if n >= len(bufs[i]):
-                n -= len(bufs[i])
-                i += 1
-            else:
-                bufs[i] = bufs[i][n:]
-                n = 0
+        i = _advance(bufs, i, n)
     return written
+
+
+def _advance(bufs: list[memoryview], i: int, n: int) -> int:
+    """After a short vectored transfer of n bytes starting at bufs[i]: skip the buffers it completed and trim the one
+    it stopped inside (in place); returns the index of the first buffer still to transfer."""
+    while n and i < len(bufs):
+        if n >= len(bufs[i]):
+            n -= len(bufs[i])
+            i += 1
+        else:
+            bufs[i] = bufs[i][n:]
+            n = 0
+    return i
 
 
 def pread_into(fd: int, dest: memoryview, offset: int) -> int:
@@ -57,13 +64,7 @@ def preadv_all(fd: int, views: Sequence[memoryview], offset: int) -> int:
         if n == 0:
             break
         got += n
-        while n and i < len(bufs):
-            if n >= len(bufs[i]):
-                n -= len(bufs[i])
-                i += 1
-            else:
-                bufs[i] = bufs[i][n:]
-                n = 0
+        i = _advance(bufs, i, n)
     return got
 
 
