@@ -134,6 +134,24 @@ def test_mixed_section_sizes_and_sparse_subsets(log):
                 assert res.ok and torch.equal(res.payload, sections(records[k], first, 5 - first if n is None else n))
 
 
+def test_reads_into_caller_buffers_land_in_place(log):
+    # the restore reads each chunk's layers straight into its resident payload: same bytes, no other buffer kept
+    sizes = [3000, 1500, 750, 3000, 1500]
+    records = [make_record(i, layers=5, section_bytes=s) for i, s in enumerate(sizes)]
+    locs = log.write("ctx", records)
+    for pick in ([0, 1, 2, 3, 4], [0, 2, 4], [3, 3, 1]):
+        for first, n in ((0, 5), (1, 3), (4, 1)):
+            into = [torch.full((n * sizes[k],), 7, dtype=torch.uint8) for k in pick]
+            results = log.read([locs[k] for k in pick], first, n, into)
+            for k, buf, res in zip(pick, into, results, strict=True):
+                assert res.ok and torch.equal(buf, sections(records[k], first, n))
+                assert res.payload.data_ptr() == buf.data_ptr()
+    with pytest.raises(ValueError, match="buffer of shape"):
+        log.read(locs[:1], 0, 2, [torch.empty(5, dtype=torch.uint8)])
+    with pytest.raises(ValueError, match="2 buffers for 1 chunks"):
+        log.read(locs[:1], 0, 1, [torch.empty(3000, dtype=torch.uint8)] * 2)
+
+
 def test_write_validates_its_input(log):
     with pytest.raises(ValueError, match="at most once"):
         log.write("ctx", [make_record(0), make_record(0, version=2)])

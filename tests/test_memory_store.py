@@ -161,6 +161,24 @@ def test_restart_restores_from_disk(smollm_dense, tmp_path):
     again.close()
 
 
+def test_restore_after_compaction_reads_the_moved_chunks(smollm_dense, tmp_path):
+    policy = POLICIES["vllm-s"]
+    kept = run_conversation(smollm_dense, make_store(smollm_dense, tmp_path / "kept", policy), False)
+    store = make_store(smollm_dense, tmp_path / "moved", policy)
+    gen = Generator(smollm_dense.model, smollm_dense.tokenizer)
+    ids: list[int] = []
+    for text in PROMPTS:
+        ids = call(store, gen, "a", ids, encode(smollm_dense, text))
+        store.writer.wait_idle()
+        store.reclaim(store.budget_bytes)
+        store.log.compact("a")  # every chunk moves to a new segment behind the store's back
+    assert ids == kept and store.counters["corrupt_chunks"] == 0
+    store.acquire("a", ids, len(ids))
+    now = store.log.locations("a")
+    assert all(c.location == now[c.index] for c in store._contexts["a"].chunks)  # the store learnt where they went
+    store.release("a", ids)
+
+
 def test_density_accumulates_eq1_over_calls(smollm_dense, tmp_path):
     """d(t) summed incrementally over two calls' prefill and decode rows equals one offline pass over all rows."""
     store = make_store(smollm_dense, tmp_path, LOSSLESS, prof=profile(1.0, 1e-9))

@@ -301,6 +301,7 @@ class ChunkedKVStore:
         """Install what the restore produced: loaded bytes as clean chunks, recomputed KV encoded at its level."""
         for i, payload in outcome.payloads.items():
             self._set_resident(ctx, by_index[i], payload, None)
+            by_index[i].location = outcome.locations[i]  # a compaction may have moved it: saves a lookup next time
         for i, why in zip(outcome.failed, outcome.failures, strict=True):
             log.warning("chunk %d of context %s was unreadable (%s); rebuilt by recompute", i, ctx.id, why)
             self.counters["corrupt_chunks"] += 1

@@ -44,6 +44,7 @@ class Span:
 @dataclass
 class RestoreOutcome:
     payloads: dict[int, torch.Tensor] = field(default_factory=dict)  # loaded chunk index -> all layers' bytes
+    locations: dict[int, object] = field(default_factory=dict)  # where they were read (moved by a compaction?)
     failed: list[int] = field(default_factory=list)  # chunks whose read failed and were recomputed instead
     failures: list[str] = field(default_factory=list)  # why
     recomputed_tokens: int = 0
@@ -62,12 +63,16 @@ def restore(model: Transformer, cache: DenseKVCache, log: ChunkLog, loads: Seque
     # Without recompute there is nothing to overlap with: one read of every layer is the fewest IO requests.
     step = layers_per_step if recompute else n_layers
     groups = [(g, min(step, n_layers - g)) for g in range(0, n_layers, step)]
-    pieces: dict[int, list[torch.Tensor]] = {item.chunk_index: [] for item in loads}
+    # Each loaded chunk's resident payload, read into in place: no copy out of a shared read buffer.
+    payloads = [torch.empty(n_layers * item.location.section_bytes, dtype=torch.uint8) for item in loads]
     failed: dict[int, str] = {}
 
     def read(group: tuple[int, int]) -> tuple[list, float, float]:
         s = time.perf_counter()
-        results = log.read([item.location for item in loads], group[0], group[1]) if loads else []
+        first, count = group
+        sections = [p[first * item.location.section_bytes:(first + count) * item.location.section_bytes]
+                    for p, item in zip(payloads, loads, strict=True)]
+        results = log.read([item.location for item in loads], first, count, sections) if loads else []
         return results, s, time.perf_counter()
 
     rows = _rows(recompute, token_ids)
@@ -83,22 +88,19 @@ def restore(model: Transformer, cache: DenseKVCache, log: ChunkLog, loads: Seque
                 if not result.ok:
                     failed.setdefault(item.chunk_index, str(result.fault))
                 elif item.chunk_index not in failed:
-                    ok.append(item)
-                    pieces[item.chunk_index].append(result.payload)
+                    ok.append((item, result.payload))
+                    out.locations[item.chunk_index] = result.location
                     out.bytes_read += result.payload.nbytes
             c0 = time.perf_counter()
             if ok:
-                decode_into([pieces[i.chunk_index][-1] for i in ok], [i.level for i in ok],
-                            [i.token_start for i in ok], [i.fill for i in ok], first, count, cache.kv)
+                decode_into([p for _, p in ok], [i.level for i, _ in ok], [i.token_start for i, _ in ok],
+                            [i.fill for i, _ in ok], first, count, cache.kv)
             if h is not None:
                 model.run_layers(h, rows[1], view, first, first + count)
             out.timeline.append(Span("compute", first, count, c0 - t0, time.perf_counter() - t0))
     out.recomputed_tokens = 0 if rows is None else rows[0].numel()
-    for item in loads:
-        if item.chunk_index not in failed:
-            parts = pieces[item.chunk_index]
-            # a copy: read results are views of shared read buffers, which must not outlive this restore
-            out.payloads[item.chunk_index] = parts[0].clone() if len(parts) == 1 else torch.cat(parts)
+    out.payloads = {item.chunk_index: p for item, p in zip(loads, payloads, strict=True)
+                    if item.chunk_index not in failed}
     if failed:  # rebuild them, and redo what may have attended to their unverified slots
         redo = sorted({(i.token_start, i.fill) for i in loads if i.chunk_index in failed} | set(recompute))
         again = restore(model, cache, log, (), redo, token_ids, layers_per_step)

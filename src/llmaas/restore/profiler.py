@@ -29,8 +29,10 @@ CHUNK_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def measure_profile(model: Transformer, geometry: ChunkGeometry, model_id: str, codec: str,
-                    throttle: DiskThrottle | None, context_tokens: int = 1024, repeats: int = 1) -> RestoreProfile:
-    """Measure and fit both cost models (about 20 s for SmolLM2 on two cores)."""
+                    throttle: DiskThrottle | None, context_tokens: int = 1024, repeats: int = 1,
+                    io_repeats: int = 5) -> RestoreProfile:
+    """Measure and fit both cost models (about 20 s for SmolLM2 on two cores). Cold reads are cheap but noisy (a
+    single one can stall for 100 ms on a shared disk), so each load point is the median of `io_repeats`."""
     size = geometry.chunk_tokens
     n_chunks = context_tokens // size
     counts = [x for x in CHUNK_COUNTS if x <= n_chunks]
@@ -61,7 +63,7 @@ def measure_profile(model: Transformer, geometry: ChunkGeometry, model_id: str, 
         for x in counts:
             items = [LoadItem(i, locations[i], Level.INT8, i * size, size) for i in _spread(x, n_chunks)]
             t = []
-            for _ in range(repeats):
+            for _ in range(io_repeats):
                 t0 = time.perf_counter()
                 restore(model, cache, log, items, (), ids.tolist())
                 t.append(time.perf_counter() - t0)

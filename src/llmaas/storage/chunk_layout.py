@@ -64,10 +64,10 @@ class Run:
     stride: int
     members: list[tuple[int, int, int]] = field(default_factory=list)  # (chunk position, offset in run, section bytes)
     wants: list[Want] = field(default_factory=list)  # one for all layers (when length == stride), else one per layer
-    # Dense reads of several layers of several chunks scatter: each chunk's sections land contiguous in `gathered`
-    # (chunk after chunk, at gathered_at[offset in run]), put there by the read itself, not by a copy.
-    gathered: np.ndarray | None = None
-    gathered_at: dict[int, int] = field(default_factory=dict)
+    # Dense reads of several layers of several chunks (or into caller buffers) scatter: each chunk's sections land
+    # contiguous in gathered[offset in run] (a caller's buffer, or a slice of one array for the run), put there by
+    # the read itself, not by a copy.
+    gathered: dict[int, np.ndarray] | None = None
 
     @property
     def is_dense(self) -> bool:
@@ -76,12 +76,13 @@ class Run:
     def extents(self, num_layers: int) -> list[tuple[int, memoryview]]:
         """(file offset, destination) of every section this scattering run reads, in file order."""
         assert self.gathered is not None
-        dest, out = memoryview(self.gathered), []
-        chunks = [(rel, s, self.gathered_at[rel]) for rel, s in sorted({(rel, s) for _, rel, s in self.members})]
+        out: list[tuple[int, memoryview]] = []
+        rels = sorted({(rel, s) for _, rel, s in self.members})
+        chunks = [(rel, s, memoryview(self.gathered[rel])) for rel, s in rels]
         base = self.wants[0].offset
         for j in range(num_layers):  # ~4,000 pieces for a 2048-token context: kept to one comprehension per layer
             layer_at = base + j * self.stride
-            out += [(layer_at + rel, dest[g + j * s:g + (j + 1) * s]) for rel, s, g in chunks]
+            out += [(layer_at + rel, dest[j * s:(j + 1) * s]) for rel, s, dest in chunks]
         return out
 
 
@@ -94,8 +95,10 @@ class ReadPlan:
     runs: list[Run]
 
 
-def plan_read(locs: list[ChunkLocation], first_layer: int, num_layers: int, cached: list[bool]) -> ReadPlan:
-    """`cached[i]`: chunk i's verified header is already known (its bytes need not be read)."""
+def plan_read(locs: list[ChunkLocation], first_layer: int, num_layers: int, cached: list[bool],
+              into: list[np.ndarray] | None = None) -> ReadPlan:
+    """`cached[i]`: chunk i's verified header is already known (its bytes need not be read). `into[i]`: where chunk
+    i's sections should land (uint8, num_layers * section bytes); dense runs read straight into it."""
     headers = {i: Want(loc.segment, loc.offset, loc.header_bytes, ("header", i))
                for i, loc in enumerate(locs) if not cached[i]}
     order = sorted(range(len(locs)), key=lambda i: (locs[i].segment, locs[i].layer_stride, locs[i].sections_offset))
@@ -118,12 +121,15 @@ def plan_read(locs: list[ChunkLocation], first_layer: int, num_layers: int, cach
         base = run.start + first_layer * run.stride
         if run.is_dense:
             run.wants = [Want(run.segment, base, num_layers * run.stride, ("run", r, 0))]
-            if num_layers > 1 and len({rel for _, rel, _ in run.members}) > 1:
-                at = 0
-                for rel, s in sorted({(rel, s) for _, rel, s in run.members}):
-                    run.gathered_at[rel] = at
-                    at += num_layers * s
-                run.gathered = np.empty(at, dtype=np.uint8)
+            if into is not None:
+                run.gathered = {}
+                for i, rel, _ in run.members:  # a chunk asked for twice lands in its first buffer (copied later)
+                    run.gathered.setdefault(rel, into[i])
+            elif num_layers > 1 and len({rel for _, rel, _ in run.members}) > 1:
+                rels = sorted({(rel, s) for _, rel, s in run.members})
+                ends = np.cumsum([num_layers * s for _, s in rels])
+                array = np.empty(int(ends[-1]), dtype=np.uint8)
+                run.gathered = {rel: array[end - num_layers * s:end] for (rel, s), end in zip(rels, ends, strict=True)}
         else:
             run.wants = [Want(run.segment, base + j * run.stride, run.length, ("run", r, j)) for j in range(num_layers)]
         wants += run.wants
@@ -146,7 +152,7 @@ def cut_run(run: Run, num_layers: int, span_of: dict[object, Span]) -> list[tupl
             if at + (n - 1) * run.stride + s > valid:
                 out.append((i, "truncated"))
             elif run.gathered is not None:
-                out.append((i, run.gathered[run.gathered_at[rel]:run.gathered_at[rel] + n * s]))
+                out.append((i, run.gathered[rel]))
             elif n == 1 or run.stride == s:
                 out.append((i, data[at:at + n * s]))
             else:  # not reached with plan_read's plans (a lone chunk's run has stride == s); kept for completeness

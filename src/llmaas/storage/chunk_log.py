@@ -303,24 +303,33 @@ class ChunkLog:
 
     # -- read ----------------------------------------------------------------------------------------------------
 
-    def read(self, locations: Iterable[ChunkLocation], first_layer: int = 0,
-             num_layers: int | None = None) -> list[ReadResult]:
+    def read(self, locations: Iterable[ChunkLocation], first_layer: int = 0, num_layers: int | None = None,
+             into: list[torch.Tensor] | None = None) -> list[ReadResult]:
         """Read and verify layers [first_layer, first_layer + num_layers) (default: to the last) of each chunk, in
-        the order given. Never raises for a bad chunk: its result carries the fault and the caller recomputes it."""
-        return self._read(list(locations), first_layer, num_layers, retry_moved=True, for_compaction=False)
+        the order given. Never raises for a bad chunk: its result carries the fault and the caller recomputes it.
+        `into[i]`: a uint8 tensor of exactly those layers' bytes that chunk i's payload is read into (and returned
+        as), so a caller that keeps the bytes need not copy them out of a shared read buffer."""
+        locs = list(locations)
+        if into is not None:
+            if len(into) != len(locs):
+                raise ValueError(f"{len(into)} buffers for {len(locs)} chunks")
+            into = [t.numpy() for t in into]
+        return self._read(locs, first_layer, num_layers, True, False, into)  # type: ignore[arg-type]
 
     def _read(self, locs: list[ChunkLocation], first_layer: int, num_layers: int | None, retry_moved: bool,
-              for_compaction: bool) -> list[ReadResult]:
+              for_compaction: bool, into: list[np.ndarray] | None = None) -> list[ReadResult]:
         if not locs:
             return []
         n = locs[0].n_layers - first_layer if num_layers is None else num_layers
-        for loc in locs:
+        for i, loc in enumerate(locs):
             if first_layer < 0 or n < 1 or first_layer + n > loc.n_layers:
                 raise ValueError(f"layers [{first_layer}, {first_layer + n}) outside chunk {loc.chunk_index}'s "
                                  f"{loc.n_layers} layers")
+            if into is not None and into[i].shape != (n * loc.section_bytes,):
+                raise ValueError(f"buffer of shape {into[i].shape} for {n} layers of {loc.section_bytes} bytes")
         with self._lock:
             headers = [self._headers.get(loc.segment, {}).get(loc.offset) for loc in locs]
-        plan = plan_read(locs, first_layer, n, [h is not None for h in headers])
+        plan = plan_read(locs, first_layer, n, [h is not None for h in headers], into)
         spans = coalesce(plan.wants, self.config.max_gap_bytes)
         scatter = {run.wants[0].tag: run for run in plan.runs if run.gathered is not None}
         missing = self._read_spans(spans, scatter, for_compaction)
@@ -346,6 +355,9 @@ class ChunkLog:
             for i, got in cut_run(run, n, span_of):
                 fault = self._check(locs[i], headers[i], plan.headers.get(i), span_of, got, first_layer)
                 if fault is None:
+                    if into is not None and got.ctypes.data != into[i].ctypes.data:  # type: ignore[union-attr]
+                        np.copyto(into[i], got)  # not read in place (a chunk asked for twice, a per-layer run)
+                        got = into[i]
                     results[i] = ReadResult(locs[i], torch.from_numpy(got))  # type: ignore[arg-type]
                 else:
                     faults.append((i, fault))
@@ -358,7 +370,8 @@ class ChunkLog:
                 self._counters.records_read += len(done)
                 self._counters.payload_bytes_read += sum(r.payload.numel() for r in done)  # type: ignore[union-attr]
         if moved:
-            again = self._read([m for _, m in moved], first_layer, n, False, for_compaction)
+            again = self._read([m for _, m in moved], first_layer, n, False, for_compaction,
+                               None if into is None else [into[i] for i, _ in moved])
             for (i, _), r in zip(moved, again, strict=True):
                 results[i] = r
         return results  # type: ignore[return-value]  # every slot is filled above
