@@ -23,6 +23,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--home", help="data directory (default: $LLMAAS_HOME or ~/.local/share/llmaas)")
     p.add_argument("--refresh", action="store_true", help="measure again even if a profile is stored")
     p.add_argument("--chunk-tokens", type=int, default=16, help="chunk size (default: 16)")
+    p.add_argument("--max-context-tokens", type=int, default=2048,
+                   help="the longest context served: recompute is measured at this length (default: 2048)")
     p.add_argument("--disk-throttle-mbps", type=float, help="SIMULATION: profile under this disk throttle (MB/s)")
     p.add_argument("--json", action="store_true", help="print the profile as JSON")
     args = p.parse_args(argv)
@@ -31,7 +33,7 @@ def main(argv: list[str]) -> int:
     throttle = None if args.disk_throttle_mbps is None else DiskThrottle.from_mb_s(args.disk_throttle_mbps)
     geometry = ChunkGeometry(KVSpec.from_config(loaded.config), args.chunk_tokens)
     profile = ensure_profile(loaded.model, geometry, loaded.model_id, home.kv_dir / "profiles", throttle,
-                             refresh=args.refresh)
+                             args.max_context_tokens, refresh=args.refresh)
     if args.json:
         print(json.dumps(asdict(profile), indent=2))
         return 0

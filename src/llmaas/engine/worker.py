@@ -283,7 +283,7 @@ def open_kv_store(loaded: LoadedModel, catalog: Catalog, config: EngineConfig) -
     profile = None
     if policy.restore == "pipeline":
         profile = ensure_profile(loaded.model, ChunkGeometry(spec, policy.chunk_tokens), loaded.model_id,
-                                 kv_dir / "profiles", config.throttle)
+                                 kv_dir / "profiles", config.throttle, config.max_context_tokens)
     store = ChunkedKVStore(loaded.model, memory, profile)
     store.recover(catalog.all_context_ids())
     return store

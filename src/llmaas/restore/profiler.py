@@ -2,7 +2,7 @@
 
 Owns the measurement: a synthetic context of real text is prefilled once; recompute of x scattered chunks is timed for
 x in {1, 2, 4, ..., 64}; the context's chunks are written to a scratch chunk log (page cache dropped, the active disk
-throttle applied) and cold reads of growing subsets are timed; both are fitted by least squares. Ignores when to
+throttle applied) and cold reads of growing runs of chunks are timed; both are fitted by least squares. Ignores when to
 re-profile (the caller decides; `llmaas profile` refreshes).
 """
 
@@ -29,10 +29,11 @@ CHUNK_COUNTS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def measure_profile(model: Transformer, geometry: ChunkGeometry, model_id: str, codec: str,
-                    throttle: DiskThrottle | None, context_tokens: int = 1024, repeats: int = 1,
+                    throttle: DiskThrottle | None, context_tokens: int, repeats: int = 1,
                     io_repeats: int = 5) -> RestoreProfile:
-    """Measure and fit both cost models (about 20 s for SmolLM2 on two cores). Cold reads are cheap but noisy (a
-    single one can stall for 100 ms on a shared disk), so each load point is the median of `io_repeats`."""
+    """Measure and fit both cost models (about 12 s at 2048 tokens for SmolLM2 on two cores). Cold reads are cheap
+    but noisy (a single one can stall for 100 ms on a shared disk), so each load point is the median of
+    `io_repeats`."""
     size = geometry.chunk_tokens
     n_chunks = context_tokens // size
     counts = [x for x in CHUNK_COUNTS if x <= n_chunks]
@@ -61,7 +62,9 @@ def measure_profile(model: Transformer, geometry: ChunkGeometry, model_id: str, 
                                payload[i].reshape(-1)) for i in range(n_chunks)]
         locations = log.write("profile", records)
         for x in counts:
-            items = [LoadItem(i, locations[i], Level.INT8, i * size, size) for i in _spread(x, n_chunks)]
+            # Contiguous chunks: the model is seconds per byte, and spread-out chunks would be read with the gaps
+            # between them (the chunk log merges nearby ranges), which bytes cannot describe.
+            items = [LoadItem(i, locations[i], Level.INT8, i * size, size) for i in range(x)]
             t = []
             for _ in range(io_repeats):
                 t0 = time.perf_counter()
@@ -78,10 +81,14 @@ def measure_profile(model: Transformer, geometry: ChunkGeometry, model_id: str, 
 
 
 def ensure_profile(model: Transformer, geometry: ChunkGeometry, model_id: str, profiles_dir: Path,
-                   throttle: DiskThrottle | None, refresh: bool = False) -> RestoreProfile:
+                   throttle: DiskThrottle | None, context_tokens: int, refresh: bool = False) -> RestoreProfile:
     """The stored profile for these settings, measured (and stored) first if there is none or refresh is asked.
     A profile describes this machine and model, not a data directory, so one measured for another data directory
-    on this machine (kept in the cache directory too) is reused rather than measured again."""
+    on this machine (kept in the cache directory too) is reused rather than measured again.
+
+    Recompute is measured in a context of `context_tokens` (the longest one served): each recomputed row attends to
+    the whole context, and at 2048 tokens a chunk costs 1.6x what it does at 1024 here. A profile measured at a
+    shorter length would make the planner recompute too much; one measured at a longer length only errs toward IO."""
     codec = codec_id(geometry)
     throttle_name = throttle.describe() if throttle is not None else "none"
     key = (model_id, codec, geometry.chunk_tokens, throttle_name)
@@ -95,11 +102,15 @@ def ensure_profile(model: Transformer, geometry: ChunkGeometry, model_id: str, p
             except ProfileError as exc:
                 _progress(f"{exc}; measuring again")
                 continue
+            if profile.context_tokens < context_tokens:
+                _progress(f"{candidate} was measured at {profile.context_tokens} tokens, less than {context_tokens}; "
+                          "measuring again")
+                continue
             if candidate != path:
                 profile.save(path)
             return profile
     _progress(f"measuring the restore cost model once ({throttle_name}); stored in {path}")
-    profile = measure_profile(model, geometry, model_id, codec, throttle)
+    profile = measure_profile(model, geometry, model_id, codec, throttle, context_tokens)
     profile.save(path)
     profile.save(machine_copy)
     return profile
