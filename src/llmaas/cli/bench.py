@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-BENCHMARKS = {"engine": "llmaas.bench.engine", "service": "llmaas.bench.service", "restore": "llmaas.bench.restore"}
+BENCHMARKS = {"engine": "llmaas.bench.engine", "service": "llmaas.bench.service", "restore": "llmaas.bench.restore",
+              "trace": "llmaas.bench.trace", "switch": "llmaas.bench.switch"}
 
 
 def main(argv: list[str]) -> int:

@@ -51,6 +51,18 @@ class Conversation:
         closed = self._render([*history, Message("user", user), Message("assistant", reply)], False)
         return self.tokenizer.encode(self._suffix(closed, opened), add_bos=False)
 
+    def close_turn(self, history: Sequence[Message], user: str, base: Sequence[int], prompt: Sequence[int],
+                   generated: Sequence[int], text: str, cached_tokens: int) -> tuple[list[int], int]:
+        """The context's ids after a turn (base + prompt + reply + closing), and how many of them the KV, which holds
+        the first `cached_tokens` of base + prompt + generated, already covers. A reply cut by a stop string keeps
+        its text's tokens."""
+        reply = list(generated)
+        if self.tokenizer.decode(reply) != text:
+            reply = self.tokenizer.encode(text, add_bos=False, parse_special=False)
+        new_ids = [*base, *prompt, *reply, *self.closing_ids(history, user, text)]
+        forwarded = [*base, *prompt, *generated][:cached_tokens]
+        return new_ids, common_prefix(forwarded, new_ids)
+
     def chat_ids(self, messages: Sequence[Message]) -> list[int]:
         """A whole stateless conversation, ready for the assistant's reply."""
         if self.template is None:

@@ -30,7 +30,7 @@ from llmaas.engine.calls import (
     ChatCall,
     ContextCall,
 )
-from llmaas.engine.conversation import Conversation, common_prefix
+from llmaas.engine.conversation import Conversation
 from llmaas.engine.generate import Finished, GenerateRequest, Generator, TextDelta
 from llmaas.engine.scheduler import FairQueue
 from llmaas.errors import CallCancelled, ContextLengthError, LlmaasError, NotFoundError, ShuttingDownError
@@ -243,14 +243,8 @@ class Engine:
     def _close_turn(self, ctx: ContextRecord, user: str, base: list[int], prompt: list[int], done: Finished,
                     cache: DenseKVCache) -> tuple[list[int], int]:
         """The context's ids after this turn, and how many of them the cache already covers."""
-        generated = list(done.token_ids)
-        reply = generated
-        if self.loaded.tokenizer.decode(generated) != done.text:  # cut by a stop string: keep the text's tokens
-            reply = self.loaded.tokenizer.encode(done.text, add_bos=False, parse_special=False)
-        closing = self.conversation.closing_ids(ctx.messages, user, done.text)
-        new_ids = base + prompt + reply + closing
-        forwarded = (base + prompt + generated)[:cache.num_tokens]
-        return new_ids, common_prefix(forwarded, new_ids)
+        return self.conversation.close_turn(ctx.messages, user, base, prompt, done.token_ids, done.text,
+                                            cache.num_tokens)
 
     def _result(self, ticket: Ticket, context_id: str | None, done: Finished, prompt_tokens: int,
                 context_tokens: int, switch_s: float) -> CallResult:

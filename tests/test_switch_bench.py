@@ -1,0 +1,64 @@
+"""The context-switching benchmark's replay and bookkeeping: a lossless system under a tight budget answers exactly as
+with unlimited memory, the budget holds, over-long contexts restart, and the 10/25 ms limits are interpolated."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmaas.bench.replay import SystemSetting, replay
+from llmaas.bench.switch import Run, _crossing, budget_bytes, max_active_contexts, shape
+from llmaas.bench.switch_report import write_results_md
+from llmaas.bench.trace import TraceConfig, make_trace
+from llmaas.engine.conversation import Conversation
+from llmaas.memory.policy import POLICIES
+
+
+@pytest.fixture(scope="module")
+def small_trace(smollm):
+    # 4 contexts (ag_news, xsum, samsum, cnn_dailymail), random pattern, 8 calls (3 return to a context); at max
+    # length 1024 the XSum calls (1-2k tokens) cannot be sent, and CNN/DM calls (0.5-1k) restart their context
+    return make_trace(TraceConfig("random", 4, seed=10, max_calls=8), Conversation(smollm.tokenizer,
+                                                                                   smollm.chat_template))
+
+
+def test_lossless_replay_under_a_tight_budget_equals_unlimited_memory(smollm, small_trace, tmp_path):
+    policy = POLICIES["vllm-s"]
+    tight = replay(smollm, small_trace, SystemSetting(policy, budget_bytes(smollm, 16, 1024, 2.0), 1024), tmp_path)
+    roomy = replay(smollm, small_trace, SystemSetting(policy, 10**10, 1024), tmp_path)
+    assert [r["answer"] for r in tight["records"]] == [r["answer"] for r in roomy["records"]]
+    assert tight["bytes_read"] > 0 and roomy["bytes_read"] == 0  # the tight one really swapped
+    for run in (tight, roomy):
+        assert run["max_resident_bytes"] <= run["budget_bytes"] and run["faults"] == 0
+    assert tight["skipped_calls"] == sum(c.task == "xsum" for c in small_trace.calls)
+    assert tight["calls"] + tight["skipped_calls"] == len(small_trace.calls)
+    assert tight["switch_s"]["n"] == sum(r["is_switch"] for r in tight["records"]) > 0
+
+
+def test_llms_replay_keeps_its_budget_and_reports_compressed_bytes(smollm, small_trace, tmp_path):
+    run = replay(smollm, small_trace, SystemSetting(POLICIES["llms"], budget_bytes(smollm, 16, 1024, 1.0), 1024),
+                 tmp_path)
+    assert run["max_resident_bytes"] <= run["budget_bytes"] and run["faults"] == 0
+    assert run["written_bytes_per_token"] < 12420  # below INT8's bytes per token: low-density chunks went to INT4/2
+    assert set(run["accuracy"]) <= {"ag_news", "samsum", "cnn_dailymail"}
+
+
+def test_interpolated_limits_and_the_results_page(tmp_path):
+    assert _crossing([(2, 0.004), (4, 0.008), (8, 0.016)], 0.010) == pytest.approx(5.0)
+    assert _crossing([(2, 0.004), (4, 0.008)], 0.010) == 4.0  # within the limit everywhere measured
+    assert _crossing([(2, 0.020)], 0.010) is None
+    metric = {"switch_s": {"mean": 0.006, "p50": 0.005, "p99": 0.02, "n": 3}}
+    sweep = {"markov/2": {"llms": metric}, "markov/4": {"llms": {"switch_s": {"mean": 0.012}}}}
+    assert max_active_contexts(sweep, {})["markov"]["llms"]["10ms"] == pytest.approx(3 + 1 / 3)
+    base = {**metric, "cold_switch_s": metric["switch_s"], "ttft_s": metric["switch_s"], "accuracy": {"sst2": 1.0},
+            "max_resident_bytes": 10, "budget_bytes": 20, "bytes_read": 0, "bytes_written": 0, "recomputed_tokens": 0,
+            "records": [{"answer": "positive"}]}
+    raw = {"runs": [{"run": vars(Run("main", "llms")), "result": base},
+                    {"run": vars(Run("main", "vllm-s")), "result": base},
+                    {"run": vars(Run("contexts", "llms", contexts=4)), "result": {"error": "budget too small"}}]}
+    result = shape(raw)
+    assert result["systems"]["llms"]["agree_fp16"] == 1.0
+    result["config"] = {"mode": "quick", "plan": {"calls": 1}, "seed": 42, "main": vars(Run("main", "llms")),
+                        "budget_1x_bytes": 1e6, "reference": "vllm-s", "machine": {}, "commit": None, "wall_s": 1.0}
+    write_results_md(result, tmp_path / "RESULTS.md", tmp_path / "r.json", [])
+    text = (tmp_path / "RESULTS.md").read_text()
+    assert "| llms |" in text and "budget too small" in text and "max_resident_bytes <= budget_bytes" in text
