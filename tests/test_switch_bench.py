@@ -43,9 +43,9 @@ def test_llms_replay_keeps_its_budget_and_reports_compressed_bytes(smollm, small
 
 
 def test_interpolated_limits_and_the_results_page(tmp_path):
-    assert _crossing([(2, 0.004), (4, 0.008), (8, 0.016)], 0.010) == pytest.approx(5.0)
-    assert _crossing([(2, 0.004), (4, 0.008)], 0.010) == 4.0  # within the limit everywhere measured
-    assert _crossing([(2, 0.020)], 0.010) is None
+    assert _crossing([(2, 0.004), (4, 0.008), (8, 0.016)], 0.010)[0] == pytest.approx(5.0)
+    assert _crossing([(2, 0.004), (4, 0.008)], 0.010) == (4.0, True)  # within the limit everywhere measured
+    assert _crossing([(2, 0.020)], 0.010) == (None, False)
     metric = {"switch_s": {"mean": 0.006, "p50": 0.005, "p99": 0.02, "n": 3}}
     sweep = {"markov/2": {"llms": metric}, "markov/4": {"llms": {"switch_s": {"mean": 0.012}}}}
     assert max_active_contexts(sweep, {})["markov"]["llms"]["10ms"] == pytest.approx(3 + 1 / 3)

@@ -89,14 +89,13 @@ def run_in_process(model_path: Path, trace: Trace, budget_bytes: int, max_contex
         read_before, had_kv, hot = bytes_read, bool(state.ids), active == state.kv_id
         t0 = time.perf_counter()
         if active != state.kv_id:
-            if active is not None:  # the outgoing context's state, held in memory (counted in the budget)
+            if active is not None:  # the outgoing context's state: held in memory if the budget has room for it
                 buf = (ctypes.c_uint8 * llama_cpp.llama_state_seq_get_size(ctx, 0))()
                 llama_cpp.llama_state_seq_get_data(ctx, buf, len(buf), 0)
-                held[active] = buf
                 covered_of[active] = covered
+                held[active] = buf
                 held_bytes += len(buf)
-                peak_bytes = max(peak_bytes, held_bytes)
-                while held_bytes > budget_bytes and held:  # swap the least recently used out, synchronously
+                while held_bytes > budget_bytes:  # swap out least recently used first, synchronously
                     victim, vbuf = held.popitem(last=False)
                     with open(file_of(victim), "wb", buffering=0) as f:
                         f.write(memoryview(vbuf).cast("B"))
@@ -105,6 +104,7 @@ def run_in_process(model_path: Path, trace: Trace, budget_bytes: int, max_contex
                     held_bytes -= len(vbuf)
                     bytes_written += len(vbuf)
                     on_disk.add(victim)
+                peak_bytes = max(peak_bytes, held_bytes)  # the outgoing state's buffer is transient, like a write
             llama_cpp.llama_memory_seq_rm(memory, 0, -1, -1)
             covered = 0
             buf = None

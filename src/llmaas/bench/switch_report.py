@@ -61,8 +61,16 @@ def print_table(result: dict) -> None:
     mac = result["sweeps"].get("max_active_contexts", {})
     for name, by_system in mac.items():
         print(f"max active contexts ({name}): " + ", ".join(
-            f"{s} {v['10ms'] if v['10ms'] is not None else '—'}/{v['25ms'] if v['25ms'] is not None else '—'}"
-            for s, v in by_system.items()) + "  (within 10 ms / 25 ms)")
+            f"{s} {_contexts(v, '10ms')}/{_contexts(v, '25ms')}" for s, v in by_system.items())
+              + "  (within 10 ms / 25 ms)")
+
+
+def _contexts(entry: dict, limit: str) -> str:
+    """'5.3', '≥ 8' (never over the limit up to the largest count measured) or '—' (over it already at the smallest)."""
+    value = entry.get(limit)
+    if value is None:
+        return "—"
+    return f"≥ {value:g}" if entry.get(f"{limit}_at_least") else f"{value:.1f}"
 
 
 def write_plots(result: dict, directory: Path) -> list[Path]:
@@ -218,8 +226,7 @@ def write_results_md(result: dict, path: Path, json_path: Path, plots: list[Path
     if mac:
         parts += ["## Maximum active contexts within 10 ms and 25 ms", "",
                   _table(["curve", "system", "10 ms", "25 ms"],
-                         [[name, s, "—" if v["10ms"] is None else f"{v['10ms']:.1f}",
-                           "—" if v["25ms"] is None else f"{v['25ms']:.1f}"]
+                         [[name, s, _contexts(v, "10ms"), _contexts(v, "25ms")]
                           for name, by_system in mac.items() for s, v in by_system.items()]), ""]
     for sweep, title in (("contexts", "Active contexts x pattern"), ("budget", "Budget (budget/contexts)"),
                          ("max_length", "Maximum context length"), ("chunk_tokens", "Chunk size (llms)"),
