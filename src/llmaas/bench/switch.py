@@ -89,8 +89,9 @@ class Plan:
         return runs
 
 
-# The full plan takes hours on 2 cores (a call averages about 3.5 s: XSum's 1-2k-token prompts dominate).
-FULL = Plan(calls=48, contexts=(2, 4, 8, 16), patterns=("random", "markov", "gaussian"), contexts_systems=BASELINES,
+# The full plan: about 100 replays of 24 calls, roughly 80 minutes on 2 cores (a call averages about 2 s, most of
+# it the prompt's prefill and the reply; XSum's 1-2k-token prompts dominate). --calls raises it for longer traces.
+FULL = Plan(calls=24, contexts=(2, 4, 8, 16), patterns=("random", "markov", "gaussian"), contexts_systems=BASELINES,
             budgets_x=(1.0, 2.0, 3.0), budget_contexts=(4, 8, 16), budget_systems=("llms", "swapping", "vllm-sq"),
             max_lengths=(512, 1024, 2048), chunk_sizes=(4, 8, 16, 32, 64), throttle_mbps=100.0)
 # Within 10 minutes on 2 cores (about 8 here): the main comparison, 2/4/8 active contexts for three systems, and the
@@ -234,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmaas bench switch", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a reduced plan that finishes within 10 minutes on 2 cores")
-    p.add_argument("--calls", type=int, help="calls per replayed trace (default: 64; --quick: 16)")
+    p.add_argument("--calls", type=int, help="calls per replayed trace (default: 24; --quick: 12)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--json", type=Path, default=Path("docs/bench_switch.json"), help="results (default: %(default)s)")
     p.add_argument("--plots", type=Path, default=Path("docs/switch"), help="PNG directory (default: %(default)s)")
