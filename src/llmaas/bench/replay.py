@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llmaas.bench.kv_tasks import TASKS, score
-from llmaas.bench.trace import Trace
+from llmaas.bench.trace import Trace, TraceCall
 from llmaas.engine.conversation import Conversation
 from llmaas.engine.generate import GenerateRequest, Generator
 from llmaas.kv.codec import ChunkGeometry
@@ -78,6 +78,22 @@ class ContextState:
     def kv_id(self) -> str:
         return f"{self.name}#{self.generation}"
 
+    def begin(self, conversation: Conversation, call: TraceCall,
+              max_context_tokens: int) -> tuple[list[int] | None, int, str | None]:
+        """A call's prompt ids and its turn's closing-token count. A call that would overflow the context starts it
+        afresh, as its app would open a new conversation; the third value is then the old KV's id, for the caller to
+        drop. The prompt is None when even a fresh context cannot hold the call (a short maximum length)."""
+        prompt = conversation.prompt_ids(self.history, call.user, starts_context=not self.ids)
+        closing = len(conversation.closing_ids(self.history, call.user, ""))
+        dropped = None
+        if self.ids and len(self.ids) + len(prompt) + call.max_new_tokens + closing > max_context_tokens:
+            dropped = self.kv_id
+            self.generation, self.history, self.ids = self.generation + 1, [], []
+            prompt = conversation.prompt_ids([], call.user, starts_context=True)
+        if len(prompt) + call.max_new_tokens + closing > max_context_tokens:
+            return None, closing, dropped
+        return prompt, closing, dropped
+
 
 def replay(loaded: LoadedModel, trace: Trace, setting: SystemSetting, work_dir: Path | None = None,
            label: str = "") -> dict:
@@ -124,15 +140,12 @@ def _run(loaded: LoadedModel, conversation: Conversation, store: ChunkedKVStore,
     started = last_report = time.perf_counter()
     for n, call in enumerate(trace.calls):
         ctx = contexts.setdefault(call.context, ContextState(call.context))
-        prompt = conversation.prompt_ids(ctx.history, call.user, starts_context=not ctx.ids)
-        closing = len(conversation.closing_ids(ctx.history, call.user, ""))
-        if ctx.ids and len(ctx.ids) + len(prompt) + call.max_new_tokens + closing > setting.max_context_tokens:
-            store.drop(ctx.kv_id)  # full: the app starts a new conversation for this context
-            ctx.generation, ctx.history, ctx.ids = ctx.generation + 1, [], []
+        prompt, closing, dropped = ctx.begin(conversation, call, setting.max_context_tokens)
+        if dropped is not None:
+            store.drop(dropped)
             resets += 1
-            prompt = conversation.prompt_ids([], call.user, starts_context=True)
-        if len(prompt) + call.max_new_tokens + closing > setting.max_context_tokens:
-            skipped += 1  # longer than any context may be (a short maximum length): the app could not send it
+        if prompt is None:
+            skipped += 1
             continue
         store.writer.wait_idle(timeout_s=call.gap_s)  # the simulated gap: AoT gets what the real one would give
         read_before, recomputed_before = store.counters["bytes_read"], store.counters["recomputed_tokens"]

@@ -237,9 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a reduced plan that finishes within 10 minutes on 2 cores")
     p.add_argument("--calls", type=int, help="calls per replayed trace (default: 24; --quick: 12)")
     p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--json", type=Path, default=Path("docs/bench_switch.json"), help="results (default: %(default)s)")
-    p.add_argument("--plots", type=Path, default=Path("docs/switch"), help="PNG directory (default: %(default)s)")
-    p.add_argument("--results-md", type=Path, default=Path("docs/RESULTS.md"), help="report (default: %(default)s)")
+    p.add_argument("--json", type=Path, help="results (default: docs/bench_switch.json; --quick: "
+                                             "docs/bench_switch_quick.json)")
+    p.add_argument("--plots", type=Path, help="PNG directory (default: docs/switch; --quick: docs/switch_quick)")
+    p.add_argument("--results-md", type=Path, help="report (default: docs/RESULTS.md; --quick: docs/RESULTS_quick.md)")
     p.add_argument("--peer", action="append", default=[], choices=["llama-cpp"],
                    help="also replay the main trace on llama.cpp's own state save/restore (needs llama-cpp-python)")
     p.add_argument("--work-dir", type=Path, help="where chunk files go (default: a temporary directory)")
@@ -253,6 +254,10 @@ def main(argv: list[str]) -> int:
     from llmaas.model.loader import load_model
 
     plan = QUICK if args.quick else FULL
+    suffix = "_quick" if args.quick else ""
+    args.json = args.json or Path(f"docs/bench_switch{suffix}.json")
+    args.plots = args.plots or Path(f"docs/switch{suffix}")
+    args.results_md = args.results_md or Path(f"docs/RESULTS{suffix}.md")
     if args.calls is not None:
         plan = Plan(**{**asdict(plan), "calls": args.calls})
     loaded = load_model()

@@ -74,16 +74,13 @@ def run_in_process(model_path: Path, trace: Trace, budget_bytes: int, max_contex
     started = time.perf_counter()
     for call in trace.calls:
         state = contexts.setdefault(call.context, ContextState(call.context))
-        prompt = conversation.prompt_ids(state.history, call.user, starts_context=not state.ids)
-        closing = len(conversation.closing_ids(state.history, call.user, ""))
-        if state.ids and len(state.ids) + len(prompt) + call.max_new_tokens + closing > max_context_tokens:
-            forget(state.kv_id)
-            if active == state.kv_id:
+        prompt, _, dropped = state.begin(conversation, call, max_context_tokens)
+        if dropped is not None:
+            forget(dropped)
+            if active == dropped:
                 active = None
-            state.generation, state.history, state.ids = state.generation + 1, [], []
             resets += 1
-            prompt = conversation.prompt_ids([], call.user, starts_context=True)
-        if len(prompt) + call.max_new_tokens + closing > max_context_tokens:
+        if prompt is None:
             skipped += 1
             continue
         read_before, had_kv, hot = bytes_read, bool(state.ids), active == state.kv_id
