@@ -236,6 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a reduced plan that finishes within 10 minutes on 2 cores")
     p.add_argument("--calls", type=int, help="calls per replayed trace (default: 24; --quick: 12)")
+    p.add_argument("--contexts", help="active-context counts of the contexts sweep, e.g. 2,4,6,8,12,16 "
+                                      "(default: 2,4,8,16; --quick: 2,4,8)")
+    p.add_argument("--max-lengths", help="maximum context lengths of that sweep, e.g. 256,512,1024 (default: 512,1024,"
+                                         "2048; none with --quick)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--json", type=Path, help="results (default: docs/bench_switch.json; --quick: "
                                              "docs/bench_switch_quick.json)")
@@ -258,8 +262,17 @@ def main(argv: list[str]) -> int:
     args.json = args.json or Path(f"docs/bench_switch{suffix}.json")
     args.plots = args.plots or Path(f"docs/switch{suffix}")
     args.results_md = args.results_md or Path(f"docs/RESULTS{suffix}.md")
+    changes: dict = {}
     if args.calls is not None:
-        plan = Plan(**{**asdict(plan), "calls": args.calls})
+        changes["calls"] = args.calls
+    for name, text in (("contexts", args.contexts), ("max_lengths", args.max_lengths)):
+        if text:
+            try:
+                changes[name] = tuple(int(x) for x in text.split(","))
+            except ValueError:
+                flag = "--" + name.replace("_", "-")
+                raise SystemExit(f"{flag} takes integers separated by commas; got {text!r}") from None
+    plan = Plan(**{**asdict(plan), **changes})
     loaded = load_model()
     raw = execute(loaded, plan, args.seed, args.work_dir, peer="llama-cpp" in args.peer)
     result = {"config": {"mode": "quick" if args.quick else "full", "plan": asdict(plan), "seed": args.seed,
