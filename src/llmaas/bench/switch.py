@@ -89,8 +89,8 @@ class Plan:
         return runs
 
 
-# The full plan: about 100 replays of 24 calls, 87 minutes on 2 cores (measured) (a call averages about 2 s, most of
-# it the prompt's prefill and the reply; XSum's 1-2k-token prompts dominate). --calls raises it for longer traces.
+# The full plan: about 100 replays of 24 calls, measured at 87 minutes on 2 cores. A call averages about 2 s, most of it
+# the prompt's prefill and the reply (XSum's 1-2k-token prompts dominate). --calls lengthens the traces.
 FULL = Plan(calls=24, contexts=(2, 4, 8, 16), patterns=("random", "markov", "gaussian"), contexts_systems=BASELINES,
             budgets_x=(1.0, 2.0, 3.0), budget_contexts=(4, 8, 16), budget_systems=("llms", "swapping", "vllm-sq"),
             max_lengths=(512, 1024, 2048), chunk_sizes=(4, 8, 16, 32, 64), throttle_mbps=100.0)
