@@ -15,9 +15,9 @@ from pathlib import Path
 from llmaas.bench.text_metrics import chrf, match_label, rouge_l
 from llmaas.engine.conversation import Conversation
 from llmaas.model.tokenizer import Tokenizer
+from llmaas.shared_data import DATA_DIR
 from llmaas.storage.catalog import Message
 
-DATA_DIR = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 ACK = "OK."  # the context call's assistant turn: teacher-forced, so every variant sees the same context tokens
 ROW_SEED = 0  # rows are drawn by random.Random(ROW_SEED).shuffle of the file's rows (all held-in, see SOURCES.md)
 

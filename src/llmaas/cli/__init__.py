@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "info": "show the model's architecture, parameters, weight formats and KV bytes per token",
     "bench": "benchmarks: `llmaas bench engine|service|restore` (speed vs peers, service overhead, cold restore)",
     "eval": "quality evaluations: `llmaas eval kv` (KV compression variants: perplexity, task scores, bytes)",
+    "elastic": "ElastiLM's offline steps: `llmaas elastic build|train|profile` (levels, LoRA, latency table)",
     "profile": "measure (once) the restore cost model the KV planner uses; --refresh measures again",
 }
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-EVALUATIONS = {"kv": "llmaas.bench.eval_kv"}
+EVALUATIONS = {"kv": "llmaas.bench.eval_kv", "elastic": "llmaas.bench.eval_elastic"}
 
 
 def main(argv: list[str]) -> int:

@@ -4,7 +4,8 @@ The caller (a dense cache for plain generation, the chunked memory manager for s
 one forward pass, knowing where the new tokens go. The model asks it for the positions of all visible keys once, and
 per layer hands it the new tokens' keys and values (one tensor) and gets back the layer's full keys and values.
 Masking is by absolute position (a query sees keys at positions <= its own), so keys may sit in any slot order and
-may include tokens after the query (recompute of non-contiguous chunks).
+may include tokens after the query (recompute of non-contiguous chunks). A view may instead give an explicit mask
+(`attention_mask`, e.g. several candidate continuations scored in one pass), which takes the dense path.
 """
 
 from __future__ import annotations

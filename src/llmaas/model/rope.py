@@ -36,3 +36,8 @@ class RopeTable:
         m, h, d = x.shape
         pairs = torch.view_as_complex(x.view(m, h, d // 2, 2))
         pairs.mul_(self._cis[positions][:, None, :])
+
+    def rotated(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [..., T, D] rotated out of place at positions [T] (differentiable: the training forward's RoPE)."""
+        pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], x.shape[-1] // 2, 2).contiguous())
+        return torch.view_as_real(pairs * self._cis.to(x.device)[positions]).flatten(-2)

@@ -3,7 +3,8 @@
 Owns the forward math and nothing else: it never allocates or keeps KV (the caller's KVView does), takes positions
 explicitly (so non-contiguous chunks are recomputed at their true positions), runs any layer range on given hidden
 states (so a restore can sync with IO per layer), fills AttentionStats when asked (chunk density), and runs elastic
-sub-models as active widths (prefixes of query heads per KV group and of FFN neurons; zero-copy weight views).
+sub-models as active widths (prefixes of query heads per KV group and of FFN neurons; zero-copy weight views) with
+optional unmerged LoRA deltas (model/lora.py) on the seven projections.
 Two execution paths share one layer structure: up to SMALL_BATCH_ROWS rows (decode) use the native block kernels;
 larger batches (prefill, recompute) use fp32 GEMM and PyTorch attention.
 """
@@ -20,6 +21,7 @@ from llmaas.errors import InvalidRequestError
 from llmaas.model.config import ModelConfig
 from llmaas.model.kv_view import KVView
 from llmaas.model.linear import SMALL_BATCH_ROWS, Linear
+from llmaas.model.lora import LayerLora, ModelLora
 from llmaas.model.rope import RopeTable
 from llmaas.model.stats import AttentionStats
 from llmaas.model.widths import LayerWidths, ModelWidths
@@ -61,11 +63,11 @@ class _Pass:
     into them (built once per pass, not per layer: on the decode path these views cost as much as the math)."""
 
     def __init__(self, c: ModelConfig, positions: torch.Tensor, key_positions: torch.Tensor, kv: KVView,
-                 widths: ModelWidths | None, stats: AttentionStats | None, small: bool, mask: torch.Tensor | None,
-                 causal: bool) -> None:
+                 widths: ModelWidths | None, lora: ModelLora | None, stats: AttentionStats | None, small: bool,
+                 mask: torch.Tensor | None, causal: bool) -> None:
         m = positions.shape[0]
         self.positions, self.key_positions, self.kv = positions, key_positions, kv
-        self.widths, self.stats = widths, stats
+        self.widths, self.lora, self.stats = widths, lora, stats
         self.small = small  # use the native kernels (few rows)
         self.mask = mask  # [M, T] bool for the PyTorch path; None when every key is visible to every row
         self.causal = causal  # keys are exactly the queries, in order: the fused kernel may use is_causal, not mask
@@ -93,10 +95,11 @@ class Transformer:
     # -- the pure function and its pieces -------------------------------------------------------------------------
 
     def forward(self, token_ids: torch.Tensor, positions: torch.Tensor, kv: KVView, *,
-                widths: ModelWidths | None = None, stats: AttentionStats | None = None) -> torch.Tensor:
+                widths: ModelWidths | None = None, lora: ModelLora | None = None,
+                stats: AttentionStats | None = None) -> torch.Tensor:
         """Logits [M, vocab] for tokens [M] at positions [M], reading and extending the caller's KV view."""
         h = self.embed(token_ids)
-        h = self.run_layers(h, positions, kv, widths=widths, stats=stats)
+        h = self.run_layers(h, positions, kv, widths=widths, lora=lora, stats=stats)
         return self.logits(h)
 
     def embed(self, token_ids: torch.Tensor) -> torch.Tensor:
@@ -108,7 +111,7 @@ class Transformer:
         return self.weights.embedding[token_ids]
 
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, kv: KVView, start: int = 0,
-                   stop: int | None = None, *, widths: ModelWidths | None = None,
+                   stop: int | None = None, *, widths: ModelWidths | None = None, lora: ModelLora | None = None,
                    stats: AttentionStats | None = None) -> torch.Tensor:
         """Run layers [start, stop) on hidden states h [M, d_model] (updated in place and returned)."""
         stop = self.config.n_layers if stop is None else stop
@@ -118,7 +121,9 @@ class Transformer:
             raise InvalidRequestError(f"need one position per token: {tuple(positions.shape)} vs {h.shape[0]} rows")
         if widths is not None:
             widths.check(self.config)
-        p = self._begin(h.shape[0], positions.to(torch.int64).contiguous(), kv, widths, stats)
+        if lora is not None:
+            lora.check(self.config, widths or ModelWidths.full(self.config))
+        p = self._begin(h.shape[0], positions.to(torch.int64).contiguous(), kv, widths, lora, stats)
         for layer in range(start, stop):
             self._layer(layer, h, p)
         return h
@@ -135,33 +140,44 @@ class Transformer:
         return self.kernels is not None and rows <= SMALL_BATCH_ROWS
 
     def _begin(self, m: int, positions: torch.Tensor, kv: KVView, widths: ModelWidths | None,
-               stats: AttentionStats | None) -> _Pass:
+               lora: ModelLora | None, stats: AttentionStats | None) -> _Pass:
         self.rope.check(positions)
         key_positions = kv.key_positions().to(torch.int64).contiguous()
         if stats is not None and stats.prob_sum.shape != key_positions.shape:
             raise InvalidRequestError(
                 f"stats cover {stats.prob_sum.numel()} keys but the view has {key_positions.numel()}"
             )
-        small = self._uses_kernels(m)
+        explicit = getattr(kv, "attention_mask", None)
+        small = self._uses_kernels(m) and explicit is None  # the kernels mask by position only
         mask, causal = None, False
-        if not small and m and int(key_positions.max()) > int(positions.min()):
+        if explicit is not None:
+            mask = explicit()  # [M, T] bool: True where a row may attend
+            if mask.shape != (m, key_positions.numel()):
+                raise InvalidRequestError(f"attention mask {tuple(mask.shape)} must be [{m}, {key_positions.numel()}]")
+        elif not small and m and int(key_positions.max()) > int(positions.min()):
             mask = key_positions[None, :] <= positions[:, None]
             # a fresh prompt (keys == queries, in order) lets the fused kernel skip the masked half outright
             causal = torch.equal(key_positions, positions) and bool((positions.diff() > 0).all())
-        return _Pass(self.config, positions, key_positions, kv, widths, stats, small, mask, causal)
+        return _Pass(self.config, positions, key_positions, kv, widths, lora, stats, small, mask, causal)
 
     def _layer(self, layer: int, h: torch.Tensor, p: _Pass) -> None:
         lw = self.weights.layers[layer]
         width = p.widths.layers[layer] if p.widths is not None else None
-        self._project_qkv(lw.qkv, self._norm(h, lw.attn_norm, p.x, p.small), p, width)
+        lora = p.lora.layers[layer] if p.lora is not None else None
+        active = list(width.q_heads) if width is not None else p.full_heads
+        x = self._norm(h, lw.attn_norm, p.x, p.small)
+        self._project_qkv(lw.qkv, x, p, width)
+        if lora is not None:
+            self._lora_qkv(lora, x, p, active)
         self._rope(p.q, p)
         self._rope(p.k, p)
         kv = p.kv.update(layer, p.new_kv)
-        active = list(width.q_heads) if width is not None else p.full_heads
         self._attend(kv, active, p, width is not None)
         self._project_out(lw.o, p, width, h)
+        if lora is not None and "o" in lora.pairs:
+            h += lora.pairs["o"].delta(self._active_heads(p.attn_flat, active), p.lora.scale)
         x = self._norm(h, lw.ffn_norm, p.x, p.small)
-        self._ffn(lw, x, p, width.ffn if width is not None else self.config.ffn_dim, h)
+        self._ffn(lw, x, p, width.ffn if width is not None else self.config.ffn_dim, h, lora)
 
     def _norm(self, h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, small: bool) -> torch.Tensor:
         """RMSNorm of h: written into `out` by the kernel; PyTorch's returns a fresh tensor (no copy into out)."""
@@ -188,6 +204,28 @@ class Transformer:
                 qkv.apply(x, p.qkv[:, r0:r0 + kept * c.head_dim], rows=(r0, r0 + kept * c.head_dim))
         qkv.apply(x, p.qkv[:, c.q_dim:], rows=(c.q_dim, c.q_dim + 2 * c.kv_dim))
 
+    def _active_heads(self, t: torch.Tensor, active: list[int]) -> torch.Tensor:
+        """The columns of t [M, q_dim] that belong to the active heads, concatenated group by group (LoRA's order)."""
+        c = self.config
+        group = c.heads_per_group * c.head_dim
+        if all(kept == c.heads_per_group for kept in active):
+            return t
+        return torch.cat([t[:, g * group:g * group + kept * c.head_dim] for g, kept in enumerate(active)], dim=1)
+
+    def _lora_qkv(self, lora: LayerLora, x: torch.Tensor, p: _Pass, active: list[int]) -> None:
+        """Add the adapters' deltas to the projected q (active heads), k and v, before RoPE."""
+        c, scale = self.config, p.lora.scale
+        if "q" in lora.pairs:
+            dq, r = lora.pairs["q"].delta(x, scale), 0
+            group = c.heads_per_group * c.head_dim
+            for g, kept in enumerate(active):
+                width = kept * c.head_dim
+                p.qkv[:, g * group:g * group + width] += dq[:, r:r + width]
+                r += width
+        for name, c0 in (("k", c.q_dim), ("v", c.q_dim + c.kv_dim)):
+            if name in lora.pairs:
+                p.qkv[:, c0:c0 + c.kv_dim] += lora.pairs[name].delta(x, scale)
+
     def _project_out(self, o: Linear, p: _Pass, width: LayerWidths | None, h: torch.Tensor) -> None:
         """h += attention output @ Wo^T over the active heads (each group's active heads are contiguous)."""
         if width is None:
@@ -201,7 +239,8 @@ class Transformer:
                 o.apply(p.attn_flat[:, c0:c0 + kept * c.head_dim], h, cols=(c0, c0 + kept * c.head_dim),
                         accumulate=True)
 
-    def _ffn(self, lw: LayerWeights, x: torch.Tensor, p: _Pass, kept: int, h: torch.Tensor) -> None:
+    def _ffn(self, lw: LayerWeights, x: torch.Tensor, p: _Pass, kept: int, h: torch.Tensor,
+             lora: LayerLora | None) -> None:
         """h += down(silu(gate(x)) * up(x)) over the first `kept` neurons; the activation overwrites gate."""
         if kept == 0:
             return
@@ -213,11 +252,17 @@ class Transformer:
             gate, up = p.gate[:, :kept], p.up[:, :kept]
             lw.gate_up.apply(x, gate, rows=(0, kept))
             lw.gate_up.apply(x, up, rows=(f, f + kept))
+        if lora is not None:
+            for name, out in (("gate", gate), ("up", up)):
+                if name in lora.pairs:
+                    out += lora.pairs[name].delta(x, p.lora.scale)
         if p.small:
             self.kernels.silu_mul(gate, gate, up)
         else:
             F.silu(gate, inplace=True).mul_(up)
         lw.down.apply(gate, h, cols=(0, kept), accumulate=True)
+        if lora is not None and "down" in lora.pairs:
+            h += lora.pairs["down"].delta(gate, p.lora.scale)
 
     def _attend(self, kv: torch.Tensor, active: list[int], p: _Pass, sliced: bool) -> None:
         """p.attn[:, heads] = attention of the active query heads over the view's keys and values."""

@@ -139,3 +139,16 @@ def _f16(two_bytes: np.ndarray) -> torch.Tensor:
 
 def _u8(b: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(b).reshape(b.shape[0], -1))
+
+
+def quantize_q8(dense: torch.Tensor) -> Q8Blocks:
+    """Q8_0 blocks of an fp32 [rows, cols] matrix (cols a multiple of 32): scale = max|w| / 127 per block, stored
+    fp16, q rounded to nearest. For weights that no longer line up with their original blocks (reordered columns)."""
+    rows, cols = dense.shape
+    if cols % BLOCK:
+        raise UnsupportedModelError(f"cannot block {cols} columns into blocks of {BLOCK}")
+    blocks = dense.reshape(rows, cols // BLOCK, BLOCK)
+    scales = (blocks.abs().amax(dim=-1) / 127).half()
+    inv = torch.where(scales.float() > 0, 1 / scales.float(), torch.zeros(()))
+    qs = torch.round(blocks * inv[..., None]).clamp_(-127, 127).to(torch.int8)
+    return Q8Blocks(qs.reshape(rows, cols).contiguous(), scales.contiguous())

@@ -1,0 +1,305 @@
+"""`llmaas eval elastic`: accuracy, perplexity and measured latency of every elastic level (with and without its
+LoRA) and of the layer-dropping baselines, compared at matched measured TTFT.
+
+Owns the run plan, the per-config result cache (so a long run resumes, and accuracy can run while the machine is
+busy while latency waits for a quiet one: `--phase`), statistics (Wilson 95% intervals; paired bootstrap of the
+mean accuracy across tasks), the JSON in the issue's shape, the table and the PNG. Ignores how sub-models are
+made (llmaas.elastic) and how items are scored (mc_score.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from llmaas.bench.mc_score import perplexity, score_task
+from llmaas.bench.mc_tasks import AGENT, STANDALONE, MCTask
+from llmaas.elastic.baselines import BASELINES, baseline_widths
+from llmaas.elastic.latency import tpot_s, ttft_s
+from llmaas.elastic.levels import LEVELS, level_name
+from llmaas.elastic.model import ElasticModel
+from llmaas.shared_data import DATA_DIR
+
+WIKITEXT = DATA_DIR / "wikitext2" / "test.raw.txt"
+
+
+@dataclass(frozen=True)
+class EvalElasticConfig:
+    items: int = 40  # per standalone task
+    agent_items: int = 20  # per agent task (21 and 77 choices: each item costs many passes)
+    ppl_windows: int = 4
+    ppl_window_tokens: int = 512
+    ttft_tokens: int = 256
+    latency_runs: int = 3
+    baseline_ratios: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    bootstrap: int = 10_000
+
+    def key(self) -> str:
+        """What the cached accuracy depends on."""
+        return f"items{self.items}-agent{self.agent_items}-ppl{self.ppl_windows}x{self.ppl_window_tokens}"
+
+
+@dataclass(frozen=True)
+class Setting:
+    method: str  # "elastic" or a baseline name
+    ratio: float  # level or ratio
+    lora: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"{self.method}@{self.ratio:.1f}" + ("+lora" if self.lora else "")
+
+
+def plan(elastic: ElasticModel, cfg: EvalElasticConfig) -> list[Setting]:
+    out = [Setting("elastic", m / 10) for m in LEVELS]
+    out += [Setting("elastic", m / 10, True) for m in LEVELS if m in elastic.adapters]
+    out += [Setting(b, r) for b in BASELINES for r in cfg.baseline_ratios]
+    return out
+
+
+def sub_model(elastic: ElasticModel, s: Setting):
+    if s.method == "elastic":
+        sub = elastic.view(round(s.ratio * 10), s.lora)
+        return sub.widths, sub.lora
+    return baseline_widths(elastic.loaded.model, elastic.artifact.scores, s.method, s.ratio), None
+
+
+class ResultCache:
+    """JSON file of finished settings; written after each one so an interrupted run loses at most one setting."""
+
+    def __init__(self, path: Path, key: str) -> None:
+        self.path, self.key = path, key
+        self.data = json.loads(path.read_text()) if path.exists() else {}
+
+    def get(self, kind: str, name: str) -> dict | None:
+        return self.data.get(f"{kind}|{self.key if kind == 'accuracy' else ''}|{name}")
+
+    def put(self, kind: str, name: str, value: dict) -> None:
+        self.data[f"{kind}|{self.key if kind == 'accuracy' else ''}|{name}"] = value
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data))
+        tmp.replace(self.path)
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    if n == 0:
+        return (0.0, 1.0)
+    z, p = 1.96, k / n
+    centre, half = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return ((centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n))
+
+
+def paired_bootstrap(a: dict[str, list[bool]], b: dict[str, list[bool]], resamples: int,
+                     seed: int = 42) -> tuple[float, float, float]:
+    """Mean-across-tasks accuracy of a minus b, with a 95% interval from resampling each task's items (paired)."""
+    rng = random.Random(seed)
+    tasks = sorted(a)
+
+    def diff(idx: dict[str, list[int]]) -> float:
+        return sum(sum(a[t][i] - b[t][i] for i in idx[t]) / len(idx[t]) for t in tasks) / len(tasks)
+
+    point = diff({t: list(range(len(a[t]))) for t in tasks})
+    samples = sorted(diff({t: [rng.randrange(len(a[t])) for _ in a[t]] for t in tasks}) for _ in range(resamples))
+    return point, samples[int(0.025 * resamples)], samples[int(0.975 * resamples) - 1]
+
+
+def run_accuracy(elastic: ElasticModel, settings: list[Setting], tasks: list[MCTask], wiki: list[int],
+                 cfg: EvalElasticConfig, cache: ResultCache, log=print) -> None:
+    todo = [s for s in settings if cache.get("accuracy", s.name) is None]
+    t0 = time.perf_counter()
+    for k, s in enumerate(todo):
+        widths, lora = sub_model(elastic, s)
+        model = elastic.loaded.model
+        result = {"ppl": perplexity(model, wiki, cfg.ppl_windows, cfg.ppl_window_tokens, widths, lora),
+                  "correct": {t.name: score_task(model, elastic.loaded.tokenizer, t, widths, lora) for t in tasks}}
+        cache.put("accuracy", s.name, result)
+        elapsed = time.perf_counter() - t0
+        acc = sum(sum(v) / len(v) for v in result["correct"].values()) / len(tasks)
+        log(f"  [{k + 1}/{len(todo)}] {s.name}: ppl {result['ppl']:.2f}, mean accuracy {acc:.3f}; "
+            f"{elapsed:.0f} s, ETA {elapsed / (k + 1) * (len(todo) - k - 1):.0f} s")
+
+
+def run_latency(elastic: ElasticModel, settings: list[Setting], cfg: EvalElasticConfig, cache: ResultCache,
+                log=print) -> None:
+    for s in settings:
+        if cache.get("latency", s.name) is not None:
+            continue
+        widths, lora = sub_model(elastic, s)
+        model = elastic.loaded.model
+        value = {"ttft_s": ttft_s(model, widths, lora, cfg.ttft_tokens, cfg.latency_runs),
+                 "tpot_s": tpot_s(model, widths, lora, 16), "ttft_tokens": cfg.ttft_tokens}
+        cache.put("latency", s.name, value)
+        log(f"  {s.name}: TTFT {value['ttft_s'] * 1e3:.1f} ms ({cfg.ttft_tokens} tokens), "
+            f"TPOT {value['tpot_s'] * 1e3:.2f} ms")
+
+
+def assemble(elastic: ElasticModel, settings: list[Setting], tasks: list[MCTask], cfg: EvalElasticConfig,
+             cache: ResultCache) -> dict:
+    def entry(s: Setting) -> dict:
+        acc, lat = cache.get("accuracy", s.name), cache.get("latency", s.name) or {}
+        out = {"ttft_s": lat.get("ttft_s"), "tpot_s": lat.get("tpot_s")}
+        if acc is not None:
+            out["ppl"] = acc["ppl"]
+            out["accuracy"] = {t: sum(v) / len(v) for t, v in acc["correct"].items()}
+            out["accuracy_ci95"] = {t: wilson(sum(v), len(v)) for t, v in acc["correct"].items()}
+            out["mean_accuracy"] = sum(out["accuracy"].values()) / len(out["accuracy"])
+        return out
+
+    levels = {}
+    for m in LEVELS:
+        base = entry(Setting("elastic", m / 10))
+        lora = entry(Setting("elastic", m / 10, True)) if m in elastic.adapters else {}
+        levels[level_name(m)] = {**base, "ppl_lora": lora.get("ppl"), "accuracy_lora": lora.get("accuracy"),
+                                 "accuracy_lora_ci95": lora.get("accuracy_ci95"),
+                                 "mean_accuracy_lora": lora.get("mean_accuracy"), "ttft_lora_s": lora.get("ttft_s"),
+                                 "tpot_lora_s": lora.get("tpot_s")}
+    baselines = {b: {f"{r:.1f}": entry(Setting(b, r)) for r in cfg.baseline_ratios} for b in BASELINES}
+    return {"levels": levels, "baselines": baselines, "matched": _matched(elastic, cfg, cache),
+            "switch_s": _switch_s(elastic), "lora_bytes": elastic.adapters_nbytes,
+            "model_bytes": elastic.loaded.model.weights.nbytes,
+            "tasks": {t.name: {"items": len(t.items), "chance": t.chance} for t in tasks},
+            "config": asdict(cfg), "anchors": list(elastic.artifact.anchors),
+            "lora_training": _training_records(elastic)}
+
+
+def _switch_s(elastic: ElasticModel) -> float:
+    from llmaas.elastic.latency import switch_s
+    return switch_s(elastic.view)
+
+
+def _training_records(elastic: ElasticModel) -> dict:
+    from llmaas.elastic.lora_store import adapter_record
+    out = {}
+    for m in elastic.adapters:
+        r = adapter_record(elastic.directory, m) or {}
+        out[level_name(m)] = {k: r.get(k) for k in ("steps", "complete", "tokens_seen", "wall_s",
+                                                     "held_out_loss_without_lora", "held_out_loss_best")}
+    return out
+
+
+def _matched(elastic: ElasticModel, cfg: EvalElasticConfig, cache: ResultCache) -> list[dict]:
+    """Each elastic level (with LoRA where trained) against each baseline's setting of nearest measured TTFT:
+    mean accuracy difference with a paired bootstrap 95% interval."""
+    out = []
+    for m in LEVELS[:-1]:
+        mine = Setting("elastic", m / 10, m in elastic.adapters)
+        acc, lat = cache.get("accuracy", mine.name), cache.get("latency", mine.name)
+        if acc is None or lat is None:
+            continue
+        for b in BASELINES:
+            cands = [(abs(cache.get("latency", Setting(b, r).name)["ttft_s"] - lat["ttft_s"]), Setting(b, r))
+                     for r in cfg.baseline_ratios if cache.get("latency", Setting(b, r).name)
+                     and cache.get("accuracy", Setting(b, r).name)]
+            if not cands:
+                continue
+            other = min(cands, key=lambda c: c[0])[1]
+            d, lo, hi = paired_bootstrap(acc["correct"], cache.get("accuracy", other.name)["correct"], cfg.bootstrap)
+            out.append({"level": level_name(m), "lora": mine.lora, "baseline": b, "ratio": other.ratio,
+                        "ttft_s": lat["ttft_s"], "baseline_ttft_s": cache.get("latency", other.name)["ttft_s"],
+                        "diff": d, "ci95": [lo, hi], "significant": lo > 0 or hi < 0})
+    return out
+
+
+def table(result: dict) -> str:
+    tasks = list(result["tasks"])
+    head = f"{'setting':<22}{'TTFT ms':>9}{'TPOT ms':>9}{'ppl':>9}{'mean acc':>10}  " + " ".join(
+        f"{t[:8]:>8}" for t in tasks)
+    lines = [head, "-" * len(head)]
+
+    def f(x: float | None, k: int, d: int) -> str:
+        return f"{x:>{k}.{d}f}" if x is not None else f"{'-':>{k}}"
+
+    def row(name: str, ttft, tpot, ppl, acc: dict | None) -> str:
+        mean = sum(acc.values()) / len(acc) if acc else None
+        return (f"{name:<22}{f(ttft and ttft * 1e3, 9, 1)}{f(tpot and tpot * 1e3, 9, 2)}{f(ppl, 9, 2)}"
+                f"{f(mean, 10, 3)}  " + " ".join(f((acc or {}).get(t), 8, 3) for t in tasks))
+
+    for name, v in result["levels"].items():
+        lines.append(row(f"elastic {name}", v["ttft_s"], v["tpot_s"], v.get("ppl"), v.get("accuracy")))
+        if v.get("accuracy_lora"):
+            lines.append(row(f"elastic {name} +LoRA", v["ttft_lora_s"], v["tpot_lora_s"], v["ppl_lora"],
+                             v["accuracy_lora"]))
+    for b, rs in result["baselines"].items():
+        for r, v in rs.items():
+            lines.append(row(f"{b} {r}", v["ttft_s"], v["tpot_s"], v.get("ppl"), v.get("accuracy")))
+    lines.append("")
+    lines.append("matched TTFT (elastic level vs nearest-TTFT baseline): mean-accuracy difference, 95% CI")
+    for mt in result["matched"]:
+        lines.append(f"  {mt['level']}{'+LoRA' if mt['lora'] else ''} vs {mt['baseline']} {mt['ratio']:.1f} "
+                     f"(TTFT {mt['ttft_s'] * 1e3:.0f} vs {mt['baseline_ttft_s'] * 1e3:.0f} ms): "
+                     f"{mt['diff']:+.3f} [{mt['ci95'][0]:+.3f}, {mt['ci95'][1]:+.3f}]"
+                     f"{'' if mt['significant'] else ' (not significant)'}")
+    lines.append(f"switch {result['switch_s'] * 1e6:.2f} us; adapters {result['lora_bytes'] / 2**20:.1f} MiB "
+                 f"({result['lora_bytes'] / result['model_bytes']:.1%} of resident weights)")
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    series = {"elastic": [(v["ttft_s"], v.get("mean_accuracy")) for v in result["levels"].values()],
+              "elastic + LoRA": [(v["ttft_lora_s"], v.get("mean_accuracy_lora")) for v in result["levels"].values()]}
+    series |= {b: [(v["ttft_s"], v.get("mean_accuracy")) for v in rs.values()] for b, rs in result["baselines"].items()}
+    for name, pts in series.items():
+        pts = sorted((t * 1e3, a) for t, a in pts if t is not None and a is not None)
+        if pts:
+            ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+    chance = sum(t["chance"] for t in result["tasks"].values()) / len(result["tasks"])
+    ax.axhline(chance, color="grey", linestyle=":", label="chance")
+    ax.set_xlabel(f"measured TTFT, ms ({result['config']['ttft_tokens']}-token prompt)")
+    ax.set_ylabel("mean accuracy over tasks")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from llmaas.cli.common import add_model_options
+    d = EvalElasticConfig()
+    p = argparse.ArgumentParser(prog="llmaas eval elastic", description=__doc__)
+    add_model_options(p)
+    p.add_argument("--json", type=Path, required=True, help="write the results here")
+    p.add_argument("--png", type=Path, help="accuracy vs TTFT plot (default: the JSON path with .png)")
+    p.add_argument("--items", type=int, default=d.items, help=f"items per standalone task (default {d.items})")
+    p.add_argument("--agent-items", type=int, default=d.agent_items,
+                   help=f"items per agent task (default {d.agent_items})")
+    p.add_argument("--phase", choices=("all", "accuracy", "latency"), default="all",
+                   help="accuracy: scores only (safe on a busy machine); latency: timings only; all (default)")
+    p.add_argument("--elastic-dir", type=Path, help="artifact directory (default: the model's cache dir)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    cfg = EvalElasticConfig(items=args.items, agent_items=args.agent_items)
+    elastic = ElasticModel.open(args.model, args.elastic_dir, use_kernels=not args.no_kernels)
+    tasks = [f(cfg.items) for f in STANDALONE.values()] + [f(cfg.agent_items) for f in AGENT.values()]
+    settings = plan(elastic, cfg)
+    cache = ResultCache(elastic.directory / "eval_cache.json", cfg.key())
+    print(f"{len(settings)} settings x ({len(tasks)} tasks + perplexity); adapters for levels "
+          f"{[level_name(m) for m in sorted(elastic.adapters)]}")
+    if args.phase in ("all", "accuracy"):
+        wiki = elastic.loaded.tokenizer.encode(WIKITEXT.read_text(encoding="utf-8")[:200_000])
+        run_accuracy(elastic, settings, tasks, wiki, cfg, cache)
+    if args.phase in ("all", "latency"):
+        run_latency(elastic, settings, cfg, cache)
+    result = assemble(elastic, settings, tasks, cfg, cache)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(result, indent=1))
+    print(table(result))
+    png = args.png or args.json.with_suffix(".png")
+    plot(result, png)
+    print(f"wrote {args.json} and {png}")
+    return 0

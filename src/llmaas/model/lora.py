@@ -1,0 +1,103 @@
+"""Unmerged low-rank adapters (LoRA) on the seven projections: y = W x + scale * B (A x), with W untouched.
+
+Owns: the adapter tensors and their shapes under active widths, and the one delta function the transformer and the
+training forward both call. An adapter is sized to its sub-model: q (and o's input) cover the active query heads in
+group-major order (each group's kept prefix, concatenated), gate/up (and down's input) the kept FFN prefix, k/v the
+full KV width. Ignores: which level or adapter is active (the elastic layer picks) and training (elastic/lora_train).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llmaas.errors import InvalidRequestError
+from llmaas.model.config import ModelConfig
+from llmaas.model.widths import ModelWidths
+
+PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
+
+
+@dataclass(frozen=True, eq=False)
+class LoraPair:
+    a: torch.Tensor  # [rank, in_active]
+    b: torch.Tensor  # [out_active, rank]
+
+    def delta(self, x: torch.Tensor, scale: float) -> torch.Tensor:
+        """scale * (x @ A^T) @ B^T for x [..., in_active] -> [..., out_active]."""
+        return (x @ self.a.t()) @ self.b.t() * scale
+
+
+@dataclass(frozen=True, eq=False)
+class LayerLora:
+    pairs: dict[str, LoraPair]  # projection name (PROJECTIONS) -> its adapter
+
+
+@dataclass(frozen=True, eq=False)
+class ModelLora:
+    layers: tuple[LayerLora, ...]
+    scale: float  # alpha / rank
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.a.nbytes + p.b.nbytes for layer in self.layers for p in layer.pairs.values())
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.a.numel() + p.b.numel() for layer in self.layers for p in layer.pairs.values())
+
+    def to(self, device: torch.device) -> ModelLora:
+        layers = tuple(LayerLora({k: LoraPair(p.a.to(device), p.b.to(device)) for k, p in layer.pairs.items()})
+                       for layer in self.layers)
+        return ModelLora(layers, self.scale)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Flat name -> tensor map (for safetensors and optimizers): 'layers.<i>.<proj>.<a|b>'."""
+        return {f"layers.{i}.{name}.{ab}": getattr(p, ab) for i, layer in enumerate(self.layers)
+                for name, p in layer.pairs.items() for ab in ("a", "b")}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], n_layers: int, scale: float) -> ModelLora:
+        layers = []
+        for i in range(n_layers):
+            pairs = {name: LoraPair(tensors[f"layers.{i}.{name}.a"], tensors[f"layers.{i}.{name}.b"])
+                     for name in PROJECTIONS if f"layers.{i}.{name}.a" in tensors}
+            layers.append(LayerLora(pairs))
+        return cls(tuple(layers), scale)
+
+    @classmethod
+    def init(cls, config: ModelConfig, widths: ModelWidths, rank: int, alpha: float,
+             generator: torch.Generator) -> ModelLora:
+        """Fresh adapters for a sub-model: A Kaiming-uniform (as PEFT), B zero, so the start equals no adapter."""
+        if rank <= 0:
+            raise InvalidRequestError(f"LoRA rank must be positive, got {rank}")
+        layers = []
+        for w in widths.layers:
+            q_active = sum(w.q_heads) * config.head_dim
+            shapes = {"q": (q_active, config.d_model), "k": (config.kv_dim, config.d_model),
+                      "v": (config.kv_dim, config.d_model), "o": (config.d_model, q_active),
+                      "gate": (w.ffn, config.d_model), "up": (w.ffn, config.d_model), "down": (config.d_model, w.ffn)}
+            pairs = {}
+            for name, (out_f, in_f) in shapes.items():
+                if out_f == 0 or in_f == 0:
+                    continue  # a unit set removed at this width has nothing to adapt
+                bound = (1.0 / in_f) ** 0.5  # kaiming_uniform_(a=sqrt(5)) on [rank, in_f]
+                a = (torch.rand(rank, in_f, generator=generator) * 2 - 1) * bound
+                pairs[name] = LoraPair(a, torch.zeros(out_f, rank))
+            layers.append(LayerLora(pairs))
+        return cls(tuple(layers), alpha / rank)
+
+    def check(self, config: ModelConfig, widths: ModelWidths) -> None:
+        """Refuse adapters whose shapes do not fit these widths (an adapter trained for another level)."""
+        if len(self.layers) != config.n_layers:
+            raise InvalidRequestError(f"LoRA has {len(self.layers)} layers; the model has {config.n_layers}")
+        for i, (layer, w) in enumerate(zip(self.layers, widths.layers, strict=True)):
+            q_active = sum(w.q_heads) * config.head_dim
+            want = {"q": q_active, "o": q_active, "gate": w.ffn, "up": w.ffn, "down": w.ffn}
+            for name, p in layer.pairs.items():
+                size = p.a.shape[1] if name in ("o", "down") else p.b.shape[0]
+                if name in want and size != want[name]:
+                    raise InvalidRequestError(
+                        f"layer {i} {name}: the adapter covers {size} units but the widths keep {want[name]}; "
+                        "use the adapter trained for this level")

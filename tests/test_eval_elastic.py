@@ -1,0 +1,40 @@
+"""The elastic evaluation's scoring: batched choices equal scoring each choice alone, and the statistics behave."""
+
+from __future__ import annotations
+
+import torch
+
+from conftest import fp32_cache
+from llmaas.bench.eval_elastic import paired_bootstrap, wilson
+from llmaas.bench.mc_score import choice_scores
+
+
+def test_choices_in_one_pass_equal_each_choice_alone(smollm_dense):
+    tok, model = smollm_dense.tokenizer, smollm_dense.model
+    context = tok.encode("Answer the question.\n\n")
+    question = tok.encode("Question: What is the capital of France?\nAnswer:", add_bos=False)
+    choices = [tok.encode(c, add_bos=False) for c in (" Paris", " the city of Lyon", " Berlin in Germany", " a")]
+    cache = fp32_cache(smollm_dense, 64)
+    model.forward(torch.tensor(context), torch.arange(len(context)), cache.append(len(context)))
+    batched = choice_scores(model, cache, question, choices, None, None)
+    assert cache.num_tokens == len(context)  # scoring never writes the shared context's cache
+    alone = []
+    for c in choices:
+        ids = context + question + c
+        logp = torch.log_softmax(model.forward(torch.tensor(ids), torch.arange(len(ids)),
+                                               fp32_cache(smollm_dense, 64).append(len(ids))), -1)
+        start = len(context) + len(question)
+        alone.append(sum(logp[start - 1 + j, c[j]].item() for j in range(len(c))) / len(c))
+    assert max(abs(a - b) for a, b in zip(batched, alone, strict=True)) < 1e-4
+    assert max(range(4), key=batched.__getitem__) == 0
+
+
+def test_wilson_and_paired_bootstrap():
+    lo, hi = wilson(50, 100)
+    assert lo < 0.5 < hi and abs((hi - lo) - 0.19) < 0.01
+    same = {"t": [True, False] * 20}
+    d, lo, hi = paired_bootstrap(same, same, 500)
+    assert d == lo == hi == 0
+    better = {"t": [True] * 40}
+    d, lo, hi = paired_bootstrap(better, same, 500)
+    assert d == 0.5 and lo > 0
