@@ -165,5 +165,5 @@ def test_evaluate_shape_on_the_tiny_model(tiny):
 
 def test_cli_dispatch(capsys):
     assert eval_cli.main([]) == 0
-    assert "llmaas eval {kv}" in capsys.readouterr().out
+    assert "llmaas eval {kv,elastic}" in capsys.readouterr().out
     assert eval_cli.main(["nope"]) == 2

@@ -22,8 +22,9 @@ import torch
 from llmaas.bench.mc_score import perplexity, score_task
 from llmaas.bench.mc_tasks import AGENT, STANDALONE, MCTask
 from llmaas.elastic.baselines import BASELINES, baseline_widths
-from llmaas.elastic.latency import tpot_s, ttft_s
+from llmaas.elastic.latency import switch_s, tpot_s, ttft_s
 from llmaas.elastic.levels import LEVELS, level_name
+from llmaas.elastic.lora_store import adapter_record
 from llmaas.elastic.model import ElasticModel
 from llmaas.shared_data import DATA_DIR
 
@@ -51,17 +52,22 @@ class Setting:
     method: str  # "elastic" or a baseline name
     ratio: float  # level or ratio
     lora: bool = False
+    adapter_steps: int = 0  # the adapter's training steps: a retrained adapter is a new setting, not a cache hit
 
     @property
     def name(self) -> str:
-        return f"{self.method}@{self.ratio:.1f}" + ("+lora" if self.lora else "")
+        return f"{self.method}@{self.ratio:.1f}" + (f"+lora{self.adapter_steps}" if self.lora else "")
 
 
 def plan(elastic: ElasticModel, cfg: EvalElasticConfig) -> list[Setting]:
     out = [Setting("elastic", m / 10) for m in LEVELS]
-    out += [Setting("elastic", m / 10, True) for m in LEVELS if m in elastic.adapters]
+    out += [lora_setting(elastic, m) for m in LEVELS if m in elastic.adapters]
     out += [Setting(b, r) for b in BASELINES for r in cfg.baseline_ratios]
     return out
+
+
+def lora_setting(elastic: ElasticModel, level10: int) -> Setting:
+    return Setting("elastic", level10 / 10, True, adapter_record(elastic.directory, level10)["steps"])
 
 
 def sub_model(elastic: ElasticModel, s: Setting):
@@ -155,27 +161,21 @@ def assemble(elastic: ElasticModel, settings: list[Setting], tasks: list[MCTask]
     levels = {}
     for m in LEVELS:
         base = entry(Setting("elastic", m / 10))
-        lora = entry(Setting("elastic", m / 10, True)) if m in elastic.adapters else {}
+        lora = entry(lora_setting(elastic, m)) if m in elastic.adapters else {}
         levels[level_name(m)] = {**base, "ppl_lora": lora.get("ppl"), "accuracy_lora": lora.get("accuracy"),
                                  "accuracy_lora_ci95": lora.get("accuracy_ci95"),
                                  "mean_accuracy_lora": lora.get("mean_accuracy"), "ttft_lora_s": lora.get("ttft_s"),
                                  "tpot_lora_s": lora.get("tpot_s")}
     baselines = {b: {f"{r:.1f}": entry(Setting(b, r)) for r in cfg.baseline_ratios} for b in BASELINES}
     return {"levels": levels, "baselines": baselines, "matched": _matched(elastic, cfg, cache),
-            "switch_s": _switch_s(elastic), "lora_bytes": elastic.adapters_nbytes,
+            "switch_s": switch_s(elastic.view), "lora_bytes": elastic.adapters_nbytes,
             "model_bytes": elastic.loaded.model.weights.nbytes,
             "tasks": {t.name: {"items": len(t.items), "chance": t.chance} for t in tasks},
             "config": asdict(cfg), "anchors": list(elastic.artifact.anchors),
             "lora_training": _training_records(elastic)}
 
 
-def _switch_s(elastic: ElasticModel) -> float:
-    from llmaas.elastic.latency import switch_s
-    return switch_s(elastic.view)
-
-
 def _training_records(elastic: ElasticModel) -> dict:
-    from llmaas.elastic.lora_store import adapter_record
     out = {}
     for m in elastic.adapters:
         r = adapter_record(elastic.directory, m) or {}
@@ -189,7 +189,7 @@ def _matched(elastic: ElasticModel, cfg: EvalElasticConfig, cache: ResultCache) 
     mean accuracy difference with a paired bootstrap 95% interval."""
     out = []
     for m in LEVELS[:-1]:
-        mine = Setting("elastic", m / 10, m in elastic.adapters)
+        mine = lora_setting(elastic, m) if m in elastic.adapters else Setting("elastic", m / 10)
         acc, lat = cache.get("accuracy", mine.name), cache.get("latency", mine.name)
         if acc is None or lat is None:
             continue

@@ -16,7 +16,7 @@ SUBCOMMANDS = {
     "openapi": "print the service's OpenAPI document (the repo keeps it in docs/openapi.json)",
     "info": "show the model's architecture, parameters, weight formats and KV bytes per token",
     "bench": "benchmarks: `llmaas bench engine|service|restore` (speed vs peers, service overhead, cold restore)",
-    "eval": "quality evaluations: `llmaas eval kv` (KV compression variants: perplexity, task scores, bytes)",
+    "eval": "quality evaluations: `llmaas eval kv|elastic` (KV compression variants; elastic sub-models vs baselines)",
     "elastic": "ElastiLM's offline steps: `llmaas elastic build|train|profile` (levels, LoRA, latency table)",
     "profile": "measure (once) the restore cost model the KV planner uses; --refresh measures again",
 }
