@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import random
+import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ class EvalElasticConfig:
     ppl_windows: int = 4
     ppl_window_tokens: int = 512
     ttft_tokens: int = 256
-    latency_runs: int = 3
+    latency_runs: int = 7  # interleaved rounds
     baseline_ratios: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     bootstrap: int = 10_000
 
@@ -134,16 +135,23 @@ def run_accuracy(elastic: ElasticModel, settings: list[Setting], tasks: list[MCT
 
 def run_latency(elastic: ElasticModel, settings: list[Setting], cfg: EvalElasticConfig, cache: ResultCache,
                 log=print) -> None:
-    for s in settings:
-        if cache.get("latency", s.name) is not None:
-            continue
-        widths, lora = sub_model(elastic, s)
-        model = elastic.loaded.model
-        value = {"ttft_s": ttft_s(model, widths, lora, cfg.ttft_tokens, cfg.latency_runs),
-                 "tpot_s": tpot_s(model, widths, lora, 16), "ttft_tokens": cfg.ttft_tokens}
+    """TTFT and TPOT of every setting not yet timed, measured in interleaved rounds (one run of each setting per
+    round, median over rounds) so that the machine's drift lands on every setting alike."""
+    todo = [s for s in settings if cache.get("latency", s.name) is None]
+    subs = {s.name: sub_model(elastic, s) for s in todo}
+    model = elastic.loaded.model
+    ttft: dict[str, list[float]] = {s.name: [] for s in todo}
+    tpot: dict[str, list[float]] = {s.name: [] for s in todo}
+    for r in range(cfg.latency_runs):
+        for s in todo:
+            widths, lora = subs[s.name]
+            ttft[s.name].append(ttft_s(model, widths, lora, cfg.ttft_tokens, 1))
+            tpot[s.name].append(tpot_s(model, widths, lora, 8))
+        log(f"  latency round {r + 1}/{cfg.latency_runs} over {len(todo)} settings")
+    for s in todo:
+        value = {"ttft_s": statistics.median(ttft[s.name]), "tpot_s": statistics.median(tpot[s.name]),
+                 "ttft_tokens": cfg.ttft_tokens, "rounds": cfg.latency_runs}
         cache.put("latency", s.name, value)
-        log(f"  {s.name}: TTFT {value['ttft_s'] * 1e3:.1f} ms ({cfg.ttft_tokens} tokens), "
-            f"TPOT {value['tpot_s'] * 1e3:.2f} ms")
 
 
 def assemble(elastic: ElasticModel, settings: list[Setting], tasks: list[MCTask], cfg: EvalElasticConfig,

@@ -25,8 +25,12 @@ class LoraPair:
     b: torch.Tensor  # [out_active, rank]
 
     def delta(self, x: torch.Tensor, scale: float) -> torch.Tensor:
-        """scale * (x @ A^T) @ B^T for x [..., in_active] -> [..., out_active]."""
+        """scale * (x @ A^T) @ B^T for x [..., in_active] -> [..., out_active] (differentiable)."""
         return (x @ self.a.t()) @ self.b.t() * scale
+
+    def add_to(self, out: torch.Tensor, x: torch.Tensor, scale: float) -> None:
+        """out [M, out_active] += scale * (x @ A^T) @ B^T in two BLAS calls (the inference hot path)."""
+        out.addmm_(torch.mm(x, self.a.t()), self.b.t(), alpha=scale)
 
 
 @dataclass(frozen=True, eq=False)

@@ -175,7 +175,7 @@ class Transformer:
         self._attend(kv, active, p, width is not None)
         self._project_out(lw.o, p, width, h)
         if lora is not None and "o" in lora.pairs:
-            h += lora.pairs["o"].delta(self._active_heads(p.attn_flat, active), p.lora.scale)
+            self._lora_o(lora, p, active, h)
         x = self._norm(h, lw.ffn_norm, p.x, p.small)
         self._ffn(lw, x, p, width.ffn if width is not None else self.config.ffn_dim, h, lora)
 
@@ -194,7 +194,7 @@ class Transformer:
 
     def _project_qkv(self, qkv: Linear, x: torch.Tensor, p: _Pass, width: LayerWidths | None) -> None:
         c = self.config
-        if width is None:
+        if width is None or width.q_heads == tuple(p.full_heads):  # one call when every head is active
             qkv.apply(x, p.qkv)
             return
         group_rows = c.heads_per_group * c.head_dim
@@ -204,31 +204,39 @@ class Transformer:
                 qkv.apply(x, p.qkv[:, r0:r0 + kept * c.head_dim], rows=(r0, r0 + kept * c.head_dim))
         qkv.apply(x, p.qkv[:, c.q_dim:], rows=(c.q_dim, c.q_dim + 2 * c.kv_dim))
 
-    def _active_heads(self, t: torch.Tensor, active: list[int]) -> torch.Tensor:
-        """The columns of t [M, q_dim] that belong to the active heads, concatenated group by group (LoRA's order)."""
-        c = self.config
-        group = c.heads_per_group * c.head_dim
-        if all(kept == c.heads_per_group for kept in active):
-            return t
-        return torch.cat([t[:, g * group:g * group + kept * c.head_dim] for g, kept in enumerate(active)], dim=1)
-
     def _lora_qkv(self, lora: LayerLora, x: torch.Tensor, p: _Pass, active: list[int]) -> None:
-        """Add the adapters' deltas to the projected q (active heads), k and v, before RoPE."""
+        """Add the adapters' deltas to the projected q (active heads, adapter rows in group-major prefix order), k and
+        v, before RoPE."""
         c, scale = self.config, p.lora.scale
         if "q" in lora.pairs:
-            dq, r = lora.pairs["q"].delta(x, scale), 0
+            pair, r = lora.pairs["q"], 0
+            u = torch.mm(x, pair.a.t())
             group = c.heads_per_group * c.head_dim
             for g, kept in enumerate(active):
                 width = kept * c.head_dim
-                p.qkv[:, g * group:g * group + width] += dq[:, r:r + width]
+                if width:
+                    p.qkv[:, g * group:g * group + width].addmm_(u, pair.b[r:r + width].t(), alpha=scale)
                 r += width
         for name, c0 in (("k", c.q_dim), ("v", c.q_dim + c.kv_dim)):
             if name in lora.pairs:
-                p.qkv[:, c0:c0 + c.kv_dim] += lora.pairs[name].delta(x, scale)
+                lora.pairs[name].add_to(p.qkv[:, c0:c0 + c.kv_dim], x, scale)
+
+    def _lora_o(self, lora: LayerLora, p: _Pass, active: list[int], h: torch.Tensor) -> None:
+        """h += o's delta over the active heads' outputs (adapter columns in group-major prefix order)."""
+        c, pair = self.config, lora.pairs["o"]
+        group = c.heads_per_group * c.head_dim
+        u, r = None, 0
+        for g, kept in enumerate(active):
+            width = kept * c.head_dim
+            if width:
+                part = (p.attn_flat[:, g * group:g * group + width], pair.a[:, r:r + width].t())
+                u = torch.mm(*part) if u is None else u.addmm_(*part)
+            r += width
+        h.addmm_(u, pair.b.t(), alpha=p.lora.scale)
 
     def _project_out(self, o: Linear, p: _Pass, width: LayerWidths | None, h: torch.Tensor) -> None:
         """h += attention output @ Wo^T over the active heads (each group's active heads are contiguous)."""
-        if width is None:
+        if width is None or width.q_heads == tuple(p.full_heads):
             o.apply(p.attn_flat, h, accumulate=True)
             return
         c = self.config
@@ -255,14 +263,14 @@ class Transformer:
         if lora is not None:
             for name, out in (("gate", gate), ("up", up)):
                 if name in lora.pairs:
-                    out += lora.pairs[name].delta(x, p.lora.scale)
+                    lora.pairs[name].add_to(out, x, p.lora.scale)
         if p.small:
             self.kernels.silu_mul(gate, gate, up)
         else:
             F.silu(gate, inplace=True).mul_(up)
         lw.down.apply(gate, h, cols=(0, kept), accumulate=True)
         if lora is not None and "down" in lora.pairs:
-            h += lora.pairs["down"].delta(gate, p.lora.scale)
+            lora.pairs["down"].add_to(h, gate, p.lora.scale)
 
     def _attend(self, kv: torch.Tensor, active: list[int], p: _Pass, sliced: bool) -> None:
         """p.attn[:, heads] = attention of the active query heads over the view's keys and values."""
@@ -271,7 +279,10 @@ class Transformer:
             self.kernels.attend(p.attn, p.q, kv, active, p.positions, p.key_positions, self._scale, *stats)
             return
         k, v = kv[0].float(), kv[1].float()
-        if p.stats is None and not sliced:
+        if p.stats is None and sliced and active != p.full_heads:
+            self._attend_groups(k, v, active, p)
+            return
+        if p.stats is None:
             # [1, H, M, D] x [1, Hkv, T, D]: PyTorch's fused CPU attention, grouped-query without copying K/V.
             out = F.scaled_dot_product_attention(p.q.transpose(0, 1)[None], k[None], v[None],
                                                  attn_mask=None if p.causal else p.mask, is_causal=p.causal,
@@ -283,6 +294,17 @@ class Transformer:
             if kept:
                 heads = slice(g * g_size, g * g_size + kept)
                 self._attend_explicit(p.q[:, heads], k[g], v[g], p, p.attn[:, heads])
+
+    def _attend_groups(self, k: torch.Tensor, v: torch.Tensor, active: list[int], p: _Pass) -> None:
+        """Fused attention per KV group over its active query heads; the group's one K/V head is broadcast (a view)."""
+        g_size, (t, d) = self.config.heads_per_group, k.shape[1:]
+        for g, kept in enumerate(active):
+            if kept:
+                heads = slice(g * g_size, g * g_size + kept)
+                out = F.scaled_dot_product_attention(
+                    p.q[:, heads].transpose(0, 1)[None], k[g].expand(1, kept, t, d), v[g].expand(1, kept, t, d),
+                    attn_mask=None if p.causal else p.mask, is_causal=p.causal, scale=self._scale)
+                p.attn[:, heads].copy_(out[0].transpose(0, 1))
 
     def _attend_explicit(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: _Pass,
                          out: torch.Tensor) -> None:
