@@ -249,10 +249,14 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(result: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+def plot(result: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = {"elastic": [(v["ttft_s"], v.get("mean_accuracy")) for v in result["levels"].values()],
               "elastic + LoRA": [(v["ttft_lora_s"], v.get("mean_accuracy_lora")) for v in result["levels"].values()]}
@@ -269,6 +273,7 @@ def plot(result: dict, path: Path) -> None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    return True
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,6 +313,6 @@ def main(argv: list[str]) -> int:
     args.json.write_text(json.dumps(result, indent=1))
     print(table(result))
     png = args.png or args.json.with_suffix(".png")
-    plot(result, png)
-    print(f"wrote {args.json} and {png}")
+    drawn = plot(result, png)
+    print(f"wrote {args.json}" + (f" and {png}" if drawn else " (no plot: pip install matplotlib)"))
     return 0
