@@ -17,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from llmaas.bench.plotting import pyplot
 from llmaas.model.config import ModelConfig
 from llmaas.model.gguf_file import GGUFFile
 from llmaas.model.locate import default_model_path
@@ -96,12 +97,8 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     engines = {"ours": result["ours"], **result["peers"]}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))

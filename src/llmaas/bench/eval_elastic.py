@@ -22,10 +22,10 @@ import torch
 
 from llmaas.bench.mc_score import perplexity, score_task
 from llmaas.bench.mc_tasks import AGENT, STANDALONE, MCTask
+from llmaas.bench.plotting import pyplot
 from llmaas.elastic.baselines import BASELINES, baseline_widths
 from llmaas.elastic.latency import switch_s, tpot_s, ttft_s
 from llmaas.elastic.levels import LEVELS, level_name
-from llmaas.elastic.lora_store import adapter_record
 from llmaas.elastic.model import ElasticModel
 from llmaas.shared_data import DATA_DIR
 
@@ -68,7 +68,7 @@ def plan(elastic: ElasticModel, cfg: EvalElasticConfig) -> list[Setting]:
 
 
 def lora_setting(elastic: ElasticModel, level10: int) -> Setting:
-    return Setting("elastic", level10 / 10, True, adapter_record(elastic.directory, level10)["steps"])
+    return Setting("elastic", level10 / 10, True, elastic.adapter_records[level10]["steps"])
 
 
 def sub_model(elastic: ElasticModel, s: Setting):
@@ -180,16 +180,11 @@ def assemble(elastic: ElasticModel, settings: list[Setting], tasks: list[MCTask]
             "model_bytes": elastic.loaded.model.weights.nbytes,
             "tasks": {t.name: {"items": len(t.items), "chance": t.chance} for t in tasks},
             "config": asdict(cfg), "anchors": list(elastic.artifact.anchors),
-            "lora_training": _training_records(elastic)}
+            "lora_training": {level_name(m): {k: r.get(k) for k in _RECORD_KEYS}
+                              for m, r in elastic.adapter_records.items()}}
 
 
-def _training_records(elastic: ElasticModel) -> dict:
-    out = {}
-    for m in elastic.adapters:
-        r = adapter_record(elastic.directory, m) or {}
-        out[level_name(m)] = {k: r.get(k) for k in ("steps", "complete", "tokens_seen", "wall_s",
-                                                     "held_out_loss_without_lora", "held_out_loss_best")}
-    return out
+_RECORD_KEYS = ("steps", "complete", "tokens_seen", "wall_s", "held_out_loss_without_lora", "held_out_loss_best")
 
 
 def _matched(elastic: ElasticModel, cfg: EvalElasticConfig, cache: ResultCache) -> list[dict]:
@@ -202,15 +197,15 @@ def _matched(elastic: ElasticModel, cfg: EvalElasticConfig, cache: ResultCache) 
         if acc is None or lat is None:
             continue
         for b in BASELINES:
-            cands = [(abs(cache.get("latency", Setting(b, r).name)["ttft_s"] - lat["ttft_s"]), Setting(b, r))
-                     for r in cfg.baseline_ratios if cache.get("latency", Setting(b, r).name)
-                     and cache.get("accuracy", Setting(b, r).name)]
-            if not cands:
+            timed = [(cache.get("latency", Setting(b, r).name), cache.get("accuracy", Setting(b, r).name), r)
+                     for r in cfg.baseline_ratios]
+            timed = [t for t in timed if t[0] is not None and t[1] is not None]
+            if not timed:
                 continue
-            other = min(cands, key=lambda c: c[0])[1]
-            d, lo, hi = paired_bootstrap(acc["correct"], cache.get("accuracy", other.name)["correct"], cfg.bootstrap)
-            out.append({"level": level_name(m), "lora": mine.lora, "baseline": b, "ratio": other.ratio,
-                        "ttft_s": lat["ttft_s"], "baseline_ttft_s": cache.get("latency", other.name)["ttft_s"],
+            other_lat, other_acc, ratio = min(timed, key=lambda t: abs(t[0]["ttft_s"] - lat["ttft_s"]))
+            d, lo, hi = paired_bootstrap(acc["correct"], other_acc["correct"], cfg.bootstrap)
+            out.append({"level": level_name(m), "lora": mine.lora, "baseline": b, "ratio": ratio,
+                        "ttft_s": lat["ttft_s"], "baseline_ttft_s": other_lat["ttft_s"],
                         "diff": d, "ci95": [lo, hi], "significant": lo > 0 or hi < 0})
     return out
 
@@ -250,12 +245,8 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(7, 4.5))
     series = {"elastic": [(v["ttft_s"], v.get("mean_accuracy")) for v in result["levels"].values()],

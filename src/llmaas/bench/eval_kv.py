@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmaas.bench.kv_tasks import DATA_DIR, ROW_SEED, TASKS, Item, load_items, score
+from llmaas.bench.kv_tasks import ROW_SEED, TASKS, Item, load_items, score
+from llmaas.bench.plotting import pyplot
 from llmaas.bench.text_metrics import mean_ci95
 from llmaas.engine.conversation import Conversation
 from llmaas.engine.generate import GenerateRequest, Generator
@@ -33,6 +34,7 @@ from llmaas.memory.levels import assign_levels
 from llmaas.model.loader import LoadedModel
 from llmaas.model.stats import AttentionStats
 from llmaas.model.transformer import Transformer
+from llmaas.shared_data import DATA_DIR
 
 VARIANTS = ("fp16", "int8", "int4", "int2", "llms_paper", "llms_error")
 UNIFORM = {"fp16": Level.FP16, "int8": Level.INT8, "int4": Level.INT4, "int2": Level.INT2}
@@ -337,12 +339,8 @@ def fmt(x: float | None, width: int, digits: int) -> str:
 
 
 def plot(result: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for i, (variant, r) in enumerate(result["variants"].items()):

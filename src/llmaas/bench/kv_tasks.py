@@ -7,7 +7,6 @@ answers are scored (all scores in [0, 1]). Ignores the model, the KV and the var
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 from llmaas.bench.text_metrics import chrf, match_label, rouge_l
 from llmaas.engine.conversation import Conversation
 from llmaas.model.tokenizer import Tokenizer
-from llmaas.shared_data import DATA_DIR
+from llmaas.shared_data import DATA_DIR, read_jsonl
 from llmaas.storage.catalog import Message
 
 ACK = "OK."  # the context call's assistant turn: teacher-forced, so every variant sees the same context tokens
@@ -95,10 +94,7 @@ def make_item(task: Task, row_id: str, text: str, gold: str, tokenizer: Tokenize
 def load_items(task: Task, limit: int, tokenizer: Tokenizer, conversation: Conversation,
                data_dir: Path = DATA_DIR) -> list[Item]:
     """`limit` rows with a non-empty document, in random.Random(ROW_SEED)-shuffled file order."""
-    path = data_dir / task.path
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: the evaluation needs the shared data sets (shared/data)")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_jsonl(data_dir / task.path)
     random.Random(ROW_SEED).shuffle(rows)
     items = []
     for row in rows:

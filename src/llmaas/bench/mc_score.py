@@ -26,20 +26,13 @@ def score_task(model: Transformer, tokenizer: Tokenizer, task: MCTask, widths: M
                lora: ModelLora | None) -> list[bool]:
     """Per item: whether the highest mean-log-probability choice is the answer."""
     context = tokenizer.encode(task.context)
-    questions = [tokenizer.encode(i.question, add_bos=False) for i in task.items]
-    choices = [[tokenizer.encode(c, add_bos=False) for c in i.choices] for i in task.items]
-    longest = max(len(q) + max(len(c) for c in cs) for q, cs in zip(questions, choices, strict=True))
-    cache = DenseKVCache(KVSpec.from_config(model.config), len(context) + longest, dtype=torch.float32)
-
-    def run(ids: list[int]) -> torch.Tensor:
-        start = cache.num_tokens
-        return model.forward(torch.tensor(ids), torch.arange(start, start + len(ids)), cache.append(len(ids)),
-                             widths=widths, lora=lora)
-
-    run(context)
+    cache = DenseKVCache(KVSpec.from_config(model.config), len(context), dtype=torch.float32)
+    model.forward(torch.tensor(context), torch.arange(len(context)), cache.append(len(context)), widths=widths,
+                  lora=lora)
     correct = []
-    for item, q, cs in zip(task.items, questions, choices, strict=True):
-        scores = choice_scores(model, cache, q, cs, widths, lora)
+    for item in task.items:
+        scores = choice_scores(model, cache, tokenizer.encode(item.question, add_bos=False),
+                               [tokenizer.encode(c, add_bos=False) for c in item.choices], widths, lora)
         correct.append(max(range(len(scores)), key=scores.__getitem__) == item.answer)
     return correct
 

@@ -11,6 +11,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from llmaas.bench.plotting import pyplot
+
 MB = 1e6
 PAPER = [  # spec §12: what the paper reports, for the side-by-side table
     ("switch latency vs LMK", "up to 100x lower", "lmk"),
@@ -74,12 +76,8 @@ def _contexts(entry: dict, limit: str) -> str:
 
 
 def write_plots(result: dict, directory: Path) -> list[Path]:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         print("no plots: pip install matplotlib", file=sys.stderr)
         return []
     directory.mkdir(parents=True, exist_ok=True)

@@ -25,9 +25,10 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llmaas.bench.kv_tasks import DATA_DIR, TASKS, Task
+from llmaas.bench.kv_tasks import TASKS, Task
 from llmaas.engine.conversation import Conversation
 from llmaas.errors import InvalidRequestError
+from llmaas.shared_data import DATA_DIR, read_jsonl
 
 # Spec §9, Table 3 (paper): tokens a call adds to its context, in the paper's task order.
 DELTA_RANGES: dict[str, tuple[int, int]] = {
@@ -235,10 +236,7 @@ def _user_turn(task: Task, text: str, shots: list[str] | None = None) -> str:
 
 
 def _rows(path: Path, task: Task) -> list[dict]:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: traces are drawn from the shared data sets (../shared/data)")
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [r for r in rows if str(r.get(task.text_field, "")).strip()]
+    return [r for r in read_jsonl(path) if str(r.get(task.text_field, "")).strip()]
 
 
 # -- CLI ------------------------------------------------------------------------------------------------------------

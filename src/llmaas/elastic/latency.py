@@ -113,8 +113,7 @@ def run_profile(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     elastic = ElasticModel.open(args.model, args.elastic_dir, use_kernels=not args.no_kernels)
     result = profile_levels(elastic, LatencyConfig(runs=args.runs))
-    directory = args.elastic_dir or elastic.directory
-    for path in [directory / "latency.json"] + ([args.json] if args.json else []):
+    for path in [elastic.directory / "latency.json"] + ([args.json] if args.json else []):
         path.write_text(json.dumps(result, indent=1))
         print(f"wrote {path}")
     print(f"switch: {result['switch_s'] * 1e6:.2f} us = {result['switch_fraction_of_median_ttft']:.2e} of median TTFT")

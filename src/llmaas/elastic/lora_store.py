@@ -39,12 +39,13 @@ def adapter_record(directory: Path, level10: int) -> dict | None:
         return json.loads(f.metadata()["json"])
 
 
-def load_adapter(directory: Path, level10: int, config: ModelConfig, widths: ModelWidths) -> ModelLora | None:
-    """The level's adapter, or None if none is trained; a file that does not fit the widths is refused."""
+def load_adapter(directory: Path, level10: int, config: ModelConfig,
+                 widths: ModelWidths) -> tuple[ModelLora, dict] | None:
+    """The level's adapter and its training record, or None if none is trained; a file that does not fit the
+    widths is refused."""
     record = adapter_record(directory, level10)
     if record is None:
         return None
-    lora = ModelLora.from_tensors(load_file(str(adapter_path(directory, level10))), config.n_layers,
-                                  record["scale"])
-    lora.check(config, widths)
-    return lora
+    lora = ModelLora.from_tensors(load_file(str(adapter_path(directory, level10))), widths, record["scale"])
+    lora.check(config)
+    return lora, record

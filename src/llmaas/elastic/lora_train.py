@@ -138,8 +138,7 @@ class LevelTrainer:
             elif self.step % 5 == 0:
                 eta = self.wall_s / self.step * (c.steps - self.step)
                 log(f"  step {self.step}/{c.steps}: train {loss_sum:.4f}, {self.wall_s:.0f} s, ETA {eta:.0f} s")
-        return ModelLora.from_tensors({k: v.cpu() for k, v in self.best.items()}, self.loaded.config.n_layers,
-                                      self.lora.scale)
+        return ModelLora.from_tensors({k: v.cpu() for k, v in self.best.items()}, self.widths, self.lora.scale)
 
     def record(self) -> dict:
         return {"recipe": asdict(self.config), "steps": self.step, "complete": self.step >= self.config.steps,

@@ -33,12 +33,13 @@ class SubModel:
 
 class ElasticModel:
     def __init__(self, loaded: LoadedModel, artifact: ElasticArtifact, adapters: dict[int, ModelLora],
-                 directory: Path) -> None:
+                 directory: Path, adapter_records: dict[int, dict] | None = None) -> None:
         """Takes ownership of `loaded` (a fresh, unreordered load) and reorders it in place."""
         self.loaded = loaded
         self.directory = directory
         self.artifact = artifact
         self.adapters = adapters
+        self.adapter_records = adapter_records or {}  # level -> training record (steps, tokens, losses, wall time)
         reorder_(loaded.config, loaded.model.weights, artifact.orders)
         self._views = {(m, False): SubModel(m, artifact.levels[m], None) for m in LEVELS}
         self._views |= {(m, True): SubModel(m, artifact.levels[m], adapters[m]) for m in adapters}
@@ -49,13 +50,13 @@ class ElasticModel:
         loaded = load_model(model_path, use_kernels=use_kernels)
         directory = directory if directory is not None else elastic_dir(loaded.model_id)
         artifact = ElasticArtifact.load(directory, loaded.model_id)
-        adapters = {}
+        adapters, records = {}, {}
         if with_lora:
             for m in LEVELS:
-                lora = load_adapter(directory, m, loaded.config, artifact.levels[m])
-                if lora is not None:
-                    adapters[m] = lora
-        return cls(loaded, artifact, adapters, directory)
+                found = load_adapter(directory, m, loaded.config, artifact.levels[m])
+                if found is not None:
+                    adapters[m], records[m] = found
+        return cls(loaded, artifact, adapters, directory, records)
 
     def view(self, level10: int, lora: bool = True) -> SubModel:
         """The sub-model at a level; with lora=True its adapter if one is trained (else none): a dict lookup."""

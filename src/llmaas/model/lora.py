@@ -42,6 +42,7 @@ class LayerLora:
 class ModelLora:
     layers: tuple[LayerLora, ...]
     scale: float  # alpha / rank
+    widths: ModelWidths  # the sub-model it was trained for: its shapes follow these widths, and only these
 
     @property
     def nbytes(self) -> int:
@@ -54,7 +55,7 @@ class ModelLora:
     def to(self, device: torch.device) -> ModelLora:
         layers = tuple(LayerLora({k: LoraPair(p.a.to(device), p.b.to(device)) for k, p in layer.pairs.items()})
                        for layer in self.layers)
-        return ModelLora(layers, self.scale)
+        return ModelLora(layers, self.scale, self.widths)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Flat name -> tensor map (for safetensors and optimizers): 'layers.<i>.<proj>.<a|b>'."""
@@ -62,13 +63,13 @@ class ModelLora:
                 for name, p in layer.pairs.items() for ab in ("a", "b")}
 
     @classmethod
-    def from_tensors(cls, tensors: dict[str, torch.Tensor], n_layers: int, scale: float) -> ModelLora:
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], widths: ModelWidths, scale: float) -> ModelLora:
         layers = []
-        for i in range(n_layers):
+        for i in range(len(widths.layers)):
             pairs = {name: LoraPair(tensors[f"layers.{i}.{name}.a"], tensors[f"layers.{i}.{name}.b"])
                      for name in PROJECTIONS if f"layers.{i}.{name}.a" in tensors}
             layers.append(LayerLora(pairs))
-        return cls(tuple(layers), scale)
+        return cls(tuple(layers), scale, widths)
 
     @classmethod
     def init(cls, config: ModelConfig, widths: ModelWidths, rank: int, alpha: float,
@@ -90,13 +91,14 @@ class ModelLora:
                 a = (torch.rand(rank, in_f, generator=generator) * 2 - 1) * bound
                 pairs[name] = LoraPair(a, torch.zeros(out_f, rank))
             layers.append(LayerLora(pairs))
-        return cls(tuple(layers), alpha / rank)
+        return cls(tuple(layers), alpha / rank, widths)
 
-    def check(self, config: ModelConfig, widths: ModelWidths) -> None:
-        """Refuse adapters whose shapes do not fit these widths (an adapter trained for another level)."""
+    def check(self, config: ModelConfig) -> None:
+        """Refuse adapters whose shapes do not fit their widths (a damaged or mislabelled file)."""
+        self.widths.check(config)
         if len(self.layers) != config.n_layers:
             raise InvalidRequestError(f"LoRA has {len(self.layers)} layers; the model has {config.n_layers}")
-        for i, (layer, w) in enumerate(zip(self.layers, widths.layers, strict=True)):
+        for i, (layer, w) in enumerate(zip(self.layers, self.widths.layers, strict=True)):
             q_active = sum(w.q_heads) * config.head_dim
             want = {"q": q_active, "o": q_active, "gate": w.ffn, "up": w.ffn, "down": w.ffn}
             for name, p in layer.pairs.items():

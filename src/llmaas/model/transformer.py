@@ -121,8 +121,9 @@ class Transformer:
             raise InvalidRequestError(f"need one position per token: {tuple(positions.shape)} vs {h.shape[0]} rows")
         if widths is not None:
             widths.check(self.config)
-        if lora is not None:
-            lora.check(self.config, widths or ModelWidths.full(self.config))
+        if lora is not None and lora.widths != (widths or ModelWidths.full(self.config)):
+            # identity makes this free for the views the elastic model built once
+            raise InvalidRequestError("the LoRA adapter was trained for other widths; use the adapter of this level")
         p = self._begin(h.shape[0], positions.to(torch.int64).contiguous(), kv, widths, lora, stats)
         for layer in range(start, stop):
             self._layer(layer, h, p)
