@@ -33,8 +33,17 @@ def test_wilson_and_paired_bootstrap():
     lo, hi = wilson(50, 100)
     assert lo < 0.5 < hi and abs((hi - lo) - 0.19) < 0.01
     same = {"t": [True, False] * 20}
-    d, lo, hi = paired_bootstrap(same, same, 500)
+    d, lo, hi = paired_bootstrap([(same, same)], 500)
     assert d == lo == hi == 0
     better = {"t": [True] * 40}
-    d, lo, hi = paired_bootstrap(better, same, 500)
+    d, lo, hi = paired_bootstrap([(better, same)], 500)
     assert d == 0.5 and lo > 0
+    # pooling averages the pairs' differences item by item: opposite pairs cancel exactly, in every resample
+    d, lo, hi = paired_bootstrap([(better, same), (same, better)], 500)
+    assert d == lo == hi == 0
+    # two noisy pairs pooled give a narrower interval than either alone when their errors are independent
+    a1, a2 = {"t": [i % 3 == 0 for i in range(90)]}, {"t": [i % 3 == 1 for i in range(90)]}
+    b1 = {"t": [i % 2 == 0 for i in range(90)]}
+    one = paired_bootstrap([(a1, b1)], 2000)
+    pooled = paired_bootstrap([(a1, b1), (a2, b1)], 2000)
+    assert pooled[2] - pooled[1] < one[2] - one[1]

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -43,9 +42,10 @@ class EvalElasticConfig:
     baseline_ratios: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     bootstrap: int = 10_000
 
-    def key(self) -> str:
-        """What the cached accuracy depends on."""
-        return f"items{self.items}-agent{self.agent_items}-ppl{self.ppl_windows}x{self.ppl_window_tokens}"
+    def keys(self) -> dict[str, str]:
+        """What the cached results of each kind depend on."""
+        return {"accuracy": f"items{self.items}-agent{self.agent_items}-ppl{self.ppl_windows}x{self.ppl_window_tokens}",
+                "latency": f"ttft{self.ttft_tokens}-served-rounds{self.latency_runs}"}
 
 
 @dataclass(frozen=True)
@@ -81,15 +81,15 @@ def sub_model(elastic: ElasticModel, s: Setting):
 class ResultCache:
     """JSON file of finished settings; written after each one so an interrupted run loses at most one setting."""
 
-    def __init__(self, path: Path, key: str) -> None:
-        self.path, self.key = path, key
+    def __init__(self, path: Path, keys: dict[str, str]) -> None:
+        self.path, self.keys = path, keys
         self.data = json.loads(path.read_text()) if path.exists() else {}
 
     def get(self, kind: str, name: str) -> dict | None:
-        return self.data.get(f"{kind}|{self.key if kind == 'accuracy' else ''}|{name}")
+        return self.data.get(f"{kind}|{self.keys[kind]}|{name}")
 
     def put(self, kind: str, name: str, value: dict) -> None:
-        self.data[f"{kind}|{self.key if kind == 'accuracy' else ''}|{name}"] = value
+        self.data[f"{kind}|{self.keys[kind]}|{name}"] = value
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data))
         tmp.replace(self.path)
@@ -103,18 +103,22 @@ def wilson(k: int, n: int) -> tuple[float, float]:
     return ((centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n))
 
 
-def paired_bootstrap(a: dict[str, list[bool]], b: dict[str, list[bool]], resamples: int,
+def paired_bootstrap(pairs: list[tuple[dict[str, list[bool]], dict[str, list[bool]]]], resamples: int,
                      seed: int = 42) -> tuple[float, float, float]:
-    """Mean-across-tasks accuracy of a minus b, with a 95% interval from resampling each task's items (paired)."""
-    rng = random.Random(seed)
-    tasks = sorted(a)
-
-    def diff(idx: dict[str, list[int]]) -> float:
-        return sum(sum(a[t][i] - b[t][i] for i in idx[t]) / len(idx[t]) for t in tasks) / len(tasks)
-
-    point = diff({t: list(range(len(a[t]))) for t in tasks})
-    samples = sorted(diff({t: [rng.randrange(len(a[t])) for _ in a[t]] for t in tasks}) for _ in range(resamples))
-    return point, samples[int(0.025 * resamples)], samples[int(0.975 * resamples) - 1]
+    """Mean-across-tasks accuracy of a minus b, averaged over `pairs` (one pair: a plain paired comparison; several:
+    a pooled one), with a 95% interval from resampling each task's items. Every setting scores the same items, so
+    the pairs share one resample of item indices; the statistic is linear, so it is the bootstrap of the per-item
+    difference averaged over pairs."""
+    gen = torch.Generator().manual_seed(seed)
+    tasks = sorted(pairs[0][0])
+    point, samples = 0.0, torch.zeros(resamples, dtype=torch.float64)
+    for t in tasks:
+        d = torch.stack([torch.tensor(a[t], dtype=torch.float64) - torch.tensor(b[t], dtype=torch.float64)
+                         for a, b in pairs]).mean(0)
+        point += float(d.mean()) / len(tasks)
+        samples += d[torch.randint(len(d), (resamples, len(d)), generator=gen)].mean(1) / len(tasks)
+    samples = samples.sort().values
+    return point, float(samples[int(0.025 * resamples)]), float(samples[int(0.975 * resamples) - 1])
 
 
 def run_accuracy(elastic: ElasticModel, settings: list[Setting], tasks: list[MCTask], wiki: list[int],
@@ -187,10 +191,11 @@ def assemble(elastic: ElasticModel, settings: list[Setting], tasks: list[MCTask]
 _RECORD_KEYS = ("steps", "complete", "tokens_seen", "wall_s", "held_out_loss_without_lora", "held_out_loss_best")
 
 
-def _matched(elastic: ElasticModel, cfg: EvalElasticConfig, cache: ResultCache) -> list[dict]:
+def _matched(elastic: ElasticModel, cfg: EvalElasticConfig, cache: ResultCache) -> dict:
     """Each elastic level (with LoRA where trained) against each baseline's setting of nearest measured TTFT:
-    mean accuracy difference with a paired bootstrap 95% interval."""
-    out = []
+    mean accuracy difference with a paired bootstrap 95% interval; and the same pooled over levels, per baseline
+    and over all baselines (the curve-level question: at equal TTFT, is elastic more accurate?)."""
+    pairs, correct = [], {}
     for m in LEVELS[:-1]:
         mine = lora_setting(elastic, m) if m in elastic.adapters else Setting("elastic", m / 10)
         acc, lat = cache.get("accuracy", mine.name), cache.get("latency", mine.name)
@@ -203,11 +208,18 @@ def _matched(elastic: ElasticModel, cfg: EvalElasticConfig, cache: ResultCache) 
             if not timed:
                 continue
             other_lat, other_acc, ratio = min(timed, key=lambda t: abs(t[0]["ttft_s"] - lat["ttft_s"]))
-            d, lo, hi = paired_bootstrap(acc["correct"], other_acc["correct"], cfg.bootstrap)
-            out.append({"level": level_name(m), "lora": mine.lora, "baseline": b, "ratio": ratio,
-                        "ttft_s": lat["ttft_s"], "baseline_ttft_s": other_lat["ttft_s"],
-                        "diff": d, "ci95": [lo, hi], "significant": lo > 0 or hi < 0})
-    return out
+            d, lo, hi = paired_bootstrap([(acc["correct"], other_acc["correct"])], cfg.bootstrap)
+            pairs.append({"level": level_name(m), "lora": mine.lora, "baseline": b, "ratio": ratio,
+                          "ttft_s": lat["ttft_s"], "baseline_ttft_s": other_lat["ttft_s"],
+                          "diff": d, "ci95": [lo, hi], "significant": lo > 0 or hi < 0})
+            correct[(m, b)] = (acc["correct"], other_acc["correct"])
+    pooled = {}
+    for b in [*BASELINES, "all"]:
+        chosen = [v for (_, name), v in correct.items() if b in (name, "all")]
+        if chosen:
+            d, lo, hi = paired_bootstrap(chosen, cfg.bootstrap)
+            pooled[b] = {"pairs": len(chosen), "diff": d, "ci95": [lo, hi], "significant": lo > 0 or hi < 0}
+    return {"pairs": pairs, "pooled": pooled}
 
 
 def table(result: dict) -> str:
@@ -234,11 +246,14 @@ def table(result: dict) -> str:
             lines.append(row(f"{b} {r}", v["ttft_s"], v["tpot_s"], v.get("ppl"), v.get("accuracy")))
     lines.append("")
     lines.append("matched TTFT (elastic level vs nearest-TTFT baseline): mean-accuracy difference, 95% CI")
-    for mt in result["matched"]:
+    for mt in result["matched"]["pairs"]:
         lines.append(f"  {mt['level']}{'+LoRA' if mt['lora'] else ''} vs {mt['baseline']} {mt['ratio']:.1f} "
                      f"(TTFT {mt['ttft_s'] * 1e3:.0f} vs {mt['baseline_ttft_s'] * 1e3:.0f} ms): "
                      f"{mt['diff']:+.3f} [{mt['ci95'][0]:+.3f}, {mt['ci95'][1]:+.3f}]"
                      f"{'' if mt['significant'] else ' (not significant)'}")
+    for b, pl in result["matched"]["pooled"].items():
+        lines.append(f"  pooled over {pl['pairs']} pairs vs {b}: {pl['diff']:+.3f} "
+                     f"[{pl['ci95'][0]:+.3f}, {pl['ci95'][1]:+.3f}]{'' if pl['significant'] else ' (not significant)'}")
     lines.append(f"switch {result['switch_s'] * 1e6:.2f} us; adapters {result['lora_bytes'] / 2**20:.1f} MiB "
                  f"({result['lora_bytes'] / result['model_bytes']:.1%} of resident weights)")
     return "\n".join(lines)
@@ -291,7 +306,7 @@ def main(argv: list[str]) -> int:
     elastic = ElasticModel.open(args.model, args.elastic_dir, use_kernels=not args.no_kernels)
     tasks = [f(cfg.items) for f in STANDALONE.values()] + [f(cfg.agent_items) for f in AGENT.values()]
     settings = plan(elastic, cfg)
-    cache = ResultCache(elastic.directory / "eval_cache.json", cfg.key())
+    cache = ResultCache(elastic.directory / "eval_cache.json", cfg.keys())
     print(f"{len(settings)} settings x ({len(tasks)} tasks + perplexity); adapters for levels "
           f"{[level_name(m) for m in sorted(elastic.adapters)]}")
     if args.phase in ("all", "accuracy"):

@@ -211,12 +211,12 @@ class Transformer:
         c, scale = self.config, p.lora.scale
         if "q" in lora.pairs:
             pair, r = lora.pairs["q"], 0
-            u = torch.mm(x, pair.a.t())
+            u = torch.mm(x, pair.a_t)
             group = c.heads_per_group * c.head_dim
             for g, kept in enumerate(active):
                 width = kept * c.head_dim
                 if width:
-                    p.qkv[:, g * group:g * group + width].addmm_(u, pair.b[r:r + width].t(), alpha=scale)
+                    p.qkv[:, g * group:g * group + width].addmm_(u, pair.b_t[:, r:r + width], alpha=scale)
                 r += width
         for name, c0 in (("k", c.q_dim), ("v", c.q_dim + c.kv_dim)):
             if name in lora.pairs:
@@ -230,10 +230,10 @@ class Transformer:
         for g, kept in enumerate(active):
             width = kept * c.head_dim
             if width:
-                part = (p.attn_flat[:, g * group:g * group + width], pair.a[:, r:r + width].t())
+                part = (p.attn_flat[:, g * group:g * group + width], pair.a_t[r:r + width])
                 u = torch.mm(*part) if u is None else u.addmm_(*part)
             r += width
-        h.addmm_(u, pair.b.t(), alpha=p.lora.scale)
+        h.addmm_(u, pair.b_t, alpha=p.lora.scale)
 
     def _project_out(self, o: Linear, p: _Pass, width: LayerWidths | None, h: torch.Tensor) -> None:
         """h += attention output @ Wo^T over the active heads (each group's active heads are contiguous)."""
