@@ -62,6 +62,35 @@ def test_block_matmul_matches_dense_on_ranges(kernels, qtype, m):
         assert torch.all((y - 2 * ref).abs() <= 2 * bound)
 
 
+@pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q8_0])
+@pytest.mark.parametrize("m", [1, 5])
+def test_block_matmul_on_several_ranges_matches_dense(kernels, qtype, m):
+    """Several row and column ranges in one call: full-width buffers, absolute indices, untouched outside."""
+    t, dense = _make(qtype)
+    b = read_blocks(t)
+    x = torch.randn(m, 512)
+    rows, cols = [(0, 10), (32, 70), (90, 96)], [(0, 64), (128, 200), (256, 512)]
+    args = (b.qs, b.scales, b.mins) if isinstance(b, Q4Blocks) else (b.qs, b.scales)
+    fn = kernels.q4_matmul_ranges if isinstance(b, Q4Blocks) else kernels.q8_matmul_ranges
+    flat_rows, flat_cols = [i for r in rows for i in r], [i for c in cols for i in c]
+    y = torch.full((m, 96), 7.0)
+    fn(y, x, *args, flat_rows, flat_cols, False)
+    active = torch.cat([torch.arange(r0, r1) for r0, r1 in rows])
+    kept = torch.cat([torch.arange(c0, c1) for c0, c1 in cols])
+    ref = x[:, kept] @ dense[active][:, kept].T
+    bound = 1e-4 * (x[:, kept].abs() @ dense[active][:, kept].abs().T) + 1e-6
+    assert torch.all((y[:, active] - ref).abs() <= bound)
+    untouched = torch.ones(96, dtype=torch.bool)
+    untouched[active] = False
+    assert torch.all(y[:, untouched] == 7.0)
+    fn(y, x, *args, flat_rows, flat_cols, True)
+    assert torch.all((y[:, active] - 2 * ref).abs() <= 2 * bound)
+    with pytest.raises(RuntimeError, match="must not share a block"):
+        fn(y, x, *args, flat_rows, [0, 40, 32, 96], False)  # 32..40 read twice
+    with pytest.raises(RuntimeError, match="full-width"):
+        fn(y[:, :90], x, *args, flat_rows, flat_cols, False)
+
+
 def _attention_reference(q, k, v, active, q_pos, k_pos):
     group = q.shape[1] // k.shape[0]
     kr, vr = k.float().repeat_interleave(group, 0), v.float().repeat_interleave(group, 0)

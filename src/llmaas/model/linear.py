@@ -59,3 +59,23 @@ class Linear:
         if accumulate:
             return out.addmm_(x, w_t)
         return torch.mm(x, w_t, out=out)
+
+    def apply_ranges(self, x: torch.Tensor, out: torch.Tensor, rows: list[Range], cols: list[Range],
+                     accumulate: bool = False) -> torch.Tensor:
+        """out[:, r] (+)= sum over the column ranges of x[:, c] @ W[r, c]^T for r in the row ranges; x [M, in] and
+        out [M, out] are full-width buffers indexed by absolute column and row (columns outside the ranges are never
+        read, rows outside them never written). Ranges sorted and disjoint. One kernel call for all of them: a
+        sub-model's active units are several ranges, and a call per range cost more than it saved at decode."""
+        if (self.blocks is not None and x.shape[0] <= SMALL_BATCH_ROWS
+                and all(c0 % BLOCK == 0 for c0, _ in cols)):
+            flat_rows, flat_cols = [i for r in rows for i in r], [i for c in cols for i in c]
+            b = self.blocks
+            if isinstance(b, Q4Blocks):
+                self._kernels.q4_matmul_ranges(out, x, b.qs, b.scales, b.mins, flat_rows, flat_cols, accumulate)
+            else:
+                self._kernels.q8_matmul_ranges(out, x, b.qs, b.scales, flat_rows, flat_cols, accumulate)
+            return out
+        for r0, r1 in rows:
+            for j, (c0, c1) in enumerate(cols):
+                self.apply(x[:, c0:c1], out[:, r0:r1], rows=(r0, r1), cols=(c0, c1), accumulate=accumulate or j > 0)
+        return out

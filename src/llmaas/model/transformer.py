@@ -198,12 +198,13 @@ class Transformer:
         if width is None or width.q_heads == tuple(p.full_heads):  # one call when every head is active
             qkv.apply(x, p.qkv)
             return
-        group_rows = c.heads_per_group * c.head_dim
-        for g, kept in enumerate(width.q_heads):
-            if kept:
-                r0 = g * group_rows
-                qkv.apply(x, p.qkv[:, r0:r0 + kept * c.head_dim], rows=(r0, r0 + kept * c.head_dim))
-        qkv.apply(x, p.qkv[:, c.q_dim:], rows=(c.q_dim, c.q_dim + 2 * c.kv_dim))
+        rows = [*self._head_ranges(width), (c.q_dim, c.q_dim + 2 * c.kv_dim)]
+        qkv.apply_ranges(x, p.qkv, rows, [(0, c.d_model)])
+
+    def _head_ranges(self, width: LayerWidths) -> list[tuple[int, int]]:
+        """Rows of Wq (columns of Wo) of the active query heads: each KV group's kept prefix."""
+        group = self.config.heads_per_group * self.config.head_dim
+        return [(g * group, g * group + kept * self.config.head_dim) for g, kept in enumerate(width.q_heads) if kept]
 
     def _lora_qkv(self, lora: LayerLora, x: torch.Tensor, p: _Pass, active: list[int]) -> None:
         """Add the adapters' deltas to the projected q (active heads, adapter rows in group-major prefix order), k and
@@ -240,13 +241,9 @@ class Transformer:
         if width is None or width.q_heads == tuple(p.full_heads):
             o.apply(p.attn_flat, h, accumulate=True)
             return
-        c = self.config
-        group_cols = c.heads_per_group * c.head_dim
-        for g, kept in enumerate(width.q_heads):
-            if kept:
-                c0 = g * group_cols
-                o.apply(p.attn_flat[:, c0:c0 + kept * c.head_dim], h, cols=(c0, c0 + kept * c.head_dim),
-                        accumulate=True)
+        heads = self._head_ranges(width)
+        if heads:
+            o.apply_ranges(p.attn_flat, h, [(0, self.config.d_model)], heads, accumulate=True)
 
     def _ffn(self, lw: LayerWeights, x: torch.Tensor, p: _Pass, kept: int, h: torch.Tensor,
              lora: LayerLora | None) -> None:
@@ -259,8 +256,7 @@ class Transformer:
             gate, up = p.gate, p.up
         else:
             gate, up = p.gate[:, :kept], p.up[:, :kept]
-            lw.gate_up.apply(x, gate, rows=(0, kept))
-            lw.gate_up.apply(x, up, rows=(f, f + kept))
+            lw.gate_up.apply_ranges(x, p.gate_up, [(0, kept), (f, f + kept)], [(0, self.config.d_model)])
         if lora is not None:
             for name, out in (("gate", gate), ("up", up)):
                 if name in lora.pairs:

@@ -156,13 +156,15 @@ float row_dot(const W* q, const S* scales, const S* mins, const int16_t* x, cons
     acc = _mm256_fmadd_ps(sums, _mm256_mul_ps(load8_scales(scales + b), _mm256_loadu_ps(xscale + b)), acc);
     if (mins != nullptr) acc = _mm256_fmadd_ps(load8_scales(mins + b), _mm256_loadu_ps(xsum + b), acc);
   }
-  float total = hsum(acc);
+  // The last nb % 8 blocks (all of them for a sub-model's few-head column ranges) scale lane-wise into the same
+  // accumulator, so the row still ends in one horizontal sum.
+  float mins_total = 0.0f;
   for (; b < nb; ++b) {
-    const float dot = hsum(_mm256_cvtepi32_ps(dot_block(q + b * block_bytes(q), x + b * kBlock)));
-    total += dot * load_scale(scales + b) * xscale[b];
-    if (mins != nullptr) total += load_scale(mins + b) * xsum[b];
+    const __m256 dot = _mm256_cvtepi32_ps(dot_block(q + b * block_bytes(q), x + b * kBlock));
+    acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(load_scale(scales + b) * xscale[b]), acc);
+    if (mins != nullptr) mins_total += load_scale(mins + b) * xsum[b];
   }
-  return total;
+  return hsum(acc) + mins_total;
 }
 
 struct MatmulArgs {
@@ -201,6 +203,69 @@ MatmulArgs prepare(at::Tensor& y, const at::Tensor& x, int64_t n_rows, int64_t K
                     accumulate};
 }
 
+
+// Several row ranges and column ranges of one weight matrix in one call: y[m, r] (+)= sum over the column ranges of
+// x[m, c] * W[r, c], for every r in the row ranges. y [M, N] and x [M, K] are the full-width buffers, indexed by
+// absolute row and column. A sub-model's active units are several ranges (each KV group's kept query heads; the
+// kept gate and up neurons): one call per range cost more than the arithmetic it skipped at decode.
+struct RangeArgs {
+  std::vector<int64_t> rows;                 // absolute output rows, in order
+  std::vector<QuantizedRows> xq;             // one per column range
+  std::vector<int64_t> b0;                   // first weight block of each column range
+  float* y;
+  int64_t y_stride, K;
+  bool accumulate;
+};
+
+RangeArgs prepare_ranges(at::Tensor& y, const at::Tensor& x, int64_t N, int64_t K, const std::vector<int64_t>& rows,
+                         const std::vector<int64_t>& cols, bool accumulate) {
+  check(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x and y must be [M, *] with the same M");
+  check(x.size(0) <= 64, "block matmuls take at most 64 activation rows; use the dense path for more");
+  check(y.size(1) == N && x.size(1) == K, "x and y must be the full-width [M, K] and [M, N] buffers");
+  check(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat, "x and y must be float32");
+  check(x.stride(1) == 1 && y.stride(1) == 1, "x and y rows must be contiguous");
+  check(rows.size() % 2 == 0 && cols.size() % 2 == 0 && !cols.empty(), "ranges are flat (start, end) pairs");
+  RangeArgs a{{}, {}, {}, y.data_ptr<float>(), y.stride(0), K, accumulate};
+  for (size_t i = 0; i < rows.size(); i += 2) {
+    check(0 <= rows[i] && rows[i] <= rows[i + 1] && rows[i + 1] <= N, "row range out of bounds");
+    check(i == 0 || rows[i] >= rows[i - 1], "row ranges must be sorted and disjoint");
+    for (int64_t r = rows[i]; r < rows[i + 1]; ++r) a.rows.push_back(r);
+  }
+  for (size_t i = 0; i < cols.size(); i += 2) {
+    check(0 <= cols[i] && cols[i] < cols[i + 1] && cols[i + 1] <= K, "column range out of bounds or empty");
+    check(cols[i] % kBlock == 0, "column ranges must start on a 32-column block");
+    // a range ending inside a block reads that whole weight block (its activations are zero past the end), so the
+    // next range must start on a later block
+    check(i == 0 || cols[i] >= (cols[i - 1] + kBlock - 1) / kBlock * kBlock, "column ranges must not share a block");
+    a.xq.push_back(quantize_rows(x.data_ptr<float>() + cols[i], x.stride(0), x.size(0), cols[i + 1] - cols[i]));
+    a.b0.push_back(cols[i] / kBlock);
+  }
+  return a;
+}
+
+template <typename W, typename S>
+void matmul_ranges(const RangeArgs& a, const W* qs, const S* scales, const S* mins) {
+  const int64_t row_bytes = a.K / kBlock * block_bytes(qs), KB = a.K / kBlock;
+  const int64_t M = a.xq.front().m;
+  at::parallel_for(0, static_cast<int64_t>(a.rows.size()), kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = a.rows[i];
+      for (int64_t m = 0; m < M; ++m) {
+        float total = 0.0f;
+        for (size_t c = 0; c < a.xq.size(); ++c) {
+          const QuantizedRows& xq = a.xq[c];
+          const int64_t xb = m * xq.nb, b0 = a.b0[c];
+          total += row_dot(qs + r * row_bytes + b0 * block_bytes(qs), scales + r * KB + b0,
+                           mins != nullptr ? mins + r * KB + b0 : nullptr, xq.q.data() + xb * kBlock,
+                           xq.scale.data() + xb, xq.sum.data() + xb, xq.nb);
+        }
+        float* out = a.y + m * a.y_stride + r;
+        *out = a.accumulate ? *out + total : total;
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // y[M, r1-r0] (+)= x[M, c1-c0] @ W[r0:r1, c0:c1]^T, W stored as Q4 blocks: w = d * q + m, q in 0..15.
@@ -230,6 +295,29 @@ void q8_matmul(at::Tensor y, const at::Tensor& x, const at::Tensor& qs, const at
   const MatmulArgs a = prepare(y, x, qs.size(0), qs.size(1), r0, r1, c0, c1, accumulate);
   const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), x.stride(0), x.size(0), c1 - c0);
   matmul_rows<int8_t, at::Half>(a, xq, qs.data_ptr<int8_t>(), d.data_ptr<at::Half>(), nullptr, r0, r1);
+}
+
+void q4_matmul_ranges(at::Tensor y, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
+                      const at::Tensor& mn, const std::vector<int64_t>& rows, const std::vector<int64_t>& cols,
+                      bool accumulate) {
+  check(qs.scalar_type() == at::kByte && qs.is_contiguous(), "qs must be contiguous uint8");
+  check(d.scalar_type() == mn.scalar_type() && d.is_contiguous() && mn.is_contiguous(),
+        "scales and mins must be contiguous and of one dtype");
+  const RangeArgs a = prepare_ranges(y, x, qs.size(0), qs.size(1) * 2, rows, cols, accumulate);
+  if (d.scalar_type() == at::kHalf) {
+    matmul_ranges(a, qs.data_ptr<uint8_t>(), d.data_ptr<at::Half>(), mn.data_ptr<at::Half>());
+  } else {
+    check(d.scalar_type() == at::kFloat, "scales must be float16 or float32");
+    matmul_ranges(a, qs.data_ptr<uint8_t>(), d.data_ptr<float>(), mn.data_ptr<float>());
+  }
+}
+
+void q8_matmul_ranges(at::Tensor y, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
+                      const std::vector<int64_t>& rows, const std::vector<int64_t>& cols, bool accumulate) {
+  check(qs.scalar_type() == at::kChar && qs.is_contiguous(), "qs must be contiguous int8");
+  check(d.scalar_type() == at::kHalf && d.is_contiguous(), "scales must be contiguous float16");
+  const RangeArgs a = prepare_ranges(y, x, qs.size(0), qs.size(1), rows, cols, accumulate);
+  matmul_ranges<int8_t, at::Half>(a, qs.data_ptr<int8_t>(), d.data_ptr<at::Half>(), nullptr);
 }
 
 // y[m] = x[m] / rms(x[m]) * w ; rows of x and y may be strided, columns contiguous.
@@ -585,6 +673,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using release = pybind11::call_guard<pybind11::gil_scoped_release>;
   m.def("q4_matmul", &q4_matmul, release());
   m.def("q8_matmul", &q8_matmul, release());
+  m.def("q4_matmul_ranges", &q4_matmul_ranges, release());
+  m.def("q8_matmul_ranges", &q8_matmul_ranges, release());
   m.def("rms_norm", &rms_norm, release());
   m.def("rope_", &rope_, release());
   m.def("silu_mul", &silu_mul, release());
