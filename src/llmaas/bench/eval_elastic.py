@@ -33,8 +33,8 @@ WIKITEXT = DATA_DIR / "wikitext2" / "test.raw.txt"
 
 @dataclass(frozen=True)
 class EvalElasticConfig:
-    items: int = 40  # per standalone task
-    agent_items: int = 20  # per agent task (21 and 77 choices: each item costs many passes)
+    items: int = 120  # per standalone task
+    agent_items: int = 60  # per agent task (21 and 77 choices: each item costs many passes)
     ppl_windows: int = 4
     ppl_window_tokens: int = 512
     ttft_tokens: int = 256
