@@ -11,6 +11,7 @@ larger batches (prefill, recompute) use fp32 GEMM and PyTorch attention.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 
@@ -81,6 +82,14 @@ class _Pass:
         self.gate_up = torch.empty(m, 2 * c.ffn_dim)
         self.gate, self.up = self.gate_up[:, :c.ffn_dim], self.gate_up[:, c.ffn_dim:]
         self.full_heads = [c.heads_per_group] * c.n_kv_heads
+        self.full_head_ranges = _head_ranges(c, self.full_heads)
+
+
+def _head_ranges(c: ModelConfig, q_heads: Sequence[int]) -> list[tuple[int, int]]:
+    """Rows of Wq (columns of Wo and of the attention output) of the active query heads: each KV group's kept
+    prefix, in group order."""
+    group = c.heads_per_group * c.head_dim
+    return [(g * group, g * group + kept * c.head_dim) for g, kept in enumerate(q_heads) if kept]
 
 
 class Transformer:
@@ -166,17 +175,18 @@ class Transformer:
         width = p.widths.layers[layer] if p.widths is not None else None
         lora = p.lora.layers[layer] if p.lora is not None else None
         active = list(width.q_heads) if width is not None else p.full_heads
+        heads = _head_ranges(self.config, active) if width is not None else p.full_head_ranges
         x = self._norm(h, lw.attn_norm, p.x, p.small)
-        self._project_qkv(lw.qkv, x, p, width)
+        self._project_qkv(lw.qkv, x, p, width, heads)
         if lora is not None:
-            self._lora_qkv(lora, x, p, active)
+            self._lora_qkv(lora, x, p, heads)
         self._rope(p.q, p)
         self._rope(p.k, p)
         kv = p.kv.update(layer, p.new_kv)
         self._attend(kv, active, p, width is not None)
-        self._project_out(lw.o, p, width, h)
+        self._project_out(lw.o, p, width, heads, h)
         if lora is not None and "o" in lora.pairs:
-            self._lora_o(lora, p, active, h)
+            self._lora_o(lora, p, heads, h)
         x = self._norm(h, lw.ffn_norm, p.x, p.small)
         self._ffn(lw, x, p, width.ffn if width is not None else self.config.ffn_dim, h, lora)
 
@@ -193,55 +203,43 @@ class Transformer:
         else:
             self.rope.apply_(x, p.positions)
 
-    def _project_qkv(self, qkv: Linear, x: torch.Tensor, p: _Pass, width: LayerWidths | None) -> None:
+    def _project_qkv(self, qkv: Linear, x: torch.Tensor, p: _Pass, width: LayerWidths | None,
+                     heads: list[tuple[int, int]]) -> None:
         c = self.config
         if width is None or width.q_heads == tuple(p.full_heads):  # one call when every head is active
             qkv.apply(x, p.qkv)
             return
-        rows = [*self._head_ranges(width), (c.q_dim, c.q_dim + 2 * c.kv_dim)]
-        qkv.apply_ranges(x, p.qkv, rows, [(0, c.d_model)])
+        qkv.apply_ranges(x, p.qkv, [*heads, (c.q_dim, c.q_dim + 2 * c.kv_dim)], [(0, c.d_model)])
 
-    def _head_ranges(self, width: LayerWidths) -> list[tuple[int, int]]:
-        """Rows of Wq (columns of Wo) of the active query heads: each KV group's kept prefix."""
-        group = self.config.heads_per_group * self.config.head_dim
-        return [(g * group, g * group + kept * self.config.head_dim) for g, kept in enumerate(width.q_heads) if kept]
-
-    def _lora_qkv(self, lora: LayerLora, x: torch.Tensor, p: _Pass, active: list[int]) -> None:
+    def _lora_qkv(self, lora: LayerLora, x: torch.Tensor, p: _Pass, heads: list[tuple[int, int]]) -> None:
         """Add the adapters' deltas to the projected q (active heads, adapter rows in group-major prefix order), k and
         v, before RoPE."""
         c, scale = self.config, p.lora.scale
         if "q" in lora.pairs:
             pair, r = lora.pairs["q"], 0
             u = torch.mm(x, pair.a_t)
-            group = c.heads_per_group * c.head_dim
-            for g, kept in enumerate(active):
-                width = kept * c.head_dim
-                if width:
-                    p.qkv[:, g * group:g * group + width].addmm_(u, pair.b_t[:, r:r + width], alpha=scale)
-                r += width
+            for r0, r1 in heads:
+                p.qkv[:, r0:r1].addmm_(u, pair.b_t[:, r:r + r1 - r0], alpha=scale)
+                r += r1 - r0
         for name, c0 in (("k", c.q_dim), ("v", c.q_dim + c.kv_dim)):
             if name in lora.pairs:
                 lora.pairs[name].add_to(p.qkv[:, c0:c0 + c.kv_dim], x, scale)
 
-    def _lora_o(self, lora: LayerLora, p: _Pass, active: list[int], h: torch.Tensor) -> None:
+    def _lora_o(self, lora: LayerLora, p: _Pass, heads: list[tuple[int, int]], h: torch.Tensor) -> None:
         """h += o's delta over the active heads' outputs (adapter columns in group-major prefix order)."""
-        c, pair = self.config, lora.pairs["o"]
-        group = c.heads_per_group * c.head_dim
-        u, r = None, 0
-        for g, kept in enumerate(active):
-            width = kept * c.head_dim
-            if width:
-                part = (p.attn_flat[:, g * group:g * group + width], pair.a_t[r:r + width])
-                u = torch.mm(*part) if u is None else u.addmm_(*part)
-            r += width
+        pair, u, r = lora.pairs["o"], None, 0
+        for c0, c1 in heads:
+            part = (p.attn_flat[:, c0:c1], pair.a_t[r:r + c1 - c0])
+            u = torch.mm(*part) if u is None else u.addmm_(*part)
+            r += c1 - c0
         h.addmm_(u, pair.b_t, alpha=p.lora.scale)
 
-    def _project_out(self, o: Linear, p: _Pass, width: LayerWidths | None, h: torch.Tensor) -> None:
+    def _project_out(self, o: Linear, p: _Pass, width: LayerWidths | None, heads: list[tuple[int, int]],
+                     h: torch.Tensor) -> None:
         """h += attention output @ Wo^T over the active heads (each group's active heads are contiguous)."""
         if width is None or width.q_heads == tuple(p.full_heads):
             o.apply(p.attn_flat, h, accumulate=True)
             return
-        heads = self._head_ranges(width)
         if heads:
             o.apply_ranges(p.attn_flat, h, [(0, self.config.d_model)], heads, accumulate=True)
 

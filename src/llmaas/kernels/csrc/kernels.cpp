@@ -67,15 +67,21 @@ inline __m256 exp256(__m256 x) {
 // Grain sizes: small enough that two threads split a 576-row matrix, large enough to amortise the fork.
 constexpr int64_t kRowGrain = 32;
 
+// What every block matmul needs of its activations x [M, *] and outputs y [M, *].
+void check_operands(const at::Tensor& y, const at::Tensor& x) {
+  check(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x and y must be [M, *] with the same M");
+  check(x.size(0) <= 64, "block matmuls take at most 64 activation rows; use the dense path for more");
+  check(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat, "x and y must be float32");
+  check(x.stride(1) == 1 && y.stride(1) == 1, "x and y rows must be contiguous");
+}
+
 void check_ranges(const at::Tensor& y, const at::Tensor& x, int64_t n_rows, int64_t n_cols, int64_t r0, int64_t r1,
                   int64_t c0, int64_t c1) {
   check(0 <= r0 && r0 <= r1 && r1 <= n_rows, "row range out of bounds");
   check(0 <= c0 && c0 < c1 && c1 <= n_cols, "column range out of bounds or empty");
   check(c0 % kBlock == 0, "column range must start on a 32-column block");
-  check(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x and y must be [M, *] with the same M");
+  check_operands(y, x);
   check(x.size(1) == c1 - c0 && y.size(1) == r1 - r0, "x/y widths must match the column/row ranges");
-  check(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat, "x and y must be float32");
-  check(x.stride(1) == 1 && y.stride(1) == 1, "x and y rows must be contiguous");
 }
 
 // Activations of one matmul call, rounded per 32-value block to int16 fixed point: x ~= scale[b] * q[j].
@@ -198,11 +204,9 @@ void matmul_rows(const MatmulArgs& a, const QuantizedRows& xq, const W* qs, cons
 MatmulArgs prepare(at::Tensor& y, const at::Tensor& x, int64_t n_rows, int64_t K, int64_t r0, int64_t r1, int64_t c0,
                    int64_t c1, bool accumulate) {
   check_ranges(y, x, n_rows, K, r0, r1, c0, c1);
-  check(x.size(0) <= 64, "block matmuls take at most 64 activation rows; use the dense path for more");
   return MatmulArgs{y.data_ptr<float>(), y.stride(0), r0, c0 / kBlock, (c1 - c0 + kBlock - 1) / kBlock, K,
                     accumulate};
 }
-
 
 // Several row ranges and column ranges of one weight matrix in one call: y[m, r] (+)= sum over the column ranges of
 // x[m, c] * W[r, c], for every r in the row ranges. y [M, N] and x [M, K] are the full-width buffers, indexed by
@@ -219,11 +223,8 @@ struct RangeArgs {
 
 RangeArgs prepare_ranges(at::Tensor& y, const at::Tensor& x, int64_t N, int64_t K, const std::vector<int64_t>& rows,
                          const std::vector<int64_t>& cols, bool accumulate) {
-  check(x.dim() == 2 && y.dim() == 2 && x.size(0) == y.size(0), "x and y must be [M, *] with the same M");
-  check(x.size(0) <= 64, "block matmuls take at most 64 activation rows; use the dense path for more");
+  check_operands(y, x);
   check(y.size(1) == N && x.size(1) == K, "x and y must be the full-width [M, K] and [M, N] buffers");
-  check(x.scalar_type() == at::kFloat && y.scalar_type() == at::kFloat, "x and y must be float32");
-  check(x.stride(1) == 1 && y.stride(1) == 1, "x and y rows must be contiguous");
   check(rows.size() % 2 == 0 && cols.size() % 2 == 0 && !cols.empty(), "ranges are flat (start, end) pairs");
   RangeArgs a{{}, {}, {}, y.data_ptr<float>(), y.stride(0), K, accumulate};
   for (size_t i = 0; i < rows.size(); i += 2) {
