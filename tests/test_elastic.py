@@ -200,6 +200,19 @@ def test_lora_equals_merged_weights(tiny_path):
         assert (a - _logits(loaded, rows, widths=widths)).abs().max().item() > 1e-2  # the adapter does something
 
 
+def test_lora_on_the_decode_kernels_equals_the_dense_path(tiny_path, kernels):
+    """A few rows take the native LoRA kernel (one call per adapter group, ranges of active heads and neurons); it
+    adds what the dense path's GEMMs add, up to the block kernels' activation rounding of the base weights."""
+    native, dense = load_model(tiny_path), load_model(tiny_path, use_kernels=False)
+    widths = ModelWidths((LayerWidths((1, 2), 64), LayerWidths((2, 0), 128)))
+    lora = _random_lora(native.config, widths)
+    for rows in (IDS[:1], IDS[:5]):
+        a = _logits(native, rows, widths=widths, lora=lora)
+        err = (a - _logits(dense, rows, widths=widths, lora=lora)).abs().max().item()
+        assert err < 1e-3
+        assert (a - _logits(native, rows, widths=widths)).abs().max().item() > 100 * err  # the adapter is applied
+
+
 def test_lora_for_another_level_is_refused(tiny_path):
     loaded = load_model(tiny_path, use_kernels=False)
     widths = ModelWidths((LayerWidths((1, 2), 64), LayerWidths((0, 1), 128)))

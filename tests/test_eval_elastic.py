@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from conftest import fp32_cache
-from llmaas.bench.eval_elastic import paired_bootstrap, wilson
+from llmaas.bench.eval_elastic import Setting, largest_meeting, paired_bootstrap, wilson
 from llmaas.bench.mc_score import choice_scores
 
 
@@ -47,3 +47,13 @@ def test_wilson_and_paired_bootstrap():
     one = paired_bootstrap([(a1, b1)], 2000)
     pooled = paired_bootstrap([(a1, b1), (a2, b1)], 2000)
     assert pooled[2] - pooled[1] < one[2] - one[1]
+
+
+def test_each_system_takes_its_largest_setting_that_meets_the_budget():
+    options = [(0.20, {}, Setting("shortgpt", 0.4)), (0.26, {}, Setting("shortgpt", 0.5)),
+               (0.25, {}, Setting("shortgpt", 0.6)), (0.31, {}, Setting("shortgpt", 0.7))]
+    assert largest_meeting(options, 0.30)[2].ratio == 0.6  # 0.6 timed faster than 0.5: by size, not by TTFT
+    assert largest_meeting(options, 0.255)[2].ratio == 0.6
+    assert largest_meeting(options, 0.24)[2].ratio == 0.4
+    assert largest_meeting(options, 0.31)[2].ratio == 0.7  # meeting the SLO includes equality
+    assert largest_meeting(options, 0.19) is None  # misses the SLO

@@ -91,6 +91,29 @@ def test_block_matmul_on_several_ranges_matches_dense(kernels, qtype, m):
         fn(y[:, :90], x, *args, flat_rows, flat_cols, False)
 
 
+@pytest.mark.parametrize("m", [1, 5])
+def test_lora_add_matches_reference(kernels, m):
+    """Several adapters on one input, column and row ranges of full-width buffers: the deltas land on the right rows
+    and nowhere else, and mis-shaped adapters are refused."""
+    x, scale = torch.randn(m, 100), 1.5
+    cols = [(0, 10), (20, 50)]
+    adapters = [(torch.randn(4, 40), torch.randn(12, 4), [(0, 5), (30, 37)]), (torch.randn(8, 40), torch.randn(3, 8),
+                                                                               [(60, 63)])]
+    out = torch.full((m, 64), 7.0)
+    kernels.lora_add(out, x, [a for a, _, _ in adapters], [b for _, b, _ in adapters],
+                     [[i for r in rows for i in r] for _, _, rows in adapters], [i for c in cols for i in c], scale)
+    ref = torch.full((m, 64), 7.0)
+    xs = torch.cat([x[:, c0:c1] for c0, c1 in cols], dim=1)
+    for a, b, rows in adapters:
+        ref[:, torch.cat([torch.arange(r0, r1) for r0, r1 in rows])] += scale * (xs @ a.T) @ b.T
+    assert (out - ref).abs().max().item() < 1e-4
+    assert torch.equal(out[:, 37:60], torch.full((m, 23), 7.0))
+    with pytest.raises(RuntimeError, match="total row-range length"):
+        kernels.lora_add(out, x, [adapters[0][0]], [adapters[0][1]], [[0, 5]], [0, 10, 20, 50], scale)
+    with pytest.raises(RuntimeError, match="out of bounds"):
+        kernels.lora_add(out, x, [adapters[0][0]], [adapters[0][1]], [[0, 5, 60, 67]], [0, 10, 20, 50], scale)
+
+
 def _attention_reference(q, k, v, active, q_pos, k_pos):
     group = q.shape[1] // k.shape[0]
     kr, vr = k.float().repeat_interleave(group, 0), v.float().repeat_interleave(group, 0)

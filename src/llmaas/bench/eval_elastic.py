@@ -14,7 +14,7 @@ import json
 import math
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -29,22 +29,25 @@ from llmaas.elastic.model import ElasticModel
 from llmaas.shared_data import DATA_DIR
 
 WIKITEXT = DATA_DIR / "wikitext2" / "test.raw.txt"
+ITEM_PROTOCOL = "meanlogp-shared-context"  # how an item is scored (mc_score.py): a new protocol is a new cache key
 
 
 @dataclass(frozen=True)
 class EvalElasticConfig:
-    items: int = 120  # per standalone task
-    agent_items: int = 60  # per agent task (21 and 77 choices: each item costs many passes)
+    items: int = 240  # per standalone task
+    agent_items: int = 120  # per agent task (21 and 77 choices: each item costs many passes)
     ppl_windows: int = 4
     ppl_window_tokens: int = 512
     ttft_tokens: int = 256
-    latency_runs: int = 7  # interleaved rounds
+    latency_runs: int = 11  # interleaved rounds: the matching moves with TTFT noise, so more than the profile's 5
     baseline_ratios: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    budget_fractions: tuple[float, ...] = (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)  # TTFT SLOs, of the full model's TTFT
     bootstrap: int = 10_000
 
     def keys(self) -> dict[str, str]:
-        """What the cached results of each kind depend on."""
-        return {"accuracy": f"items{self.items}-agent{self.agent_items}-ppl{self.ppl_windows}x{self.ppl_window_tokens}",
+        """What the cached results of each kind depend on. Items are cached one by one under their content hash, so
+        a run with more items scores only the new ones."""
+        return {"ppl": f"ppl{self.ppl_windows}x{self.ppl_window_tokens}", "items": ITEM_PROTOCOL,
                 "latency": f"ttft{self.ttft_tokens}-served-rounds{self.latency_runs}"}
 
 
@@ -61,10 +64,10 @@ class Setting:
 
 
 def plan(elastic: ElasticModel, cfg: EvalElasticConfig) -> list[Setting]:
-    out = [Setting("elastic", m / 10) for m in LEVELS]
-    out += [lora_setting(elastic, m) for m in LEVELS if m in elastic.adapters]
+    # What the matched comparison needs comes first, so a run stopped part-way has answered it.
+    out = [lora_setting(elastic, m) for m in LEVELS if m in elastic.adapters]
     out += [Setting(b, r) for b in BASELINES for r in cfg.baseline_ratios]
-    return out
+    return out + [Setting("elastic", m / 10) for m in LEVELS]
 
 
 def lora_setting(elastic: ElasticModel, level10: int) -> Setting:
@@ -121,16 +124,38 @@ def paired_bootstrap(pairs: list[tuple[dict[str, list[bool]], dict[str, list[boo
     return point, float(samples[int(0.025 * resamples)]), float(samples[int(0.975 * resamples) - 1])
 
 
+def accuracy(cache: ResultCache, s: Setting, tasks: list[MCTask]) -> dict | None:
+    """{"ppl", "correct": {task: [bool per item]}} of a setting, or None while any part is unscored."""
+    ppl, scored = cache.get("ppl", s.name), cache.get("items", s.name) or {}
+    correct = {}
+    for t in tasks:
+        done = scored.get(t.name, {})
+        if any(i.key not in done for i in t.items):
+            return None
+        correct[t.name] = [done[i.key] for i in t.items]
+    return {"ppl": ppl["ppl"], "correct": correct} if ppl is not None else None
+
+
 def run_accuracy(elastic: ElasticModel, settings: list[Setting], tasks: list[MCTask], wiki: list[int],
                  cfg: EvalElasticConfig, cache: ResultCache, log=print) -> None:
-    todo = [s for s in settings if cache.get("accuracy", s.name) is None]
+    """Perplexity and the items not yet scored, setting by setting (cached after each)."""
+    todo = [s for s in settings if accuracy(cache, s, tasks) is None]
     t0 = time.perf_counter()
     for k, s in enumerate(todo):
         widths, lora = sub_model(elastic, s)
         model = elastic.loaded.model
-        result = {"ppl": perplexity(model, wiki, cfg.ppl_windows, cfg.ppl_window_tokens, widths, lora),
-                  "correct": {t.name: score_task(model, elastic.loaded.tokenizer, t, widths, lora) for t in tasks}}
-        cache.put("accuracy", s.name, result)
+        if cache.get("ppl", s.name) is None:
+            cache.put("ppl", s.name, {"ppl": perplexity(model, wiki, cfg.ppl_windows, cfg.ppl_window_tokens, widths,
+                                                        lora)})
+        scored = cache.get("items", s.name) or {}
+        for t in tasks:
+            done = scored.setdefault(t.name, {})
+            new = tuple(i for i in t.items if i.key not in done)
+            if new:
+                done.update(zip((i.key for i in new), score_task(model, elastic.loaded.tokenizer,
+                                                                 replace(t, items=new), widths, lora), strict=True))
+        cache.put("items", s.name, scored)
+        result = accuracy(cache, s, tasks)
         elapsed = time.perf_counter() - t0
         acc = sum(sum(v) / len(v) for v in result["correct"].values()) / len(tasks)
         log(f"  [{k + 1}/{len(todo)}] {s.name}: ppl {result['ppl']:.2f}, mean accuracy {acc:.3f}; "
@@ -161,7 +186,7 @@ def run_latency(elastic: ElasticModel, settings: list[Setting], cfg: EvalElastic
 def assemble(elastic: ElasticModel, settings: list[Setting], tasks: list[MCTask], cfg: EvalElasticConfig,
              cache: ResultCache) -> dict:
     def entry(s: Setting) -> dict:
-        acc, lat = cache.get("accuracy", s.name), cache.get("latency", s.name) or {}
+        acc, lat = accuracy(cache, s, tasks), cache.get("latency", s.name) or {}
         out = {"ttft_s": lat.get("ttft_s"), "tpot_s": lat.get("tpot_s")}
         if acc is not None:
             out["ppl"] = acc["ppl"]
@@ -179,7 +204,7 @@ def assemble(elastic: ElasticModel, settings: list[Setting], tasks: list[MCTask]
                                  "mean_accuracy_lora": lora.get("mean_accuracy"), "ttft_lora_s": lora.get("ttft_s"),
                                  "tpot_lora_s": lora.get("tpot_s")}
     baselines = {b: {f"{r:.1f}": entry(Setting(b, r)) for r in cfg.baseline_ratios} for b in BASELINES}
-    return {"levels": levels, "baselines": baselines, "matched": _matched(elastic, cfg, cache),
+    return {"levels": levels, "baselines": baselines, "matched": _matched(elastic, cfg, cache, tasks),
             "switch_s": switch_s(elastic.view), "lora_bytes": elastic.adapters_nbytes,
             "model_bytes": elastic.loaded.model.weights.nbytes,
             "tasks": {t.name: {"items": len(t.items), "chance": t.chance} for t in tasks},
@@ -191,35 +216,64 @@ def assemble(elastic: ElasticModel, settings: list[Setting], tasks: list[MCTask]
 _RECORD_KEYS = ("steps", "complete", "tokens_seen", "wall_s", "held_out_loss_without_lora", "held_out_loss_best")
 
 
-def _matched(elastic: ElasticModel, cfg: EvalElasticConfig, cache: ResultCache) -> dict:
-    """Each elastic level (with LoRA where trained) against each baseline's setting of nearest measured TTFT:
-    mean accuracy difference with a paired bootstrap 95% interval; and the same pooled over levels, per baseline
-    and over all baselines (the curve-level question: at equal TTFT, is elastic more accurate?)."""
-    pairs, correct = [], {}
-    for m in LEVELS[:-1]:
-        mine = lora_setting(elastic, m) if m in elastic.adapters else Setting("elastic", m / 10)
-        acc, lat = cache.get("accuracy", mine.name), cache.get("latency", mine.name)
-        if acc is None or lat is None:
-            continue
-        for b in BASELINES:
-            timed = [(cache.get("latency", Setting(b, r).name), cache.get("accuracy", Setting(b, r).name), r)
-                     for r in cfg.baseline_ratios]
-            timed = [t for t in timed if t[0] is not None and t[1] is not None]
-            if not timed:
-                continue
-            other_lat, other_acc, ratio = min(timed, key=lambda t: abs(t[0]["ttft_s"] - lat["ttft_s"]))
-            d, lo, hi = paired_bootstrap([(acc["correct"], other_acc["correct"])], cfg.bootstrap)
-            pairs.append({"level": level_name(m), "lora": mine.lora, "baseline": b, "ratio": ratio,
-                          "ttft_s": lat["ttft_s"], "baseline_ttft_s": other_lat["ttft_s"],
-                          "diff": d, "ci95": [lo, hi], "significant": lo > 0 or hi < 0})
-            correct[(m, b)] = (acc["correct"], other_acc["correct"])
+def _matched(elastic: ElasticModel, cfg: EvalElasticConfig, cache: ResultCache, tasks: list[MCTask]) -> dict:
+    """Elastic (each level with its LoRA where trained) against each baseline at equal measured TTFT, two ways, each
+    as mean-accuracy differences with paired bootstrap 95% intervals, per comparison and pooled per baseline and over
+    all baselines (the curve-level question: at equal TTFT, is elastic more accurate?):
+    - pairs: each level against the baseline setting of nearest TTFT;
+    - budgets: the spec's measured mode (§9): for a TTFT SLO of a fraction of the full model's, each system takes
+      the largest setting whose measured TTFT meets it; a baseline with none that does misses the SLO."""
+    def timed(s: Setting) -> tuple[float, dict, Setting] | None:
+        acc, lat = accuracy(cache, s, tasks), cache.get("latency", s.name)
+        return (lat["ttft_s"], acc["correct"], s) if acc is not None and lat is not None else None
+
+    mine = [t for m in LEVELS[:-1] if (t := timed(lora_setting(elastic, m) if m in elastic.adapters
+                                                  else Setting("elastic", m / 10))) is not None]
+    theirs = {b: [t for r in cfg.baseline_ratios if (t := timed(Setting(b, r))) is not None] for b in BASELINES}
+
+    def compare(a: tuple, b: tuple, **about) -> dict:
+        d, lo, hi = paired_bootstrap([(a[1], b[1])], cfg.bootstrap)
+        return {**about, "lora": a[2].lora, "ttft_s": a[0], "baseline": b[2].method, "ratio": b[2].ratio,
+                "baseline_ttft_s": b[0], "diff": d, "ci95": [lo, hi], "significant": lo > 0 or hi < 0,
+                "_correct": (a[1], b[1])}
+
+    pairs = [compare(a, min(options, key=lambda t: abs(t[0] - a[0])), level=level_name(round(a[2].ratio * 10)))
+             for a in mine for options in theirs.values() if options]
+    budgets, misses = [], []
+    full = cache.get("latency", Setting("elastic", 1.0).name)
+    for fraction in cfg.budget_fractions if full is not None else ():
+        budget = fraction * full["ttft_s"]
+        a = largest_meeting(mine, budget)
+        for b, options in theirs.items():
+            other = largest_meeting(options, budget)
+            if a is not None and other is not None:
+                budgets.append(compare(a, other, fraction=fraction, budget_s=budget,
+                                       level=level_name(round(a[2].ratio * 10))))
+            else:
+                misses.append({"fraction": fraction, "budget_s": budget, "baseline": b,
+                               "elastic_meets": a is not None, "baseline_meets": other is not None})
+    return {"pairs": _strip(pairs), "pooled": _pooled(pairs, cfg), "budgets": _strip(budgets),
+            "budgets_pooled": _pooled(budgets, cfg), "budget_misses": misses}
+
+
+def largest_meeting(options: list[tuple[float, dict, Setting]], budget_s: float) -> tuple | None:
+    """The (ttft_s, correct, setting) of the largest setting whose measured TTFT meets the budget (by the setting's
+    own size, not its TTFT: noise may time a larger setting faster), or None when none does."""
+    return max((t for t in options if t[0] <= budget_s), key=lambda t: t[2].ratio, default=None)
+
+
+def _pooled(rows: list[dict], cfg: EvalElasticConfig) -> dict:
     pooled = {}
     for b in [*BASELINES, "all"]:
-        chosen = [v for (_, name), v in correct.items() if b in (name, "all")]
+        chosen = [r["_correct"] for r in rows if b in (r["baseline"], "all")]
         if chosen:
             d, lo, hi = paired_bootstrap(chosen, cfg.bootstrap)
             pooled[b] = {"pairs": len(chosen), "diff": d, "ci95": [lo, hi], "significant": lo > 0 or hi < 0}
-    return {"pairs": pairs, "pooled": pooled}
+    return pooled
+
+
+def _strip(rows: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "_correct"} for r in rows]
 
 
 def table(result: dict) -> str:
@@ -248,15 +302,27 @@ def table(result: dict) -> str:
     lines.append("matched TTFT (elastic level vs nearest-TTFT baseline): mean-accuracy difference, 95% CI")
     for mt in result["matched"]["pairs"]:
         lines.append(f"  {mt['level']}{'+LoRA' if mt['lora'] else ''} vs {mt['baseline']} {mt['ratio']:.1f} "
-                     f"(TTFT {mt['ttft_s'] * 1e3:.0f} vs {mt['baseline_ttft_s'] * 1e3:.0f} ms): "
-                     f"{mt['diff']:+.3f} [{mt['ci95'][0]:+.3f}, {mt['ci95'][1]:+.3f}]"
-                     f"{'' if mt['significant'] else ' (not significant)'}")
+                     f"(TTFT {mt['ttft_s'] * 1e3:.0f} vs {mt['baseline_ttft_s'] * 1e3:.0f} ms): {_diff(mt)}")
     for b, pl in result["matched"]["pooled"].items():
-        lines.append(f"  pooled over {pl['pairs']} pairs vs {b}: {pl['diff']:+.3f} "
-                     f"[{pl['ci95'][0]:+.3f}, {pl['ci95'][1]:+.3f}]{'' if pl['significant'] else ' (not significant)'}")
+        lines.append(f"  pooled over {pl['pairs']} pairs vs {b}: {_diff(pl)}")
+    lines.append("TTFT budgets (each system's largest setting that meets the SLO): mean-accuracy difference, 95% CI")
+    for mt in result["matched"]["budgets"]:
+        lines.append(f"  {mt['fraction']:.1f} x full ({mt['budget_s'] * 1e3:.0f} ms): {mt['level']}"
+                     f"{'+LoRA' if mt['lora'] else ''} ({mt['ttft_s'] * 1e3:.0f} ms) vs {mt['baseline']} "
+                     f"{mt['ratio']:.1f} ({mt['baseline_ttft_s'] * 1e3:.0f} ms): {_diff(mt)}")
+    for ms in result["matched"]["budget_misses"]:
+        who = [w for w, met in (("elastic", ms["elastic_meets"]), (ms["baseline"], ms["baseline_meets"])) if not met]
+        lines.append(f"  {ms['fraction']:.1f} x full: {' and '.join(who)} cannot meet it")
+    for b, pl in result["matched"]["budgets_pooled"].items():
+        lines.append(f"  pooled over {pl['pairs']} budgets vs {b}: {_diff(pl)}")
     lines.append(f"switch {result['switch_s'] * 1e6:.2f} us; adapters {result['lora_bytes'] / 2**20:.1f} MiB "
                  f"({result['lora_bytes'] / result['model_bytes']:.1%} of resident weights)")
     return "\n".join(lines)
+
+
+def _diff(r: dict) -> str:
+    return (f"{r['diff']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
+            + ("" if r["significant"] else " (not significant)"))
 
 
 def plot(result: dict, path: Path) -> bool:

@@ -7,6 +7,7 @@ the rest, so examples are never evaluated) and the text formats. Ignores the mod
 
 from __future__ import annotations
 
+import hashlib
 import random
 from dataclasses import dataclass
 
@@ -20,6 +21,11 @@ class MCItem:
     question: str  # the text after the shared context, ending where the answer starts
     choices: tuple[str, ...]  # continuations, each scored by its mean token log-probability
     answer: int
+
+    @property
+    def key(self) -> str:
+        """A content hash: what a cached score of this item is filed under (the same item in any sample)."""
+        return hashlib.sha1(repr((self.question, self.choices, self.answer)).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

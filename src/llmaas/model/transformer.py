@@ -22,7 +22,7 @@ from llmaas.errors import InvalidRequestError
 from llmaas.model.config import ModelConfig
 from llmaas.model.kv_view import KVView
 from llmaas.model.linear import SMALL_BATCH_ROWS, Linear
-from llmaas.model.lora import LayerLora, ModelLora
+from llmaas.model.lora import LayerLora, ModelLora, add_deltas
 from llmaas.model.rope import RopeTable
 from llmaas.model.stats import AttentionStats
 from llmaas.model.widths import LayerWidths, ModelWidths
@@ -185,8 +185,9 @@ class Transformer:
         kv = p.kv.update(layer, p.new_kv)
         self._attend(kv, active, p, width is not None)
         self._project_out(lw.o, p, width, heads, h)
-        if lora is not None and "o" in lora.pairs:
-            self._lora_o(lora, p, heads, h)
+        if lora is not None and "o" in lora.pairs:  # over the active heads' outputs (adapter columns in their order)
+            add_deltas(h, p.attn_flat, [(lora.pairs["o"], [(0, self.config.d_model)])], heads, p.lora.scale,
+                       self.kernels)
         x = self._norm(h, lw.ffn_norm, p.x, p.small)
         self._ffn(lw, x, p, width.ffn if width is not None else self.config.ffn_dim, h, lora)
 
@@ -214,25 +215,10 @@ class Transformer:
     def _lora_qkv(self, lora: LayerLora, x: torch.Tensor, p: _Pass, heads: list[tuple[int, int]]) -> None:
         """Add the adapters' deltas to the projected q (active heads, adapter rows in group-major prefix order), k and
         v, before RoPE."""
-        c, scale = self.config, p.lora.scale
-        if "q" in lora.pairs:
-            pair, r = lora.pairs["q"], 0
-            u = torch.mm(x, pair.a_t)
-            for r0, r1 in heads:
-                p.qkv[:, r0:r1].addmm_(u, pair.b_t[:, r:r + r1 - r0], alpha=scale)
-                r += r1 - r0
-        for name, c0 in (("k", c.q_dim), ("v", c.q_dim + c.kv_dim)):
-            if name in lora.pairs:
-                lora.pairs[name].add_to(p.qkv[:, c0:c0 + c.kv_dim], x, scale)
-
-    def _lora_o(self, lora: LayerLora, p: _Pass, heads: list[tuple[int, int]], h: torch.Tensor) -> None:
-        """h += o's delta over the active heads' outputs (adapter columns in group-major prefix order)."""
-        pair, u, r = lora.pairs["o"], None, 0
-        for c0, c1 in heads:
-            part = (p.attn_flat[:, c0:c1], pair.a_t[r:r + c1 - c0])
-            u = torch.mm(*part) if u is None else u.addmm_(*part)
-            r += c1 - c0
-        h.addmm_(u, pair.b_t, alpha=p.lora.scale)
+        c = self.config
+        rows = {"q": heads, "k": [(c.q_dim, c.q_dim + c.kv_dim)], "v": [(c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim)]}
+        add_deltas(p.qkv, x, [(lora.pairs[n], r) for n, r in rows.items() if n in lora.pairs], [(0, c.d_model)],
+                   p.lora.scale, self.kernels)
 
     def _project_out(self, o: Linear, p: _Pass, width: LayerWidths | None, heads: list[tuple[int, int]],
                      h: torch.Tensor) -> None:
@@ -256,16 +242,17 @@ class Transformer:
             gate, up = p.gate[:, :kept], p.up[:, :kept]
             lw.gate_up.apply_ranges(x, p.gate_up, [(0, kept), (f, f + kept)], [(0, self.config.d_model)])
         if lora is not None:
-            for name, out in (("gate", gate), ("up", up)):
-                if name in lora.pairs:
-                    lora.pairs[name].add_to(out, x, p.lora.scale)
+            rows = {"gate": [(0, kept)], "up": [(f, f + kept)]}
+            add_deltas(p.gate_up, x, [(lora.pairs[n], r) for n, r in rows.items() if n in lora.pairs],
+                       [(0, self.config.d_model)], p.lora.scale, self.kernels)
         if p.small:
             self.kernels.silu_mul(gate, gate, up)
         else:
             F.silu(gate, inplace=True).mul_(up)
         lw.down.apply(gate, h, cols=(0, kept), accumulate=True)
         if lora is not None and "down" in lora.pairs:
-            lora.pairs["down"].add_to(h, gate, p.lora.scale)
+            add_deltas(h, p.gate, [(lora.pairs["down"], [(0, self.config.d_model)])], [(0, kept)], p.lora.scale,
+                       self.kernels)
 
     def _attend(self, kv: torch.Tensor, active: list[int], p: _Pass, sliced: bool) -> None:
         """p.attn[:, heads] = attention of the active query heads over the view's keys and values."""

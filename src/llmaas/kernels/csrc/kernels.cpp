@@ -1,9 +1,9 @@
 // Native CPU kernels for the small-batch (decode) path of llmaas's llama model.
 //
 // Owns: weight-only matmuls that read GGUF-style blocks directly (Q4: 32 nibbles + scale and min; Q8: 32 int8 +
-// scale), the per-token element-wise work around them (RMSNorm, interleaved RoPE, SiLU*mul) and grouped-query
-// attention for a few query rows with optional attention statistics, and the decode of stored KV chunks
-// (llmaas.kv.codec's INT8/INT4/INT2/FP16 layouts) into the engine's fp16 KV tensors.
+// scale), unmerged LoRA deltas, the per-token element-wise work around them (RMSNorm, interleaved RoPE, SiLU*mul),
+// grouped-query attention for a few query rows with optional attention statistics, and the decode of stored KV
+// chunks (llmaas.kv.codec's INT8/INT4/INT2/FP16 layouts) into the engine's fp16 KV tensors.
 // Ignores: anything about where KV lives or which rows are active. Callers pass views (row/column ranges, strides);
 // every function writes into caller-owned tensors (only small scratch vectors are allocated inside).
 // Numerics: weights are used exactly as stored in the GGUF; matmul activations are rounded to 16 bits per 32-value
@@ -319,6 +319,71 @@ void q8_matmul_ranges(at::Tensor y, const at::Tensor& x, const at::Tensor& qs, c
   check(d.scalar_type() == at::kHalf && d.is_contiguous(), "scales must be contiguous float16");
   const RangeArgs a = prepare_ranges(y, x, qs.size(0), qs.size(1), rows, cols, accumulate);
   matmul_ranges<int8_t, at::Half>(a, qs.data_ptr<int8_t>(), d.data_ptr<at::Half>(), nullptr);
+}
+
+namespace {
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+  float total = hsum(acc);
+  for (; j < n; ++j) total += a[j] * b[j];
+  return total;
+}
+
+// Checked flat (start, end) ranges within [0, limit), sorted and disjoint; returns their total length.
+int64_t ranges_length(const std::vector<int64_t>& r, int64_t limit, const char* what) {
+  check(r.size() % 2 == 0, "ranges are flat (start, end) pairs");
+  int64_t total = 0;
+  for (size_t i = 0; i < r.size(); i += 2) {
+    check(0 <= r[i] && r[i] <= r[i + 1] && r[i + 1] <= limit && (i == 0 || r[i] >= r[i - 1]), what);
+    total += r[i + 1] - r[i];
+  }
+  return total;
+}
+
+}  // namespace
+
+// Unmerged LoRA deltas for a few activation rows, several adapters reading the same input in one call:
+// out[m, rows_i] += scale * B_i @ (A_i @ x[m, cols]) for each adapter i. x [M, *] and out [M, *] are full-width fp32
+// buffers (contiguous columns) indexed by absolute column and row; A_i's inputs are the concatenation of the column
+// ranges, B_i's outputs that of its row ranges, in order. a_i [R_i, n_cols], b_i [n_rows_i, R_i]: contiguous fp32.
+// At decode PyTorch spent most of an adapter's time dispatching its half-dozen tiny GEMMs; here it is arithmetic.
+void lora_add(at::Tensor out, const at::Tensor& x, const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
+              const std::vector<std::vector<int64_t>>& rows, const std::vector<int64_t>& cols, double scale) {
+  check_operands(out, x);
+  check(a.size() == b.size() && a.size() == rows.size(), "one A, one B and one row-range list per adapter");
+  const int64_t M = x.size(0), n_cols = ranges_length(cols, x.size(1), "column ranges out of bounds or unsorted");
+  for (size_t i = 0; i < a.size(); ++i) {
+    const int64_t n_rows = ranges_length(rows[i], out.size(1), "row ranges out of bounds or unsorted");
+    check(a[i].scalar_type() == at::kFloat && b[i].scalar_type() == at::kFloat && a[i].is_contiguous() &&
+              b[i].is_contiguous() && a[i].dim() == 2 && b[i].dim() == 2, "A and B must be contiguous 2-D float32");
+    check(a[i].size(1) == n_cols && b[i].size(0) == n_rows && b[i].size(1) == a[i].size(0),
+          "A must be [R, total column-range length] and B [total row-range length, R]");
+  }
+  std::vector<float> xg(n_cols), u;
+  const float* xp = x.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  for (int64_t m = 0; m < M; ++m) {
+    int64_t k = 0;
+    for (size_t c = 0; c < cols.size(); c += 2) {  // gather the active inputs once, shared by every adapter
+      std::memcpy(xg.data() + k, xp + m * x.stride(0) + cols[c], (cols[c + 1] - cols[c]) * sizeof(float));
+      k += cols[c + 1] - cols[c];
+    }
+    for (size_t i = 0; i < a.size(); ++i) {
+      const int64_t R = a[i].size(0);
+      const float* ap = a[i].data_ptr<float>();
+      const float* bp = b[i].data_ptr<float>();
+      u.resize(R);
+      for (int64_t r = 0; r < R; ++r) u[r] = static_cast<float>(scale) * dot(ap + r * n_cols, xg.data(), n_cols);
+      int64_t j = 0;
+      for (size_t c = 0; c < rows[i].size(); c += 2) {
+        float* o = op + m * out.stride(0);
+        for (int64_t row = rows[i][c]; row < rows[i][c + 1]; ++row, ++j) o[row] += dot(bp + j * R, u.data(), R);
+      }
+    }
+  }
 }
 
 // y[m] = x[m] / rms(x[m]) * w ; rows of x and y may be strided, columns contiguous.
@@ -676,6 +741,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_matmul", &q8_matmul, release());
   m.def("q4_matmul_ranges", &q4_matmul_ranges, release());
   m.def("q8_matmul_ranges", &q8_matmul_ranges, release());
+  m.def("lora_add", &lora_add, release());
   m.def("rms_norm", &rms_norm, release());
   m.def("rope_", &rope_, release());
   m.def("silu_mul", &silu_mul, release());
