@@ -1,10 +1,11 @@
 """`llmaas eval elastic`: accuracy, perplexity and measured latency of every elastic level (with and without its
 LoRA) and of the layer-dropping baselines, compared at matched measured TTFT.
 
-Owns the run plan, the per-config result cache (so a long run resumes, and accuracy can run while the machine is
-busy while latency waits for a quiet one: `--phase`), statistics (Wilson 95% intervals; paired bootstrap of the
-mean accuracy across tasks), the JSON in the issue's shape, the table and the PNG. Ignores how sub-models are
-made (llmaas.elastic) and how items are scored (mc_score.py).
+Owns the run plan, the result cache (perplexity and latency per setting, scores per item under a content hash: a
+long run resumes, a larger run scores only new items, and accuracy can run while the machine is busy while latency
+waits for a quiet one: `--phase`), statistics (Wilson 95% intervals; paired bootstrap of the mean accuracy across
+tasks), the matched comparisons (nearest TTFT; TTFT budgets), the JSON in the issue's shape, the table and the PNG.
+Ignores how sub-models are made (llmaas.elastic) and how items are scored (mc_score.py).
 """
 
 from __future__ import annotations
