@@ -21,6 +21,11 @@ SMALL_BATCH_ROWS = 8
 Range = tuple[int, int]
 
 
+def flat(ranges: list[Range]) -> list[int]:
+    """[(a, b), (c, d)] -> [a, b, c, d]: how the kernels take range lists."""
+    return [i for r in ranges for i in r]
+
+
 class Linear:
     """A weight matrix with a dense fp32 copy and, when the GGUF type allows it exactly, a block copy."""
 
@@ -68,7 +73,7 @@ class Linear:
         sub-model's active units are several ranges, and a call per range cost more than it saved at decode."""
         if (self.blocks is not None and x.shape[0] <= SMALL_BATCH_ROWS
                 and all(c0 % BLOCK == 0 for c0, _ in cols)):
-            flat_rows, flat_cols = [i for r in rows for i in r], [i for c in cols for i in c]
+            flat_rows, flat_cols = flat(rows), flat(cols)
             b = self.blocks
             if isinstance(b, Q4Blocks):
                 self._kernels.q4_matmul_ranges(out, x, b.qs, b.scales, b.mins, flat_rows, flat_cols, accumulate)

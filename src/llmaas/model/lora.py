@@ -15,7 +15,7 @@ import torch
 
 from llmaas.errors import InvalidRequestError
 from llmaas.model.config import ModelConfig
-from llmaas.model.linear import SMALL_BATCH_ROWS, Range
+from llmaas.model.linear import SMALL_BATCH_ROWS, Range, flat
 from llmaas.model.widths import ModelWidths
 
 PROJECTIONS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -50,7 +50,7 @@ def add_deltas(out: torch.Tensor, x: torch.Tensor, adapters: list[tuple[LoraPair
         return
     if kernels is not None and x.shape[0] <= SMALL_BATCH_ROWS:
         kernels.lora_add(out, x, [p.a for p, _ in adapters], [p.b for p, _ in adapters],
-                         [[i for r in rows for i in r] for _, rows in adapters], [i for c in cols for i in c], scale)
+                         [flat(rows) for _, rows in adapters], flat(cols), scale)
         return
     # Adapters reading the same x share one GEMM for their A products: with rank 8 each GEMM is too thin to use the
     # cores, and at a 256-token prefill q/k/v took 2.4x as long as three separate GEMMs as fused.

@@ -221,15 +221,25 @@ struct RangeArgs {
   bool accumulate;
 };
 
+// Checked flat (start, end) ranges within [0, limit), sorted and disjoint; returns their total length.
+int64_t ranges_length(const std::vector<int64_t>& r, int64_t limit, const char* what) {
+  check(r.size() % 2 == 0, "ranges are flat (start, end) pairs");
+  int64_t total = 0;
+  for (size_t i = 0; i < r.size(); i += 2) {
+    check(0 <= r[i] && r[i] <= r[i + 1] && r[i + 1] <= limit && (i == 0 || r[i] >= r[i - 1]), what);
+    total += r[i + 1] - r[i];
+  }
+  return total;
+}
+
 RangeArgs prepare_ranges(at::Tensor& y, const at::Tensor& x, int64_t N, int64_t K, const std::vector<int64_t>& rows,
                          const std::vector<int64_t>& cols, bool accumulate) {
   check_operands(y, x);
   check(y.size(1) == N && x.size(1) == K, "x and y must be the full-width [M, K] and [M, N] buffers");
   check(rows.size() % 2 == 0 && cols.size() % 2 == 0 && !cols.empty(), "ranges are flat (start, end) pairs");
   RangeArgs a{{}, {}, {}, y.data_ptr<float>(), y.stride(0), K, accumulate};
+  ranges_length(rows, N, "row ranges out of bounds, unsorted or overlapping");
   for (size_t i = 0; i < rows.size(); i += 2) {
-    check(0 <= rows[i] && rows[i] <= rows[i + 1] && rows[i + 1] <= N, "row range out of bounds");
-    check(i == 0 || rows[i] >= rows[i - 1], "row ranges must be sorted and disjoint");
     for (int64_t r = rows[i]; r < rows[i + 1]; ++r) a.rows.push_back(r);
   }
   for (size_t i = 0; i < cols.size(); i += 2) {
@@ -332,17 +342,6 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return total;
 }
 
-// Checked flat (start, end) ranges within [0, limit), sorted and disjoint; returns their total length.
-int64_t ranges_length(const std::vector<int64_t>& r, int64_t limit, const char* what) {
-  check(r.size() % 2 == 0, "ranges are flat (start, end) pairs");
-  int64_t total = 0;
-  for (size_t i = 0; i < r.size(); i += 2) {
-    check(0 <= r[i] && r[i] <= r[i + 1] && r[i + 1] <= limit && (i == 0 || r[i] >= r[i - 1]), what);
-    total += r[i + 1] - r[i];
-  }
-  return total;
-}
-
 }  // namespace
 
 // Unmerged LoRA deltas for a few activation rows, several adapters reading the same input in one call:
@@ -354,9 +353,9 @@ void lora_add(at::Tensor out, const at::Tensor& x, const std::vector<at::Tensor>
               const std::vector<std::vector<int64_t>>& rows, const std::vector<int64_t>& cols, double scale) {
   check_operands(out, x);
   check(a.size() == b.size() && a.size() == rows.size(), "one A, one B and one row-range list per adapter");
-  const int64_t M = x.size(0), n_cols = ranges_length(cols, x.size(1), "column ranges out of bounds or unsorted");
+  const int64_t M = x.size(0), n_cols = ranges_length(cols, x.size(1), "column ranges out of bounds, unsorted or overlapping");
   for (size_t i = 0; i < a.size(); ++i) {
-    const int64_t n_rows = ranges_length(rows[i], out.size(1), "row ranges out of bounds or unsorted");
+    const int64_t n_rows = ranges_length(rows[i], out.size(1), "row ranges out of bounds, unsorted or overlapping");
     check(a[i].scalar_type() == at::kFloat && b[i].scalar_type() == at::kFloat && a[i].is_contiguous() &&
               b[i].is_contiguous() && a[i].dim() == 2 && b[i].dim() == 2, "A and B must be contiguous 2-D float32");
     check(a[i].size(1) == n_cols && b[i].size(0) == n_rows && b[i].size(1) == a[i].size(0),
@@ -377,9 +376,9 @@ void lora_add(at::Tensor out, const at::Tensor& x, const std::vector<at::Tensor>
       const float* bp = b[i].data_ptr<float>();
       u.resize(R);
       for (int64_t r = 0; r < R; ++r) u[r] = static_cast<float>(scale) * dot(ap + r * n_cols, xg.data(), n_cols);
+      float* o = op + m * out.stride(0);
       int64_t j = 0;
       for (size_t c = 0; c < rows[i].size(); c += 2) {
-        float* o = op + m * out.stride(0);
         for (int64_t row = rows[i][c]; row < rows[i][c + 1]; ++row, ++j) o[row] += dot(bp + j * R, u.data(), R);
       }
     }
