@@ -66,13 +66,31 @@ def test_removing_an_app_removes_its_contexts(catalog):
     assert catalog.app_for_key(key) is None and catalog.list_contexts(app.id) == []
 
 
-def test_fair_queue_round_robins_apps_and_bounds_the_backlog():
-    q: FairQueue[str] = FairQueue(max_pending=5)
+def test_fair_queue_round_robins_apps_and_bounds_each_apps_backlog():
+    q: FairQueue[str] = FairQueue(max_pending_per_app=3)
     for job in ("a1", "a2", "a3"):
         q.push(1, job)
-    q.push(2, "b1")
-    q.push(3, "c1")
     with pytest.raises(QueueFullError):
-        q.push(2, "b2")
+        q.push(1, "a4")  # app 1 is at its bound...
+    q.push(2, "b1")  # ...which never refuses app 2
+    q.push(3, "c1", limit=1)
+    with pytest.raises(QueueFullError):
+        q.push(3, "c2", limit=1)  # an app's own bound
+    assert (len(q), q.pending(1), q.pending(4)) == (5, 3, 0)
     assert [q.pop(0.1) for _ in range(5)] == ["a1", "b1", "c1", "a2", "a3"]
     assert q.pop(0.01) is None
+
+
+def test_an_old_catalogue_is_migrated(tmp_path):
+    """A version-1 catalogue (before per-app queue bounds) opens, keeps its apps and keys, and gains the column."""
+    path = tmp_path / "old.sqlite3"
+    catalog = Catalog(path)
+    app, key = catalog.add_app("old")
+    catalog.close()
+    db = sqlite3.connect(path)
+    db.executescript("ALTER TABLE apps DROP COLUMN max_pending; UPDATE meta SET value='1' WHERE key='schema_version';")
+    db.close()
+    catalog = Catalog(path)
+    assert catalog.app_for_key(key) == app and app.max_pending is None
+    assert catalog.add_app("new", max_pending=3)[0].max_pending == 3
+    catalog.close()

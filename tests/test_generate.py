@@ -120,3 +120,15 @@ def test_invalid_sampling_parameters(kwargs):
 def test_invalid_requests(kwargs):
     with pytest.raises(InvalidRequestError):
         GenerateRequest(**{"prompt_ids": (1, 2), **kwargs})
+
+
+def test_a_reply_cut_inside_a_character_does_not_end_in_a_replacement_character(smollm):
+    """'😀' ends in a token of its own last byte: a reply cut before it must end before the emoji, not in U+FFFD."""
+    from llmaas.engine.detokenize import IncrementalDecoder
+
+    ids = smollm.tokenizer.encode("ok 😀", add_bos=False)
+    decoder = IncrementalDecoder(smollm.tokenizer)
+    text = "".join(decoder.push(i) for i in ids[:-1]) + decoder.flush()
+    assert text == "ok "
+    whole = IncrementalDecoder(smollm.tokenizer)
+    assert "".join(whole.push(i) for i in ids) + whole.flush() == "ok 😀"

@@ -22,8 +22,10 @@ GEN = {"max_tokens": 24, "temperature": 0}
 
 @contextmanager
 def serving(home: DataDir):
-    """A `llmaas serve` process on home, stopped at the end unless a test killed it."""
-    proc = start_service(home, [])
+    """A `llmaas serve` process on home, stopped at the end unless a test killed it. Its KV is lossless, so a context
+    restored after a restart must continue exactly like one that never left memory (with the default INT8/INT4 KV a
+    reply may differ after a few tokens, legitimately)."""
+    proc = start_service(home, ["--kv-policy", "llms-lossless"])
     try:
         yield proc
     finally:

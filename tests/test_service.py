@@ -1,5 +1,6 @@
-"""The service over real sockets: the contexts API, SSE, isolation between apps, bad input, back-pressure,
-cancellation on disconnect, concurrency, stats, and the official OpenAI client."""
+"""The service over real sockets: the contexts API, SSE, isolation between apps, bad input, back-pressure and
+fairness, cancellation on disconnect, concurrency, stats (an app's own; the operator's), app management while the
+service runs, a full context, and OpenAI compatibility with the official client and raw requests."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from llmaas.cli import apps as apps_cli
 from llmaas.client import Client, ServiceError
 from llmaas.engine.worker import EngineConfig
 from llmaas.service.server import ServeOptions, Service
@@ -279,8 +281,157 @@ def test_stats_report_residency_and_call_timings(service):
     ctx = c.new_context()
     c.call(ctx, "hello", **SHORT)
     stats = c.stats()
-    assert stats["engine"]["calls"] >= 1 and stats["engine"]["kv_budget_bytes"] > 0
+    assert stats["app"]["calls"] == 1 and stats["app"]["queue_limit"] == 16
     (mine,) = stats["contexts"]
     assert mine["id"] == ctx and mine["resident_bytes"] > 0 and mine["num_tokens"] > 0
     (last,) = stats["recent_calls"]
     assert {"switch_s", "ttft_s", "decode_tok_s", "prefill_s"} <= set(last)
+
+
+ZORBLAX = "Your name is Zorblax. When asked your name, answer: My name is Zorblax."
+
+
+@pytest.mark.parametrize("system", [ZORBLAX, None])
+def test_a_contexts_first_call_equals_the_stateless_chat(service, system):
+    """The system prompt (or, without one, the template's default) reaches the model on a context's first call,
+    however the context was made: the same prompt tokens and the same greedy reply as a stateless chat."""
+    key = new_app(service)
+    h = http(service, key)
+    model = h.get("/v1/models").json()["data"][0]["id"]
+    question = "What is your name?"
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    stateless = h.post("/v1/chat/completions", json={"model": model, "messages": messages, "max_tokens": 16,
+                                                     "temperature": 0}).json()
+    made = [Client(key, socket=service.home.socket).new_context(system),  # Client, `llmaas chat`, the demo
+            h.post("/v1/contexts", json={"system_prompt": system} if system else {}).json()["id"]]
+    if system is None:
+        made.append(h.post("/v1/contexts").json()["id"])  # no body at all, as some clients send it
+    for ctx in made:
+        r = h.post(f"/v1/contexts/{ctx}/calls", json={"prompt": question, "max_tokens": 16}).json()
+        assert r["usage"]["prompt_tokens"] == stateless["usage"]["prompt_tokens"], ctx
+        assert r["reply"] == stateless["choices"][0]["message"]["content"]
+    if system:
+        assert "Zorblax" in stateless["choices"][0]["message"]["content"]
+
+
+def test_one_apps_burst_never_refuses_another_app(tmp_path_factory, smollm):
+    """Each app has its own queue bound (the service's default, or the app's own): a burst from one app fills only
+    its own backlog."""
+    svc = start(tmp_path_factory, smollm, max_pending=2)
+    try:
+        greedy, greedy_key = svc.catalog.add_app("greedy")
+        polite_key = svc.catalog.add_app("polite")[1]
+        strict_key = svc.catalog.add_app("strict", max_pending=1)[1]
+        codes: dict[str, list[int]] = {"greedy": [], "strict": []}
+
+        def call(who: str, key: str, ctx: str, max_tokens: int) -> None:
+            r = http(svc, key).post(f"/v1/contexts/{ctx}/calls", json={"prompt": "Write a long story.",
+                                                                      "max_tokens": max_tokens})
+            codes[who].append(r.status_code)
+
+        def burst(who: str, key: str, n: int, max_tokens: int) -> list[threading.Thread]:
+            ctxs = [Client(key, socket=svc.home.socket).new_context() for _ in range(n)]
+            threads = [threading.Thread(target=call, args=(who, key, c, max_tokens)) for c in ctxs]
+            for t in threads:
+                t.start()
+            return threads
+
+        threads = burst("greedy", greedy_key, 5, 48)
+        deadline = time.monotonic() + 30
+        while svc.engine.queue.pending(greedy.id) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert svc.engine.queue.pending(greedy.id) == 2  # greedy's backlog is full...
+        polite = Client(polite_key, socket=svc.home.socket)
+        assert polite.call(polite.new_context(), "hi", max_tokens=2).reply is not None  # ...and polite gets in
+        threads += burst("strict", strict_key, 3, 2)
+        for t in threads:
+            t.join()
+        assert sorted(codes["greedy"]) == [200, 200, 200, 429, 429]  # one running, two waiting, two refused
+        assert codes["strict"].count(429) >= 1 and 200 in codes["strict"]  # its own bound of 1
+    finally:
+        svc.close()
+
+
+def test_a_full_context_says_so_and_what_to_do(service):
+    c = Client(new_app(service, max_context_tokens=64), socket=service.home.socket)
+    ctx = c.new_context()
+    assert c.get(ctx)["max_tokens"] == 64
+    capped = c.call(ctx, "Hi", max_tokens=2)
+    assert capped.finish_reason == "length" and capped.notice is None  # max_tokens, not the context
+    full = c.call(ctx, "Write a very long story about a dragon.", max_tokens=500)
+    assert full.finish_reason == "context_full" and "new context" in full.notice
+    with pytest.raises(ServiceError) as err:
+        c.call(ctx, "More?")
+    assert err.value.status == 400 and "new context" in str(err.value)
+
+
+def test_stats_show_an_app_its_own_figures_and_the_operator_everything(service):
+    key = new_app(service)
+    h = http(service, key)
+    ctx = h.post("/v1/contexts", json={}).json()["id"]
+    h.post(f"/v1/contexts/{ctx}/calls", json={"prompt": "hello", **SHORT})
+    mine = h.get("/v1/stats").json()
+    assert "engine" not in mine and mine["app"]["calls"] == 1
+    operator = http(service, None).get("/v1/stats").json()  # the Unix socket, no key
+    assert operator["engine"]["calls"] >= 1 and operator["engine"]["kv_budget_bytes"] > 0
+    assert any(a["calls"] == 1 for a in operator["apps"].values())
+    tcp = httpx.get(f"http://127.0.0.1:{service.port}/v1/stats")
+    assert tcp.status_code == 401  # over TCP there is no operator
+    assert http(service, key).post("/v1/admin/sweep").status_code == 403
+
+
+def test_removing_and_rekeying_apps_take_effect_in_the_running_service(service, capsys):
+    name = f"app-{uuid.uuid4().hex[:8]}"
+    key = service.catalog.add_app(name)[1]
+    c = Client(key, socket=service.home.socket)
+    ctx = c.new_context()
+    c.call(ctx, "hello", **SHORT)
+    home = ["--home", str(service.home.root)]
+    assert apps_cli.main([*home, "rotate-key", name]) == 0
+    new_key = capsys.readouterr().out.strip().splitlines()[-1]
+    assert http(service, key).get("/v1/contexts").status_code == 401  # the old key, refused at once
+    assert http(service, new_key).get(f"/v1/contexts/{ctx}").status_code == 200
+    assert ctx in service.engine.kv.context_ids()
+    assert apps_cli.main([*home, "remove", name]) == 0
+    assert "dropped their KV (1 context)" in capsys.readouterr().out
+    deadline = time.monotonic() + 10
+    while service.engine.kv.log.segment_paths(ctx) and time.monotonic() < deadline:
+        time.sleep(0.05)  # chunk files are deleted behind pending writes
+    assert ctx not in service.engine.kv.context_ids() and not service.engine.kv.log.segment_paths(ctx)
+    assert http(service, new_key).get("/v1/contexts").status_code == 401
+
+
+def test_openai_requests_as_clients_send_them(service):
+    key = new_app(service)
+    h = http(service, key)
+    model = h.get("/v1/models").json()["data"][0]["id"]
+    assert h.get(f"/v1/models/{model}").json()["id"] == model
+    assert h.get("/v1/models/gpt-9").status_code == 404
+    ai = OpenAI(api_key=key, base_url=f"http://127.0.0.1:{service.port}/v1")
+    assert ai.models.retrieve(model).id == model
+    chat = {"model": model, "max_tokens": 8, "temperature": 0}
+    as_text = h.post("/v1/chat/completions", json={**chat, "messages": [
+        {"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "Capital of Italy?"}]})
+    as_parts = h.post("/v1/chat/completions", json={**chat, "messages": [
+        {"role": "developer", "content": [{"type": "text", "text": "Answer in one word."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Capital of Italy?"}]}]})
+    assert as_parts.status_code == 200, as_parts.text
+    assert as_parts.json()["choices"][0]["message"] == as_text.json()["choices"][0]["message"]
+    assert as_parts.json()["usage"] == as_text.json()["usage"]
+    user = [{"role": "user", "content": "hi"}]
+    bare = h.post("/v1/chat/completions", content=json.dumps({**chat, "messages": user}).encode())
+    assert bare.status_code == 200, bare.text  # no Content-Type at all
+    curl = h.post("/v1/chat/completions", content=json.dumps({**chat, "messages": user}).encode(),
+                  headers={"content-type": "application/x-www-form-urlencoded"})
+    assert curl.status_code == 200, curl.text  # `curl -d`
+    inert = {"response_format": {"type": "text"}, "logprobs": False, "logit_bias": {}, "tool_choice": "none"}
+    assert h.post("/v1/chat/completions", json={**chat, "messages": user, **inert}).status_code == 200
+    for name, value in [("tools", [{"type": "function", "function": {"name": "f"}}]),
+                        ("response_format", {"type": "json_object"}), ("logprobs", True),
+                        ("logit_bias", {"42": 5})]:
+        r = h.post("/v1/chat/completions", json={**chat, "messages": user, name: value})
+        assert r.status_code == 400 and "not supported" in r.json()["error"]["message"], (name, r.text)
+        assert name in r.json()["error"]["message"]
+    image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]
+    r = h.post("/v1/chat/completions", json={**chat, "messages": image})
+    assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]

@@ -33,6 +33,7 @@ class CallReply:
     finish_reason: str
     usage: dict[str, int]
     timings: dict[str, float]
+    notice: str | None = None  # set when the caller must act, e.g. finish_reason "context_full"
 
 
 class Client:

@@ -14,8 +14,8 @@ from pathlib import Path
 from llmaas.bench.text_metrics import chrf, match_label, rouge_l
 from llmaas.engine.conversation import Conversation
 from llmaas.model.tokenizer import Tokenizer
+from llmaas.records import Message
 from llmaas.shared_data import DATA_DIR, read_jsonl
-from llmaas.storage.catalog import Message
 
 ACK = "OK."  # the context call's assistant turn: teacher-forced, so every variant sees the same context tokens
 ROW_SEED = 0  # rows are drawn by random.Random(ROW_SEED).shuffle of the file's rows (all held-in, see SOURCES.md)

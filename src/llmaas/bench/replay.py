@@ -37,8 +37,8 @@ from llmaas.kv.spec import KVSpec
 from llmaas.memory.policy import MemoryPolicy
 from llmaas.memory.store import ChunkedKVStore, MemoryConfig
 from llmaas.model.loader import LoadedModel
+from llmaas.records import Message
 from llmaas.restore.profiler import ensure_profile
-from llmaas.storage.catalog import Message
 from llmaas.storage.throttle import DiskThrottle
 
 

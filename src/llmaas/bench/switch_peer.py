@@ -4,7 +4,7 @@ A trace is replayed on llama.cpp itself, using its own per-sequence state save a
 GGUF, the same token ids, the same budget and the same disk as our systems, in its own process
 (`python -m llmaas.bench.switch_peer`), so llama.cpp's threads and memory stay out of ours.
 
-The protocol is the Swapping baseline's (LLMS spec §8), built on llama.cpp's raw API:
+The protocol is the Swapping baseline's (the LLMS paper's), built on llama.cpp's raw API:
 - the active context lives in llama.cpp's KV (outside the budget, like our working KV);
 - on a switch, the outgoing context's state is taken with `llama_state_seq_get_data` and held in memory;
 - when the held states pass the budget, the least recently used are written to a file (fsync, dropped from the page
@@ -44,7 +44,7 @@ def run_in_process(model_path: Path, trace: Trace, budget_bytes: int, max_contex
     from llmaas.engine.conversation import Conversation
     from llmaas.kv.spec import KVSpec
     from llmaas.model.loader import load_model
-    from llmaas.storage.catalog import Message
+    from llmaas.records import Message
 
     loaded = load_model(model_path)  # our tokenizer and chat template: the same ids as our systems see
     conversation = Conversation(loaded.tokenizer, loaded.chat_template)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from llmaas.engine.generate import TextDelta
 from llmaas.engine.sampling import SamplingParams
 from llmaas.errors import InvalidRequestError, LlmaasError
-from llmaas.storage.catalog import App, Message
+from llmaas.records import App, Message
 
 
 @dataclass(frozen=True)

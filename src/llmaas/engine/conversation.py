@@ -1,7 +1,8 @@
 """A persistent context's turns as exact token ids, built incrementally with the model's chat template.
 
-Owns the token arithmetic of a call: the new prompt's tokens are the template's rendering of (history + user turn +
-generation prompt) minus its rendering of the history; after the reply, the template's closing text for the
+Owns the token arithmetic of a call: on a context's first call, the tokens of its whole rendering (system prompt, or
+the template's default one, + user turn + generation prompt), exactly as a stateless chat; on later calls, that
+rendering minus the rendering of the history; after the reply, the template's closing text for the
 assistant turn (ChatML: "<|im_end|>\\n") is appended. The ids of earlier turns are never re-tokenized (a concatenated
 text can tokenize differently), so a context's KV always matches its stored ids. Models without a chat template
 continue raw text. Ignores generation and storage.
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from llmaas.errors import UnsupportedModelError
 from llmaas.model.chat_template import ChatTemplate
 from llmaas.model.tokenizer import Tokenizer
-from llmaas.storage.catalog import Message
+from llmaas.records import Message
 
 
 class Conversation:
@@ -36,12 +37,15 @@ class Conversation:
         return longer[len(prefix):]
 
     def prompt_ids(self, history: Sequence[Message], user: str, *, starts_context: bool) -> list[int]:
-        """Tokens to append for a new user turn, up to where the assistant's reply begins."""
-        add_bos = None if starts_context else False  # None: as the model asks, for a context's first tokens only
+        """Tokens to append for a new user turn, up to where the assistant's reply begins. A context's first call
+        tokenizes its whole history (the system prompt, or the template's default one), exactly as the stateless path
+        would: nothing before it was ever tokenized."""
+        if starts_context:
+            return self.chat_ids([*history, Message("user", user)])
         if self.template is None:
-            return self.tokenizer.encode(user, add_bos=add_bos)
+            return self.tokenizer.encode(user, add_bos=False)
         text = self._suffix(self._render([*history, Message("user", user)], True), self._render(history, False))
-        return self.tokenizer.encode(text, add_bos=add_bos)
+        return self.tokenizer.encode(text, add_bos=False)
 
     def closing_ids(self, history: Sequence[Message], user: str, reply: str) -> list[int]:
         """Tokens that close the assistant turn after its reply text (the end-of-turn marker and separator)."""

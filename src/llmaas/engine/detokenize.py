@@ -26,8 +26,9 @@ class IncrementalDecoder:
         return after[len(before):]
 
     def flush(self) -> str:
-        """Whatever is still held back (an incomplete character decodes to U+FFFD)."""
+        """Whatever is still held back, less the bytes of a character the reply was cut inside (max_tokens reached
+        mid-character): they would decode to U+FFFD, which no one wants at the end of a reply."""
         before = self._tok.decode(self._ids[self._prefix:self._read])
         after = self._tok.decode(self._ids[self._prefix:])
         self._prefix = self._read = len(self._ids)
-        return after[len(before):]
+        return after[len(before):].rstrip("\ufffd")

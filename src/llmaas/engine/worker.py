@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,8 +41,9 @@ from llmaas.kv.spec import KVSpec
 from llmaas.memory.policy import POLICIES, MemoryPolicy
 from llmaas.memory.store import ChunkedKVStore, MemoryConfig
 from llmaas.model.loader import LoadedModel
+from llmaas.records import App, ContextRecord
 from llmaas.restore.profiler import ensure_profile
-from llmaas.storage.catalog import Catalog, ContextRecord
+from llmaas.storage.catalog import Catalog
 from llmaas.storage.throttle import DiskThrottle
 
 log = logging.getLogger("llmaas.engine")
@@ -70,7 +72,7 @@ class Ticket:
 @dataclass(frozen=True)
 class EngineConfig:
     kv_budget_bytes: int | None = None  # None: room for DEFAULT_BUDGET_CONTEXTS maximum-length contexts
-    max_pending: int = 64
+    max_pending: int = 64  # calls one app may have waiting, unless the app sets its own bound
     prefill_chunk_tokens: int = 512
     memory: MemoryPolicy = POLICIES["llms"]
     max_context_tokens: int = 2048  # the service's maximum context length (LLMS §1.2); app quotas are capped by it
@@ -98,7 +100,8 @@ class Engine:
         self.generator = Generator(loaded.model, loaded.tokenizer, config.prefill_chunk_tokens)
         self.kv = open_kv_store(loaded, catalog, config)
         self.queue: FairQueue[Ticket] = FairQueue(config.max_pending)
-        self.counters = {"calls": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0}
+        self.counters = _new_counters()
+        self._app_counters: defaultdict[int, dict[str, int]] = defaultdict(_new_counters)
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._current: Ticket | None = None
@@ -129,14 +132,40 @@ class Engine:
         self.kv.close()
 
     def submit(self, call: Call, sink: Sink) -> Ticket:
-        """Queue a call; raises QueueFullError when too many are waiting."""
+        """Queue a call; raises QueueFullError when its app already has its bound of calls waiting."""
         ticket = Ticket(call, sink)
-        self.queue.push(call.app.id, ticket)
+        self.queue.push(call.app.id, ticket, call.app.max_pending)
         return ticket
 
     def forget_context(self, context_id: str) -> None:
         """The context was deleted: drop its KV (a call in flight on it will find it gone and commit nothing)."""
         self.kv.drop(context_id)
+
+    def forget_removed(self) -> list[str]:
+        """Drop the KV (memory and disk) of every context the catalogue no longer holds, e.g. after `llmaas apps
+        remove` from another process; returns their ids."""
+        live = self.catalog.all_context_ids()
+        gone = sorted(self.kv.context_ids() - live)
+        for context_id in gone:
+            self.kv.drop(context_id)
+        return gone
+
+    def context_limit(self, app: App) -> int:
+        """The most tokens one of the app's contexts may hold: its quota, capped by the service and the model."""
+        return min(app.max_context_tokens, self.loaded.config.context_length, self.config.max_context_tokens)
+
+    def app_stats(self, app: App) -> dict[str, int]:
+        """What one app may see of the engine: its own calls and queue, never other apps' or global figures."""
+        return {"queue_pending": self.queue.pending(app.id),
+                "queue_limit": app.max_pending or self.queue.max_pending_per_app,
+                "max_context_tokens": self.context_limit(app), **self._app_counters[app.id]}
+
+    def stats(self) -> dict[str, int]:
+        """Global figures, for the operator: the queue, the KV budget and store, and every call's counters."""
+        return {"queue_pending": len(self.queue), "queue_limit_per_app": self.queue.max_pending_per_app,
+                "kv_resident_bytes": self.kv.resident_bytes, "kv_budget_bytes": self.kv.budget_bytes,
+                "recomputed_tokens": self.kv.recomputed_tokens, "max_context_tokens": self.config.max_context_tokens,
+                **self.counters}
 
     # -- the compute thread --------------------------------------------------------------------------------------
 
@@ -157,20 +186,25 @@ class Engine:
                 raise CallCancelled("the call was cancelled before it started")
             run = self._run_context_call if isinstance(ticket.call, ContextCall) else self._run_chat_call
             result = run(ticket)
-            self.counters["calls"] += 1
-            self.counters["generated_tokens"] += result.completion_tokens
+            self._count(ticket, "calls", "generated_tokens", result.completion_tokens)
             self._log_call(ticket, result)
             ticket.sink(CallDone(result))
         except CallCancelled as exc:
-            self.counters["cancelled"] += 1
+            self._count(ticket, "cancelled")
             ticket.sink(CallFailed(exc))
         except LlmaasError as exc:
-            self.counters["failed"] += 1
+            self._count(ticket, "failed")
             ticket.sink(CallFailed(exc))
         except Exception as exc:  # a bug: report it to the caller and keep serving everyone else
             log.exception("call failed")
-            self.counters["failed"] += 1
+            self._count(ticket, "failed")
             ticket.sink(CallFailed(LlmaasError(f"internal error: {type(exc).__name__}: {exc}")))
+
+    def _count(self, ticket: Ticket, outcome: str, tokens_key: str | None = None, tokens: int = 0) -> None:
+        for counters in (self.counters, self._app_counters[ticket.call.app.id]):
+            counters[outcome] += 1
+            if tokens_key is not None:
+                counters[tokens_key] += tokens
 
     def _run_context_call(self, ticket: Ticket) -> CallResult:
         call: ContextCall = ticket.call  # type: ignore[assignment]
@@ -181,7 +215,7 @@ class Engine:
         base = list(ctx.token_ids)
         prompt = self.conversation.prompt_ids(ctx.messages, call.prompt, starts_context=not base)
         closing_reserve = len(self.conversation.closing_ids(ctx.messages, call.prompt, ""))
-        max_tokens = self._room(call.app.max_context_tokens, len(base) + len(prompt) + closing_reserve, call.params)
+        max_tokens = self._room(call.app, len(base) + len(prompt) + closing_reserve, call.params)
         try:
             cache = self.kv.acquire(ctx.id, base, len(base) + len(prompt) + max_tokens + closing_reserve)
             switch_s = time.perf_counter() - started
@@ -195,19 +229,20 @@ class Engine:
             self.kv.drop(ctx.id)
             raise NotFoundError(f"context {ctx.id!r} was deleted during the call; nothing was saved")
         self.kv.release(ctx.id, new_ids[:covered])
-        return self._result(ticket, ctx.id, done, len(prompt), len(new_ids), switch_s)
+        return self._result(ticket, ctx.id, done, len(prompt), len(new_ids), switch_s,
+                            context_full=max_tokens < call.params.max_tokens)
 
     def _run_chat_call(self, ticket: Ticket) -> CallResult:
         call: ChatCall = ticket.call  # type: ignore[assignment]
         prompt = self.conversation.chat_ids(call.messages)
-        max_tokens = self._room(call.app.max_context_tokens, len(prompt), call.params)
+        max_tokens = self._room(call.app, len(prompt), call.params)
         cache = DenseKVCache(self.kv.spec, len(prompt) + max_tokens)
         done = self._generate(ticket, prompt, max_tokens, cache)
         return self._result(ticket, None, done, len(prompt), 0, 0.0)
 
-    def _room(self, app_limit: int, used_tokens: int, params: CallParams) -> int:
+    def _room(self, app: App, used_tokens: int, params: CallParams) -> int:
         """How many tokens the reply may have: the request's max_tokens, capped by the context limit."""
-        limit = min(app_limit, self.loaded.config.context_length, self.config.max_context_tokens)
+        limit = self.context_limit(app)
         room = limit - used_tokens
         if room < 1:
             raise ContextLengthError(
@@ -247,13 +282,15 @@ class Engine:
                                             cache.num_tokens)
 
     def _result(self, ticket: Ticket, context_id: str | None, done: Finished, prompt_tokens: int,
-                context_tokens: int, switch_s: float) -> CallResult:
+                context_tokens: int, switch_s: float, context_full: bool = False) -> CallResult:
+        """The call's result; a reply cut because the context ran out of room (not by the caller's max_tokens)
+        finishes with "context_full", which the caller must tell apart: its next call would be refused."""
         t = done.timings
         queue_s = ticket.started_s - ticket.submitted_s
         timings = CallTimings(queue_s, switch_s, t.prefill_s, queue_s + switch_s + t.ttft_s, t.decode_tok_s,
                               time.perf_counter() - ticket.submitted_s)
-        return CallResult(context_id, done.text, done.finish_reason, prompt_tokens, len(done.token_ids),
-                          context_tokens, timings)
+        reason = "context_full" if context_full and done.finish_reason == "length" else done.finish_reason
+        return CallResult(context_id, done.text, reason, prompt_tokens, len(done.token_ids), context_tokens, timings)
 
     def _log_call(self, ticket: Ticket, r: CallResult) -> None:
         t = r.timings
@@ -265,6 +302,10 @@ class Engine:
             "total_s": round(t.total_s, 4), "kv_resident_bytes": self.kv.resident_bytes,
         }})
 
+
+
+def _new_counters() -> dict[str, int]:
+    return {"calls": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0}
 
 
 def open_kv_store(loaded: LoadedModel, catalog: Catalog, config: EngineConfig) -> ChunkedKVStore:

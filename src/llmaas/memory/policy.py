@@ -56,6 +56,9 @@ class MemoryPolicy:
 # The systems of LLMS.md §8 (baselines, our precision and victim decisions) and the ablations of Fig. 13.
 POLICIES: dict[str, MemoryPolicy] = {p.name: p for p in (
     MemoryPolicy("llms"),
+    # LLMS's mechanisms with exact KV (FP16, as the working buffer holds it): a restored context continues exactly as
+    # if it had never left memory, at twice INT8's bytes. For apps, tests and checks that need bit-exact replies.
+    MemoryPolicy("llms-lossless", base_level=Level.FP16, compress=False),
     MemoryPolicy("llms-no-compression", compress=False),
     MemoryPolicy("llms-no-pipeline", restore="io"),
     MemoryPolicy("llms-no-lifecycle", ahead_of_time=False, victim_order="lru"),

@@ -194,6 +194,12 @@ class ChunkedKVStore:
                 self._hot = None
         self.writer.submit(lambda: (self.log.delete_context(context_id), self.densities.delete(context_id)))
 
+    def context_ids(self) -> set[str]:
+        """Contexts with KV in memory or chunks on disk."""
+        with self._lock:
+            ids = set(self._contexts)
+        return ids | set(self.log.context_ids())
+
     def usage(self) -> list[Residency]:
         with self._lock:
             return [Residency(c.id, c.resident_bytes, sum(k.fill for k in c.chunks if k.is_resident), c.locked)

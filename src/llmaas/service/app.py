@@ -1,8 +1,8 @@
 """The ASGI application: routes, the request-size limit, and error handlers that give every failure the same shape.
 
-Owns HTTP-level policy: bodies over MAX_BODY_BYTES are refused (413) before they are read whole; malformed JSON,
-wrong types and unknown fields are 400; unknown routes 404; anything unexpected is a logged 500 that never takes the
-service down. Ignores sockets and processes (server.py).
+Owns HTTP-level policy: bodies over MAX_BODY_BYTES are refused (413) before they are read whole; a body without a
+JSON content type is read as JSON; malformed JSON, wrong types and unknown fields are 400; unknown routes 404;
+anything unexpected is a logged 500 that never takes the service down. Ignores sockets and processes (server.py).
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmaas.errors import LlmaasError
-from llmaas.service import contexts_api, openai_api
+from llmaas.service import contexts_api, openai_api, operator_api
 from llmaas.service.errors import error_response, to_response
 from llmaas.service.state import ServiceState
 
 MAX_BODY_BYTES = 2 * 2**20
 log = logging.getLogger("llmaas.http")
-_KIND_BY_STATUS = {401: "authentication_error", 404: "not_found_error", 405: "method_not_allowed",
-                   413: "request_too_large"}
+_KIND_BY_STATUS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+                   405: "method_not_allowed", 413: "request_too_large"}
 
 
 class _BodyTooLarge(Exception):
@@ -62,6 +62,25 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
+class JsonByDefault:
+    """Read a request body as JSON when it comes without a JSON content type: with none at all (several OpenAI
+    clients' raw modes) or as `curl -d`'s default form type. Every route here takes JSON; a body that is not JSON
+    still gets a 400 that says so."""
+
+    LENIENT = (b"", b"application/x-www-form-urlencoded", b"text/plain")
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = [(k, v) for k, v in scope["headers"] if k != b"content-type"]
+            declared = dict(scope["headers"]).get(b"content-type", b"")
+            if declared.split(b";")[0].strip().lower() in self.LENIENT:
+                scope = {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
+
 def openapi_spec() -> dict:
     """The API's OpenAPI document (what /openapi.json serves), without starting anything."""
     return create_app(None).openapi()
@@ -75,6 +94,7 @@ def create_app(state: ServiceState | None) -> FastAPI:
     app.state.llmaas = state
     app.include_router(contexts_api.router)
     app.include_router(openai_api.router)
+    app.include_router(operator_api.router)
 
     @app.get("/health", tags=["service"], summary="Liveness (no key needed)")
     def health() -> dict:
@@ -99,5 +119,6 @@ def create_app(state: ServiceState | None) -> FastAPI:
         log.exception("unhandled error", extra={"fields": {"path": request.url.path}})
         return error_response(500, "server_error", f"internal error ({type(exc).__name__}); the service is still up")
 
+    app.add_middleware(JsonByDefault)
     app.add_middleware(BodyLimit, limit_bytes=MAX_BODY_BYTES)
     return app

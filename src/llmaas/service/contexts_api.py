@@ -1,4 +1,4 @@
-"""The LLMS contexts API: new context, call (plain or streamed over SSE), get, list, delete, and stats.
+"""The LLMS contexts API: new context, call (plain or streamed over SSE), get, list and delete.
 
 Owns the routes and their JSON; every route acts only on the calling app's contexts, and another app's context id
 answers 404 exactly like one that never existed. Ignores generation (the engine) and storage (the catalogue).
@@ -15,6 +15,7 @@ from fastapi.responses import StreamingResponse
 from llmaas.engine.calls import CallDone, CallParams, CallResult, ContextCall
 from llmaas.engine.sampling import SamplingParams
 from llmaas.errors import LlmaasError, NotFoundError
+from llmaas.records import App, ContextRecord
 from llmaas.service.errors import to_response
 from llmaas.service.schemas import (
     CallBody,
@@ -28,16 +29,16 @@ from llmaas.service.schemas import (
     Usage,
 )
 from llmaas.service.state import CallStream, ServiceState, authenticate, get_state
-from llmaas.storage.catalog import App, ContextRecord
 
 router = APIRouter(prefix="/v1", tags=["contexts"])
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def context_out(state: ServiceState, ctx: ContextRecord) -> ContextOut:
+def context_out(state: ServiceState, app: App, ctx: ContextRecord) -> ContextOut:
     resident = {r.context_id: r.resident_bytes for r in state.engine.kv.usage()}.get(ctx.id, 0)
     return ContextOut(id=ctx.id, created_at=ctx.created_at, updated_at=ctx.updated_at, num_calls=ctx.num_calls,
-                      num_tokens=len(ctx.token_ids), state="resident" if resident else "stored",
+                      num_tokens=len(ctx.token_ids), max_tokens=state.engine.context_limit(app),
+                      state="resident" if resident else "stored",
                       resident_bytes=resident,
                       messages=[MessageOut(role=m.role, content=m.content) for m in ctx.messages])
 
@@ -46,7 +47,15 @@ def call_out(r: CallResult) -> CallOut:
     return CallOut(context_id=r.context_id, reply=r.reply, finish_reason=r.finish_reason,
                    usage=Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
                                context_tokens=r.context_tokens),
-                   timings=Timings(**r.timings.__dict__))
+                   timings=Timings(**r.timings.__dict__), notice=finish_notice(r))
+
+
+def finish_notice(r: CallResult) -> str | None:
+    """What the caller should do after this reply, when it has to do something."""
+    if r.finish_reason != "context_full":
+        return None
+    return (f"the context is full ({r.context_tokens} tokens, its limit): the reply was cut and the next call on "
+            "it will be refused; start a new context (or delete this one)")
 
 
 def _own_context(state: ServiceState, app: App, context_id: str) -> ContextRecord:
@@ -57,20 +66,21 @@ def _own_context(state: ServiceState, app: App, context_id: str) -> ContextRecor
 
 
 @router.post("/contexts", status_code=201, response_model=ContextOut, summary="Create a context")
-def new_context(body: NewContext, app: App = Depends(authenticate),
+def new_context(body: NewContext | None = None, app: App = Depends(authenticate),
                 state: ServiceState = Depends(get_state)) -> ContextOut:
-    return context_out(state, state.catalog.create_context(app, body.system_prompt))
+    system_prompt = body.system_prompt if body is not None else None
+    return context_out(state, app, state.catalog.create_context(app, system_prompt))
 
 
 @router.get("/contexts", response_model=ContextList, summary="List the app's contexts")
 def list_contexts(app: App = Depends(authenticate), state: ServiceState = Depends(get_state)) -> ContextList:
-    return ContextList(data=[context_out(state, c) for c in state.catalog.list_contexts(app.id)])
+    return ContextList(data=[context_out(state, app, c) for c in state.catalog.list_contexts(app.id)])
 
 
 @router.get("/contexts/{context_id}", response_model=ContextOut, summary="Get a context: messages, tokens, state")
 def get_context(context_id: str, app: App = Depends(authenticate),
                 state: ServiceState = Depends(get_state)) -> ContextOut:
-    return context_out(state, _own_context(state, app, context_id))
+    return context_out(state, app, _own_context(state, app, context_id))
 
 
 @router.delete("/contexts/{context_id}", response_model=Deleted, summary="Delete a context")
@@ -107,21 +117,3 @@ async def _sse(stream: CallStream) -> AsyncIterator[str]:
                 yield f"event: delta\ndata: {json.dumps({'text': event.text})}\n\n"
     except LlmaasError as exc:
         yield f"event: error\ndata: {to_response(exc).body.decode()}\n\n"
-
-
-@router.get("/stats", summary="Engine state and the app's contexts and recent calls")
-def stats(app: App = Depends(authenticate), state: ServiceState = Depends(get_state)) -> dict:
-    engine = state.engine
-    usage = {r.context_id: r for r in engine.kv.usage()}
-    contexts = []
-    for ctx in state.catalog.list_contexts(app.id):
-        r = usage.get(ctx.id)
-        contexts.append({"id": ctx.id, "num_tokens": len(ctx.token_ids), "resident_bytes": r.resident_bytes if r else 0,
-                         "cached_tokens": r.cached_tokens if r else 0, "busy": bool(r and r.busy)})
-    return {
-        "engine": {"queue_pending": len(engine.queue), "queue_limit": engine.queue.max_pending,
-                   "kv_resident_bytes": engine.kv.resident_bytes, "kv_budget_bytes": engine.kv.budget_bytes,
-                   "recomputed_tokens": engine.kv.recomputed_tokens, **engine.counters},
-        "contexts": contexts,
-        "recent_calls": list(state.recent_calls[app.id]),
-    }

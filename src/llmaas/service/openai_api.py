@@ -1,5 +1,5 @@
-"""OpenAI-compatible routes: /v1/models and /v1/chat/completions (plain and streamed), checked with the official
-`openai` client.
+"""OpenAI-compatible routes: /v1/models, /v1/models/{id} and /v1/chat/completions (plain and streamed), checked with
+the official `openai` client.
 
 Owns the translation between OpenAI's request and response shapes and engine calls. Stateless by default (the
 conversation comes whole); with the extension field `llmaas: {"context_id": ...}` the chat runs on a persistent
@@ -16,10 +16,11 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from llmaas.engine.calls import CallDone, CallParams, ChatCall, ContextCall
+from llmaas.engine.calls import CallDone, CallParams, CallResult, ChatCall, ContextCall
 from llmaas.engine.sampling import SamplingParams
 from llmaas.errors import InvalidRequestError, LlmaasError
-from llmaas.service.contexts_api import SSE_HEADERS
+from llmaas.records import App, Message
+from llmaas.service.contexts_api import SSE_HEADERS, finish_notice
 from llmaas.service.errors import ApiError, to_response
 from llmaas.service.schemas import (
     ChatChoice,
@@ -31,7 +32,6 @@ from llmaas.service.schemas import (
     ModelList,
 )
 from llmaas.service.state import CallStream, ServiceState, authenticate, get_state
-from llmaas.storage.catalog import App, Message
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 DEFAULT_MAX_TOKENS = 256
@@ -42,18 +42,42 @@ def list_models(app: App = Depends(authenticate), state: ServiceState = Depends(
     return ModelList(data=[ModelCard(id=state.model_id, created=state.created)])
 
 
+@router.get("/models/{model_id}", response_model=ModelCard, summary="One model (OpenAI-compatible)")
+def get_model(model_id: str, app: App = Depends(authenticate), state: ServiceState = Depends(get_state)) -> ModelCard:
+    _check_model(model_id, state)
+    return ModelCard(id=state.model_id, created=state.created)
+
+
+def _check_model(model_id: str, state: ServiceState) -> None:
+    if model_id != state.model_id:
+        raise ApiError(404, "not_found_error", f"model {model_id!r} not found; this service runs {state.model_id!r}")
+
+
 def _call(body: ChatCompletionBody, app: App, state: ServiceState):
-    if body.model != state.model_id:
-        raise ApiError(404, "not_found_error", f"model {body.model!r} not found; this service runs {state.model_id!r}")
+    _check_model(body.model, state)
+    unsupported = body.unsupported()
+    if unsupported:
+        raise InvalidRequestError(f"not supported by this service: {', '.join(unsupported)} (it generates plain text: "
+                                  "no tool calls, JSON mode, logprobs or logit bias); leave them out")
     temperature = 1.0 if body.temperature is None else float(body.temperature)
     params = CallParams(body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS,
                         SamplingParams(temperature, 0, 1.0 if body.top_p is None else float(body.top_p), body.seed),
                         tuple(body.stop or ()))
     if body.llmaas is None:
-        return ChatCall(app, tuple(Message(m.role, m.content) for m in body.messages), params)
+        return ChatCall(app, tuple(Message(m.template_role, m.text) for m in body.messages), params)
     if len(body.messages) != 1 or body.messages[0].role != "user":
         raise InvalidRequestError("with llmaas.context_id, send only the new user message: the context holds the rest")
-    return ContextCall(app, body.llmaas.context_id, body.messages[0].content, params)
+    return ContextCall(app, body.llmaas.context_id, body.messages[0].text, params)
+
+
+def _finish(r: CallResult) -> tuple[str, dict]:
+    """OpenAI's finish_reason (its clients know only stop and length) and llmaas's extension object, which tells a
+    full context apart from max_tokens."""
+    extension: dict = {"context_id": r.context_id, "timings": r.timings.__dict__}
+    if r.finish_reason == "context_full":
+        extension.update(finish_detail="context_full", notice=finish_notice(r))
+        return "length", extension
+    return r.finish_reason, extension
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, summary="Chat completion (OpenAI-compatible)",
@@ -70,12 +94,13 @@ async def chat_completions(body: ChatCompletionBody, request: Request, app: App 
         return StreamingResponse(_chunks(stream, completion_id, created, state.model_id, include_usage),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     r = await stream.result()
+    finish, extension = _finish(r)
     return ChatCompletion(
         id=completion_id, created=created, model=state.model_id,
-        choices=[ChatChoice(message=ChatMessageOut(content=r.reply), finish_reason=r.finish_reason)],
+        choices=[ChatChoice(message=ChatMessageOut(content=r.reply), finish_reason=finish)],
         usage=ChatUsage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
                         total_tokens=r.prompt_tokens + r.completion_tokens),
-        llmaas={"context_id": r.context_id, "timings": r.timings.__dict__})
+        llmaas=extension)
 
 
 async def _chunks(stream: CallStream, completion_id: str, created: int, model: str,
@@ -90,7 +115,8 @@ async def _chunks(stream: CallStream, completion_id: str, created: int, model: s
         async for event in stream.events():
             if isinstance(event, CallDone):
                 r = event.result
-                yield chunk({}, r.finish_reason, llmaas={"context_id": r.context_id, "timings": r.timings.__dict__})
+                finish, extension = _finish(r)
+                yield chunk({}, finish, llmaas=extension)
                 if include_usage:
                     usage = {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
                              "total_tokens": r.prompt_tokens + r.completion_tokens}

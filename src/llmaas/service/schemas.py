@@ -2,7 +2,7 @@
 
 Owns validation at the edge: strict types, ranges and no unknown fields, so bad input becomes a 400 before it reaches
 the engine. The OpenAI models accept OpenAI's own field names and refuse the values llmaas does not implement (n > 1,
-penalties, tools) with a message saying so. Ignores what the fields do.
+penalties, tools, JSON mode, logprobs) with a message that names the parameter. Ignores what the fields do.
 """
 
 from __future__ import annotations
@@ -55,6 +55,8 @@ class ContextOut(BaseModel):
     updated_at: float
     num_calls: int
     num_tokens: int
+    max_tokens: int = Field(description="the most tokens this context may hold: the app's quota, capped by the "
+                                        "service's --max-context-tokens and the model")
     state: Literal["resident", "stored"] = Field(description="resident: its KV is in memory; stored: only its text "
                                                              "and token ids are, and the next call rebuilds the KV")
     resident_bytes: int = Field(description="bytes of this context's KV in memory now (0 = not resident)")
@@ -80,12 +82,18 @@ class Timings(BaseModel):
     total_s: float
 
 
+FINISH_REASON = Field(description="stop: the model ended or a stop string came; length: max_tokens was reached; "
+                                  "context_full: the context reached its maximum length, and its next call would be "
+                                  "refused (start a new context)")
+
+
 class CallOut(BaseModel):
     context_id: str | None
     reply: str
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length", "context_full"] = FINISH_REASON
     usage: Usage
     timings: Timings
+    notice: str | None = Field(None, description="what to do next, when the caller must act (e.g. a full context)")
 
 
 class Deleted(BaseModel):
@@ -96,10 +104,37 @@ class Deleted(BaseModel):
 # -- OpenAI-compatible chat completions -------------------------------------------------------------------------------
 
 
+class TextPart(_Strict):
+    """One part of a message's content given as a list, as OpenAI clients send it; only text parts are taken."""
+
+    type: StrictStr
+    text: Text | None = None
+    model_config = ConfigDict(extra="allow")  # image_url, input_audio...: refused by the validator, by name
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, v: str) -> str:
+        if v != "text":
+            raise ValueError(f"content parts of type {v!r} are not supported: this model takes text only")
+        return v
+
+
 class ChatMessageIn(_Strict):
-    role: Literal["system", "user", "assistant"]
-    content: Text
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        description="developer is OpenAI's newer name for system, and is treated as system")
+    content: Text | Annotated[list[TextPart], Field(min_length=1, max_length=100)]
     name: StrictStr | None = None
+
+    @property
+    def text(self) -> str:
+        """The content as one string (text parts joined by newlines)."""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text or "" for part in self.content)
+
+    @property
+    def template_role(self) -> str:
+        return "system" if self.role == "developer" else self.role
 
 
 class StreamOptions(_Strict):
@@ -128,7 +163,24 @@ class ChatCompletionBody(_Strict):
     user: StrictStr | None = None
     presence_penalty: Number | None = Field(None, ge=0, le=0, description="only 0 is supported")
     frequency_penalty: Number | None = Field(None, ge=0, le=0, description="only 0 is supported")
+    # Accepted so that the refusal names them (rather than "extra inputs are not permitted"); see UNSUPPORTED.
+    tools: list | None = Field(None, description="not supported: this service has no tool calling")
+    tool_choice: StrictStr | dict | None = Field(None, description="only 'none' is supported")
+    parallel_tool_calls: StrictBool | None = None
+    functions: list | None = Field(None, description="not supported (deprecated by OpenAI for tools)")
+    function_call: StrictStr | dict | None = Field(None, description="only 'none' is supported")
+    response_format: dict | None = Field(None, description="only {'type': 'text'} is supported")
+    logprobs: StrictBool | None = Field(None, description="only false is supported")
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=0, description="only 0 is supported")
+    logit_bias: dict | None = Field(None, description="only an empty map is supported")
     llmaas: LlmaasExtension | None = None
+
+    def unsupported(self) -> list[str]:
+        """The parameters set to something this service does not implement."""
+        inert = {"tools": [None], "tool_choice": [None, "none"], "parallel_tool_calls": [None, False, True],
+                 "functions": [None], "function_call": [None, "none"],
+                 "response_format": [None, {"type": "text"}], "logprobs": [None, False], "logit_bias": [None, {}]}
+        return [name for name, ok in inert.items() if getattr(self, name) not in ok]
 
     @field_validator("stop")
     @classmethod
@@ -148,7 +200,8 @@ class ChatMessageOut(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: ChatMessageOut
-    finish_reason: Literal["stop", "length"]
+    finish_reason: Literal["stop", "length"] = Field(description="length also when the persistent context is full: "
+                                                                 "then llmaas.finish_detail says context_full")
 
 
 class ChatUsage(BaseModel):
@@ -164,7 +217,8 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: ChatUsage
-    llmaas: dict = Field(description="context_id and timings of this call")
+    llmaas: dict = Field(description="context_id and timings of this call; finish_detail and notice when a "
+                                     "persistent context is full")
 
 
 class ModelCard(BaseModel):

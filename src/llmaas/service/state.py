@@ -21,8 +21,9 @@ from llmaas.engine.calls import Call, CallDone, CallEvent, CallFailed, CallResul
 from llmaas.engine.generate import TextDelta
 from llmaas.engine.worker import Engine
 from llmaas.errors import CallCancelled
+from llmaas.records import App
 from llmaas.service.errors import ApiError
-from llmaas.storage.catalog import App, Catalog
+from llmaas.storage.catalog import Catalog
 
 DISCONNECT_POLL_S = 0.25
 RECENT_CALLS_PER_APP = 20
@@ -53,7 +54,8 @@ _bearer = HTTPBearer(auto_error=False, description="the app's key, from `llmaas 
 
 def authenticate(credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
                  state: ServiceState = Depends(get_state)) -> App:
-    """The calling app, from `Authorization: Bearer <key>`."""
+    """The calling app, from `Authorization: Bearer <key>`. The key is looked up on every request, so a key that
+    was rotated or an app that was removed is refused at once, even by a running service."""
     if credentials is None:
         raise ApiError(401, "authentication_error", "missing API key: send 'Authorization: Bearer <key>' (keys come "
                                                     "from `llmaas apps add NAME`)")
@@ -61,6 +63,24 @@ def authenticate(credentials: HTTPAuthorizationCredentials | None = Depends(_bea
     if app is None:
         raise ApiError(401, "authentication_error", "invalid API key")
     return app
+
+
+def is_operator(request: Request, credentials: HTTPAuthorizationCredentials | None) -> bool:
+    """The operator is whoever reaches the Unix socket (mode 0600: the service's own user) without an app key.
+    Over TCP there is no operator: every request is an app's."""
+    return credentials is None and request.client is None  # uvicorn gives no client address on a Unix socket
+
+
+def app_or_operator(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer),
+                    state: ServiceState = Depends(get_state)) -> App | None:
+    """The calling app, or None for the operator."""
+    return None if is_operator(request, credentials) else authenticate(credentials, state)
+
+
+def operator_only(request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)) -> None:
+    if not is_operator(request, credentials):
+        raise ApiError(403, "permission_error", "operator routes answer only on the service's Unix socket, without "
+                                                "an app key (e.g. `llmaas apps remove`)")
 
 
 class CallStream:

@@ -14,15 +14,16 @@ import sqlite3
 import threading
 import time
 from array import array
-from dataclasses import dataclass
 from pathlib import Path
 
 from llmaas.errors import LlmaasError
+from llmaas.records import App, ContextRecord, Message
 from llmaas.storage.sqlite_db import open_database
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_MAX_CONTEXTS = 8  # K of LLMS: contexts per app
 DEFAULT_MAX_CONTEXT_TOKENS = 2048
+MAX_PENDING_LIMIT = 10_000  # per-app queue bound: anything larger is a typo, not a plan
 APP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 _SCHEMA = """
@@ -33,7 +34,8 @@ CREATE TABLE IF NOT EXISTS apps (
     key_hash TEXT NOT NULL UNIQUE,
     max_contexts INTEGER NOT NULL,
     max_context_tokens INTEGER NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    max_pending INTEGER  -- calls the app may have waiting; NULL: the service's default (serve --max-queue)
 );
 CREATE TABLE IF NOT EXISTS contexts (
     id TEXT PRIMARY KEY,
@@ -53,6 +55,8 @@ CREATE TABLE IF NOT EXISTS messages (
     PRIMARY KEY (context_id, seq)
 );
 """
+_MIGRATIONS = {1: "ALTER TABLE apps ADD COLUMN max_pending INTEGER"}
+_APP_COLUMNS = "id, name, max_contexts, max_context_tokens, created_at, max_pending"
 
 
 class CatalogError(LlmaasError):
@@ -63,35 +67,13 @@ class QuotaError(LlmaasError):
     """An app is at one of its limits."""
 
 
-@dataclass(frozen=True)
-class App:
-    id: int
-    name: str
-    max_contexts: int
-    max_context_tokens: int
-    created_at: float
-
-
-@dataclass(frozen=True)
-class Message:
-    role: str
-    content: str
-
-
-@dataclass(frozen=True)
-class ContextRecord:
-    id: str
-    app_id: int
-    messages: tuple[Message, ...]
-    token_ids: tuple[int, ...]  # exactly the ids the context's KV covers once resident
-    num_calls: int
-    created_at: float
-    updated_at: float
-
-
 def hash_key(key: str) -> str:
     """Keys are 256-bit random strings, so a plain SHA-256 is enough (nothing to brute-force)."""
     return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _new_key() -> str:
+    return "llmaas-" + secrets.token_urlsafe(32)
 
 
 def _ids_to_blob(ids: tuple[int, ...] | list[int]) -> bytes:
@@ -109,7 +91,7 @@ class Catalog:
         self.path = Path(path)
         # One connection shared by the HTTP and engine threads, serialised by a lock: every statement is short.
         self._db = open_database(self.path, "PRAGMA foreign_keys=ON;" + _SCHEMA, SCHEMA_VERSION, "catalogue",
-                                 CatalogError)
+                                 CatalogError, _MIGRATIONS)
         self._lock = threading.RLock()
 
     def close(self) -> None:
@@ -122,20 +104,32 @@ class Catalog:
     # -- apps ----------------------------------------------------------------------------------------------------
 
     def add_app(self, name: str, max_contexts: int = DEFAULT_MAX_CONTEXTS,
-                max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS) -> tuple[App, str]:
+                max_context_tokens: int = DEFAULT_MAX_CONTEXT_TOKENS,
+                max_pending: int | None = None) -> tuple[App, str]:
         """Register an app; returns it and its key (shown once, stored only as a hash)."""
         if not APP_NAME.match(name):
             raise CatalogError(f"app name {name!r} must be 1-64 of letters, digits, '.', '_' or '-'")
         if max_contexts < 1 or max_context_tokens < 16:
             raise CatalogError("max_contexts must be >= 1 and max_context_tokens >= 16")
-        key = "llmaas-" + secrets.token_urlsafe(32)
+        if max_pending is not None and not 1 <= max_pending <= MAX_PENDING_LIMIT:
+            raise CatalogError(f"max_pending must be in 1..{MAX_PENDING_LIMIT}")
+        key = _new_key()
         now = time.time()
         with self._tx() as db:
             if db.execute("SELECT 1 FROM apps WHERE name=?", (name,)).fetchone():
                 raise CatalogError(f"an app named {name!r} already exists; remove it first or pick another name")
-            cur = db.execute("INSERT INTO apps (name, key_hash, max_contexts, max_context_tokens, created_at) "
-                             "VALUES (?, ?, ?, ?, ?)", (name, hash_key(key), max_contexts, max_context_tokens, now))
-        return App(int(cur.lastrowid), name, max_contexts, max_context_tokens, now), key
+            cur = db.execute("INSERT INTO apps (name, key_hash, max_contexts, max_context_tokens, created_at, "
+                             "max_pending) VALUES (?, ?, ?, ?, ?, ?)",
+                             (name, hash_key(key), max_contexts, max_context_tokens, now, max_pending))
+        return App(int(cur.lastrowid), name, max_contexts, max_context_tokens, now, max_pending), key
+
+    def rotate_key(self, name: str) -> str:
+        """Give an app a new key; the old one stops working at once (every request looks its key up here)."""
+        key = _new_key()
+        with self._tx() as db:
+            if db.execute("UPDATE apps SET key_hash=? WHERE name=?", (hash_key(key), name)).rowcount != 1:
+                raise CatalogError(f"no app named {name!r}")
+        return key
 
     def remove_app(self, name: str) -> list[str]:
         """Remove an app and all its contexts; returns the removed context ids."""
@@ -151,14 +145,13 @@ class Catalog:
         """Every app with its number of contexts."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT a.id, a.name, a.max_contexts, a.max_context_tokens, a.created_at, COUNT(c.id) FROM apps a "
-                "LEFT JOIN contexts c ON c.app_id = a.id GROUP BY a.id ORDER BY a.name").fetchall()
-        return [(App(*r[:5]), r[5]) for r in rows]
+                "SELECT a.id, a.name, a.max_contexts, a.max_context_tokens, a.created_at, a.max_pending, COUNT(c.id) "
+                "FROM apps a LEFT JOIN contexts c ON c.app_id = a.id GROUP BY a.id ORDER BY a.name").fetchall()
+        return [(App(*r[:6]), r[6]) for r in rows]
 
     def app_for_key(self, key: str) -> App | None:
         with self._lock:
-            row = self._db.execute("SELECT id, name, max_contexts, max_context_tokens, created_at FROM apps "
-                                   "WHERE key_hash=?", (hash_key(key),)).fetchone()
+            row = self._db.execute(f"SELECT {_APP_COLUMNS} FROM apps WHERE key_hash=?", (hash_key(key),)).fetchone()
         return App(*row) if row else None
 
     # -- contexts ------------------------------------------------------------------------------------------------
