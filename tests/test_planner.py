@@ -1,4 +1,5 @@
-"""Restore cost model and planner (LLMS §5.3-5.4): fits, the profile file, and the planner against brute force."""
+"""Restore cost model and planner (LLMS §5.3-5.4): fits, the profile file and its plausibility check (and what
+ensure_profile does about an implausible one), and the planner against brute force."""
 
 from __future__ import annotations
 
@@ -8,11 +9,14 @@ import json
 import numpy as np
 import pytest
 
-from llmaas.kv.codec import Level
+from llmaas.kv.codec import ChunkGeometry, Level
+from llmaas.kv.spec import KVSpec
+from llmaas.restore import profiler
 from llmaas.restore.cost_model import (
     LinearCost,
     ProfileError,
     RestoreProfile,
+    check_profile,
     fit_linear,
     load_profile,
     profile_key,
@@ -26,6 +30,23 @@ CHUNK_BYTES = {Level.INT8: 198_720, Level.INT4: 120_960, Level.INT2: 74_880}
 def make_profile(recompute: LinearCost, io: LinearCost, **overrides) -> RestoreProfile:
     fields = dict(model_id="smollm2-135m:abc123", codec="int8", chunk_tokens=16, throttle="none", context_tokens=1024)
     return RestoreProfile(recompute=recompute, io=io, **(fields | overrides))
+
+
+def measured_profile(recompute_points: list[tuple[float, float]], io_points: list[tuple[float, float]],
+                     **overrides) -> RestoreProfile:
+    """A profile as measure_profile makes one: the points and their least-squares lines."""
+    return make_profile(fit_linear(*zip(*recompute_points, strict=True)), fit_linear(*zip(*io_points, strict=True)),
+                        recompute_points=tuple(recompute_points), io_points=tuple(io_points), **overrides)
+
+
+CHUNKS = [1, 2, 4, 8, 16, 32, 64]
+# Measured by the profiler for SmolLM2 on this repo's two idle cores: recompute of x chunks scattered over 2048 tokens,
+# and cold reads of x INT8 chunks.
+CLEAN_RECOMPUTE = list(zip(CHUNKS, [0.1260, 0.1532, 0.2507, 0.4310, 0.7706, 1.460, 2.668], strict=True))
+CLEAN_READ = list(zip([x * CHUNK_BYTES[Level.INT8] for x in CHUNKS],
+                      [0.002817, 0.003059, 0.004221, 0.004580, 0.007024, 0.01692, 0.02932], strict=True))
+# The same recompute measured while other jobs kept both cores busy: from 8 chunks on, each point paid a ~5 s stall.
+LOADED_RECOMPUTE = list(zip(CHUNKS, [0.6536, 0.4554, 0.8692, 5.711, 7.176, 8.520, 10.23], strict=True))
 
 
 def random_missing(rng: np.random.Generator, n: int) -> list[MissingChunk]:
@@ -164,3 +185,69 @@ def test_profile_key_is_file_safe_and_distinct() -> None:
     a, b = profile_key("m/x", "int8", 16, "read 50 MB/s"), profile_key("m x", "int8", 16, "read 50 MB/s")
     assert a != b and all(ch.isalnum() or ch in "._-" for ch in a)
     assert profile_key("m", "int8", 16, "none") != profile_key("m", "int8", 32, "none")
+
+
+def test_check_profile_passes_clean_points_and_flat_noise() -> None:
+    assert check_profile(measured_profile(CLEAN_RECOMPUTE, CLEAN_READ)) == []
+    # reads from a fast disk are all intercept: a ms of jitter, up or down, is noise
+    flat = [(b, 0.004 + e) for (b, _), e in zip(CLEAN_READ, [1e-3, -8e-4, 5e-4, -1e-3, 0.0, 9e-4, 2e-4], strict=True)]
+    assert check_profile(measured_profile(CLEAN_RECOMPUTE, flat)) == []
+    assert check_profile(make_profile(LinearCost(0.0, 0.04), LinearCost(0.0, 2e-9))) == []  # no points: no check
+
+
+def test_check_profile_flags_a_time_that_falls_as_the_work_grows() -> None:
+    spiked = [(x, 1.2 if x == 8 else y) for x, y in CLEAN_RECOMPUTE]  # something else ran during the 8-chunk point
+    problems = check_profile(measured_profile(spiked, CLEAN_READ))
+    assert "recompute time falls from 1200.0 ms at 8 chunks to 770.6 ms at 16 chunks" in problems
+    faster_last = [(b, 0.010 if b == CLEAN_READ[-1][0] else y) for b, y in CLEAN_READ]
+    problems = check_profile(measured_profile(CLEAN_RECOMPUTE, faster_last))
+    assert "read time falls from 16.9 ms at 6.1 MiB to 10.0 ms at 12.1 MiB" in problems
+
+
+def test_check_profile_flags_points_the_line_does_not_predict() -> None:
+    curved = [(x, 0.01 * x**1.8) for x in CHUNKS]  # monotone, but no line: this one makes up to 5 chunks free
+    assert check_profile(measured_profile(curved, CLEAN_READ)) == [
+        "the recompute line predicts 2976.1 ms at 16 chunks, where 1470.3 ms was measured (R^2 0.95)"]
+    problems = check_profile(measured_profile(LOADED_RECOMPUTE, CLEAN_READ))
+    assert problems == ["recompute time falls from 653.6 ms at 1 chunks to 455.4 ms at 2 chunks",
+                        "the recompute line predicts 2332.2 ms at 2 chunks, where 455.4 ms was measured (R^2 0.73)"]
+
+
+GEOMETRY = ChunkGeometry(KVSpec(30, 3, 64), 16)  # SmolLM2-135M
+
+
+def ensure(tmp_path) -> RestoreProfile:
+    return profiler.ensure_profile(None, GEOMETRY, "smollm2-135m:abc123", tmp_path / "profiles", None, 1024)  # type: ignore[arg-type]
+
+
+def fake_measurements(tmp_path, monkeypatch, answers: list[RestoreProfile]) -> list[RestoreProfile]:
+    """ensure_profile's measurements return `answers` in turn (the list is emptied as they are used; one more
+    measurement fails the test with an IndexError)."""
+    monkeypatch.setenv("LLMAAS_CACHE", str(tmp_path / "cache"))
+    queue = list(answers)
+    monkeypatch.setattr(profiler, "measure_profile", lambda *args, **kwargs: queue.pop(0))
+    return queue
+
+
+def test_ensure_profile_measures_an_implausible_profile_once_more(tmp_path, monkeypatch, capsys) -> None:
+    codec = profiler.codec_id(GEOMETRY)
+    spiked = measured_profile([(x, 1.2 if x == 8 else y) for x, y in CLEAN_RECOMPUTE], CLEAN_READ, codec=codec)
+    clean = measured_profile(CLEAN_RECOMPUTE, CLEAN_READ, codec=codec)
+    left = fake_measurements(tmp_path, monkeypatch, [spiked, clean])
+    assert ensure(tmp_path) == clean and left == []
+    err = capsys.readouterr().err
+    assert "recompute time falls" in err and "measuring once more" in err and "warning" not in err
+    assert ensure(tmp_path) == clean  # stored: the next start measures nothing
+    assert capsys.readouterr().err == ""
+
+
+def test_ensure_profile_warns_about_an_implausible_profile_but_uses_it(tmp_path, monkeypatch, capsys) -> None:
+    codec = profiler.codec_id(GEOMETRY)
+    curved = measured_profile(LOADED_RECOMPUTE, CLEAN_READ, codec=codec)
+    left = fake_measurements(tmp_path, monkeypatch, [curved, curved])
+    assert ensure(tmp_path) == curved and left == []
+    err = capsys.readouterr().err
+    assert "measuring once more" in err and "warning:" in err and "llmaas profile --refresh" in err
+    assert ensure(tmp_path) == curved  # loaded: warned about again, not measured again
+    err = capsys.readouterr().err
+    assert "warning:" in err and "recompute line predicts" in err and "measuring" not in err

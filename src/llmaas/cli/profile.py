@@ -1,7 +1,8 @@
 """`llmaas profile`: measure the restore cost model (recompute seconds per chunk, read seconds per byte) once.
 
-The service measures it on first start when it is missing; this command shows it, or measures it again (--refresh),
-e.g. after moving the data directory to another disk or to study a disk throttle.
+The service measures it on first start when it is missing, and warns at each start when its points are implausible
+(measured under load); this command shows it, or measures it again (--refresh), e.g. after such a warning, after
+moving the data directory to another disk or to study a disk throttle.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from llmaas.storage.throttle import DiskThrottle
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="llmaas profile", description=__doc__)
     p.add_argument("--home", help="data directory (default: $LLMAAS_HOME or ~/.local/share/llmaas)")
-    p.add_argument("--refresh", action="store_true", help="measure again even if a profile is stored")
+    p.add_argument("--refresh", action="store_true",
+                   help="measure again even if a profile is stored (best on an idle machine: other work skews it)")
     p.add_argument("--chunk-tokens", type=int, default=16, help="chunk size (default: 16)")
     p.add_argument("--max-context-tokens", type=int, default=2048,
                    help="the longest context served: recompute is measured at this length (default: 2048)")

@@ -38,18 +38,23 @@ def main(argv: list[str]) -> int:
     if args.port is not None and not 0 <= args.port <= 65535:
         p.error("--port must be in 0..65535")
     if not _is_loopback(args.host):
-        print(f"llmaas serve: warning: listening on {args.host} makes the service reachable from other hosts",
-              file=sys.stderr)
+        _say(f"warning: listening on {args.host} makes the service reachable from other hosts")
     home = DataDir.resolve(args.home).create()
     log_path = setup_logging(home.log_dir, quiet=args.quiet)
     budget = None if args.kv_budget_mb is None else int(args.kv_budget_mb * 2**20)
     throttle = None if args.disk_throttle_mbps is None else DiskThrottle.from_mb_s(args.disk_throttle_mbps)
     engine = EngineConfig(kv_budget_bytes=budget, max_pending=args.max_queue, memory=POLICIES[args.kv_policy],
                           max_context_tokens=args.max_context_tokens, throttle=throttle)
-    service = Service(ServeOptions(home, args.model, args.port, args.host, engine, args.threads))
-    print(f"{service.describe()}; logs in {log_path}", file=sys.stderr, flush=True)
+    _say(f"starting; logs in {log_path}")
+    service = Service(ServeOptions(home, args.model, args.port, args.host, engine, args.threads), progress=_say)
     service.run()
     return 0
+
+
+def _say(line: str) -> None:
+    """Start-up steps as plain lines on stderr, even with --quiet (which silences the JSON logs): a first start takes
+    about a minute, and the user should see why and when it is ready."""
+    print(f"llmaas serve: {line}", file=sys.stderr, flush=True)
 
 
 def _is_loopback(host: str) -> bool:

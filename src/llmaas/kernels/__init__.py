@@ -1,18 +1,21 @@
 """Build and load llmaas's native CPU kernels (csrc/kernels.cpp) once, cached on disk.
 
 Owns the compile step: the extension is compiled with torch's cpp_extension on first use (about a minute on two
-cores) into `$LLMAAS_CACHE/kernels/<hash>` (default `~/.cache/llmaas`), keyed by the source, the flags and the torch
-version, so later starts load it in well under a second. Ignores how the kernels are used; callers that cannot get
-them fall back to the dense PyTorch path, which is always available.
+cores) into `$LLMAAS_CACHE/kernels/<hash>` (default `~/.cache/llmaas`), keyed by everything the build depends on (see
+build_inputs), so later starts load it in well under a second, and says so on stderr whenever it compiles. Ignores how
+the kernels are used; callers that cannot get them fall back to the dense PyTorch path, which is always available.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import platform
+import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 from types import ModuleType
 
@@ -45,6 +48,42 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+def build_inputs() -> dict[str, str]:
+    """What a build depends on. torch's cpp_extension writes build.ninja from the torch installation's include and
+    library directories, the Python headers, the compiler and the source's absolute path, and ninja rebuilds
+    everything when that file changes: two environments sharing one build directory (same torch version, another
+    install) rebuilt it on every start, silently (~35 s). So each installation, Python ABI, compiler, machine and
+    checkout gets its own directory."""
+    return {
+        "source": hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
+        "source_path": str(SOURCE),  # as build.ninja names it
+        "cflags": " ".join(CFLAGS),
+        "torch_version": torch.__version__,
+        "torch_dir": str(Path(torch.__file__).resolve().parent),
+        "python_include": sysconfig.get_path("include", scheme="posix_prefix") or "",
+        "python_abi": sysconfig.get_config_var("EXT_SUFFIX") or sys.implementation.cache_tag or "",
+        "cxx": os.environ.get("CXX", "c++"),  # the compiler torch's cpp_extension runs
+        "machine": platform.machine(),
+    }
+
+
+def build_name() -> str:
+    """The extension's name, which is also its build directory's: a hash of build_inputs()."""
+    digest = hashlib.sha256(json.dumps(build_inputs(), sort_keys=True).encode()).hexdigest()
+    return f"llmaas_kernels_{digest[:12]}"
+
+
+def _is_up_to_date(build_dir: Path) -> bool:
+    """Whether ninja would build nothing (it compares the outputs' times with those of the source and the torch
+    headers it recorded), so that load() only imports. Any doubt counts as out of date: a needless message beats a
+    silent minute."""
+    try:
+        dry = subprocess.run(["ninja", "-n", "-C", str(build_dir)], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):  # no ninja: load() fails and says so
+        return False
+    return dry.returncode == 0 and "no work to do" in dry.stdout
+
+
 @functools.cache
 def load_kernels() -> ModuleType:
     """The compiled kernel module; raises KernelBuildError (with the reason) if this machine cannot build it."""
@@ -55,13 +94,15 @@ def load_kernels() -> ModuleType:
         raise KernelBuildError(f"native kernels need CPU features {missing}, which this CPU lacks")
     from torch.utils import cpp_extension
 
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + torch.__version__.encode())
-    name = f"llmaas_kernels_{digest.hexdigest()[:12]}"
+    name = build_name()
     build_dir = cache_dir() / "kernels" / name
     build_dir.mkdir(parents=True, exist_ok=True)
-    if not any(build_dir.glob(f"{name}*.so")):
-        print(f"llmaas: compiling native kernels once into {build_dir} (about a minute)...", file=sys.stderr,
-              flush=True)
+    if not (build_dir / f"{name}.so").exists():
+        print(f"llmaas: compiling native kernels into {build_dir} (once per source and torch installation; about a "
+              "minute on two cores)...", file=sys.stderr, flush=True)
+    elif not _is_up_to_date(build_dir):
+        print(f"llmaas: rebuilding native kernels in {build_dir}: the source or a torch header is newer than the "
+              "build (about a minute on two cores)...", file=sys.stderr, flush=True)
     try:
         return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
                                   build_directory=str(build_dir), verbose=False)

@@ -1,7 +1,8 @@
 """Restore cost models (LLMS §5.3): linear fits T_re(chunks) and T_IO(bytes), and the profile file that stores them.
 
-Owns least-squares fitting, prediction (T(0) = 0), and the profile's JSON form, file name and key check. Ignores how
-the points are measured (`llmaas profile` does that) and what the planner does with the predictions.
+Owns least-squares fitting, prediction (T(0) = 0), the plausibility check of a profile's points (times grow with the
+work, the lines fit), and the profile's JSON form, file name and key check. Ignores how the points are measured
+(`llmaas profile` does that), what to do about an implausible profile, and what the planner does with the predictions.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +23,11 @@ import numpy as np
 from llmaas.errors import LlmaasError
 
 FORMAT_VERSION = 1
+# Noise on one measured time: 25% of it (a clean profile's points sit up to ~18% off their line, measured on two
+# cores), or 5 ms (a cold read's stall, a scheduler tick; a recomputed chunk costs ~40 ms here). Within it, a time may
+# fall as the work grows and a point may sit off the line; beyond it, the profile was probably measured under load.
+NOISE_FRACTION = 0.25
+NOISE_FLOOR_S = 0.005
 
 
 class ProfileError(LlmaasError):
@@ -138,6 +145,35 @@ class RestoreProfile:
         if wrong:
             raise ProfileError(f"restore profile {path} was measured for {', '.join(wrong)}; run `llmaas profile`")
         return profile
+
+
+def check_profile(profile: RestoreProfile) -> list[str]:
+    """What makes the profile implausible, one sentence each (none: it is fine): recompute time must grow with the
+    chunks and read time with the bytes, and each line must predict each of its points within noise."""
+    return [
+        *_check_curve("recompute", profile.recompute, profile.recompute_points, lambda x: f"{x:.0f} chunks"),
+        *_check_curve("read", profile.io, profile.io_points, lambda x: f"{x / 2**20:.1f} MiB"),
+    ]
+
+
+def _noise_s(measured_s: float) -> float:
+    return max(NOISE_FLOOR_S, NOISE_FRACTION * measured_s)
+
+
+def _check_curve(name: str, fit: LinearCost, points: Sequence[tuple[float, float]],
+                 amount: Callable[[float], str]) -> list[str]:
+    if not points:  # only hand-made profiles lack them
+        return []
+    problems = [
+        f"{name} time falls from {y0 * 1e3:.1f} ms at {amount(x0)} to {y1 * 1e3:.1f} ms at {amount(x1)}"
+        for (x0, y0), (x1, y1) in pairwise(sorted(points))
+        if y0 - y1 > _noise_s(y0)
+    ]
+    x, y = max(points, key=lambda p: abs(fit.predict(p[0]) - p[1]) - _noise_s(p[1]))  # the worst miss
+    if abs(fit.predict(x) - y) > _noise_s(y):
+        problems.append(f"the {name} line predicts {fit.predict(x) * 1e3:.1f} ms at {amount(x)}, where "
+                        f"{y * 1e3:.1f} ms was measured (R^2 {fit.r2:.2f})")
+    return problems
 
 
 def profile_path(profiles_dir: str | Path, model_id: str, codec: str, chunk_tokens: int, throttle: str) -> Path:

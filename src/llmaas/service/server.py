@@ -1,8 +1,10 @@
 """The service process: one per data directory, one resident model, one compute thread, HTTP on sockets.
 
-Owns the lifecycle: take the data directory's lock (a second service on it fails clearly), open the catalogue, load
-the model, start the engine, listen on the Unix socket (always; mode 0600) and on TCP when a port is given (127.0.0.1
-unless another host is named explicitly), and shut all of it down in order. Ignores what the routes do.
+Owns the lifecycle: take the data directory's lock (a second service on it fails clearly), listen on the Unix socket
+(always; mode 0600) and on TCP when a port is given (127.0.0.1 unless another host is named explicitly) before anything
+slow, so that a taken port fails in well under a second; then open the catalogue, load the model, start the engine,
+serve, and shut all of it down in order. Reports each start-up step to a caller's `progress`. Ignores what the routes
+do.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,23 +51,34 @@ class ServeOptions:
 
 
 class Service:
-    def __init__(self, options: ServeOptions, loaded: LoadedModel | None = None) -> None:
+    def __init__(self, options: ServeOptions, loaded: LoadedModel | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
+        """Listen first, then load the model (unless `loaded` is given) and build the engine, which measures the
+        restore profile on a first start. Connections that arrive meanwhile wait in the sockets' listen backlog
+        until the HTTP server starts. `progress` gets one line per start-up step (the CLI prints them)."""
         self.options = options
+        self._progress = progress or (lambda _line: None)
         self.home = options.home.create()
-        self._lock_file = _take_lock(self.home)
-        try:
+        with ExitStack() as cleanup:  # on failure, undo what was set up, in reverse; on success, close() does
+            self._lock_file = cleanup.enter_context(_take_lock(self.home))
+            cleanup.callback(self.home.socket.unlink, missing_ok=True)
+            self.sockets = [cleanup.enter_context(_unix_socket(self.home.socket))]
+            if options.port is not None:
+                self.sockets.append(cleanup.enter_context(_tcp_socket(options.host, options.port)))
+            self._progress(f"listening on {self._addresses()}; calls wait until the model is ready")
             if options.threads is not None:
                 torch.set_num_threads(options.threads)
             self.catalog = Catalog(self.home.catalog)
-            self.loaded = loaded if loaded is not None else load_model(options.model)
+            cleanup.callback(self.catalog.close)
+            if loaded is None:
+                self._progress(f"loading {options.model or 'the bundled model'}...")
+                loaded = load_model(options.model)
+            self.loaded = loaded
+            self._progress("starting the engine...")
             self.engine = Engine(self.loaded, self.catalog, options.engine)
+            cleanup.callback(self.engine.close)
             self.state = ServiceState(self.catalog, self.engine, model_id(self.loaded), int(time.time()))
-            self.sockets = [_unix_socket(self.home.socket)]
-            if options.port is not None:
-                self.sockets.append(_tcp_socket(options.host, options.port))
-        except BaseException:
-            self._lock_file.close()
-            raise
+            self._resources = cleanup.pop_all()
         config = uvicorn.Config(create_app(self.state), log_level="warning", access_log=False, lifespan="off",
                                 timeout_graceful_shutdown=3)
         self._server = uvicorn.Server(config)
@@ -74,8 +89,11 @@ class Service:
         return self.sockets[1].getsockname()[1] if len(self.sockets) > 1 else None
 
     def describe(self) -> str:
+        return f"serving {self.state.model_id} on {self._addresses()} (data in {self.home.root})"
+
+    def _addresses(self) -> str:
         where = [f"unix:{self.home.socket}"] + ([f"http://{self.options.host}:{self.port}"] if self.port else [])
-        return f"llmaas: serving {self.state.model_id} on {' and '.join(where)} (data in {self.home.root})"
+        return " and ".join(where)
 
     def run(self) -> None:
         """Serve until SIGINT/SIGTERM: HTTP on a background thread, the engine on this (the main) thread, the one
@@ -105,18 +123,14 @@ class Service:
             if not self._thread.is_alive():
                 raise ServiceError("the HTTP server failed to start; see the log")
             time.sleep(0.01)
+        self._progress(f"ready: {self.describe()}")
 
     def close(self) -> None:
         self._server.should_exit = True
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.engine.stop()
-        self.engine.close()
-        self.catalog.close()
-        for s in self.sockets:
-            s.close()
-        self.home.socket.unlink(missing_ok=True)
-        self._lock_file.close()
+        self._resources.close()  # the engine's KV store, the catalogue, the sockets and their file, the lock
 
 
 def model_id(loaded: LoadedModel) -> str:
@@ -147,8 +161,13 @@ def _unix_socket(path: Path) -> socket.socket:
                            "shorter --home")
     path.unlink(missing_ok=True)  # left by a killed service: we hold the lock, so nobody else is serving it
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(str(path))
-    os.chmod(path, 0o600)
+    try:
+        sock.bind(str(path))
+        os.chmod(path, 0o600)
+        sock.listen()
+    except OSError as exc:
+        sock.close()
+        raise ServiceError(f"cannot listen on {path} ({exc.strerror}); check the data directory's permissions") from exc
     return sock
 
 
@@ -157,6 +176,7 @@ def _tcp_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+        sock.listen()  # here, not when uvicorn starts: early connections wait in the backlog instead of being refused
     except OSError as exc:
         sock.close()
         raise ServiceError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from exc
