@@ -18,10 +18,14 @@ SERVE_DEFAULT_MAX_CONTEXT_TOKENS = 2048  # `llmaas serve --max-context-tokens`'s
 
 
 def main(argv: list[str]) -> int:
+    home_help = "data directory (default: $LLMAAS_HOME or ~/.local/share/llmaas)"
     p = argparse.ArgumentParser(prog="llmaas apps", description=__doc__)
-    p.add_argument("--home", help="data directory (default: $LLMAAS_HOME or ~/.local/share/llmaas)")
+    p.add_argument("--home", help=home_help)
+    # --home also after the action (`llmaas apps add NAME --home DIR`); SUPPRESS keeps an earlier one otherwise
+    home = argparse.ArgumentParser(add_help=False)
+    home.add_argument("--home", default=argparse.SUPPRESS, help=home_help)
     sub = p.add_subparsers(dest="action", required=True)
-    add = sub.add_parser("add", help="register an app and print its key (shown once)")
+    add = sub.add_parser("add", parents=[home], help="register an app and print its key (shown once)")
     add.add_argument("name")
     add.add_argument("--max-contexts", type=int, default=DEFAULT_MAX_CONTEXTS,
                      help=f"contexts the app may hold (default: {DEFAULT_MAX_CONTEXTS})")
@@ -30,14 +34,14 @@ def main(argv: list[str]) -> int:
                           "service caps it at its own --max-context-tokens and the model's length")
     add.add_argument("--max-pending", type=int,
                      help="calls the app may have waiting before it gets 429 (default: the service's --max-queue)")
-    sub.add_parser("list", help="list apps with their quotas and number of contexts")
-    remove = sub.add_parser("remove", help="remove an app and all its contexts (and their KV, at once)")
+    sub.add_parser("list", parents=[home], help="list apps with their quotas and number of contexts")
+    remove = sub.add_parser("remove", parents=[home], help="remove an app and all its contexts (and their KV, at once)")
     remove.add_argument("name")
-    rotate = sub.add_parser("rotate-key", help="give an app a new key; the old one is refused at once")
+    rotate = sub.add_parser("rotate-key", parents=[home], help="give an app a new key; the old one is refused at once")
     rotate.add_argument("name")
     args = p.parse_args(argv)
-    home = DataDir.resolve(args.home).create()
-    catalog = Catalog(home.catalog)
+    data = DataDir.resolve(args.home).create()
+    catalog = Catalog(data.catalog)
     try:
         if args.action == "add":
             app, key = catalog.add_app(args.name, args.max_contexts, args.max_context_tokens, args.max_pending)
@@ -53,7 +57,7 @@ def main(argv: list[str]) -> int:
             print(f"app {args.name!r} has a new key (the old one is refused from now on):\n{key}")
         else:
             removed = catalog.remove_app(args.name)
-            print(f"app {args.name!r} removed with {_plural(len(removed), 'context')}; {_sweep(home)}")
+            print(f"app {args.name!r} removed with {_plural(len(removed), 'context')}; {_sweep(data)}")
     finally:
         catalog.close()
     return 0
