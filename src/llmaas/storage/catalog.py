@@ -15,6 +15,7 @@ import threading
 import time
 from array import array
 from pathlib import Path
+from types import TracebackType
 
 from llmaas.errors import LlmaasError
 from llmaas.records import App, ContextRecord, Message
@@ -121,6 +122,7 @@ class Catalog:
             cur = db.execute("INSERT INTO apps (name, key_hash, max_contexts, max_context_tokens, created_at, "
                              "max_pending) VALUES (?, ?, ?, ?, ?, ?)",
                              (name, hash_key(key), max_contexts, max_context_tokens, now, max_pending))
+        assert cur.lastrowid is not None  # set by the INSERT above
         return App(int(cur.lastrowid), name, max_contexts, max_context_tokens, now, max_pending), key
 
     def rotate_key(self, name: str) -> str:
@@ -167,7 +169,7 @@ class Catalog:
                 )
             db.execute("INSERT INTO contexts (id, app_id, token_ids, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
                        (ctx_id, app.id, b"", now, now))
-            messages = ()
+            messages: tuple[Message, ...] = ()
             if system_prompt is not None:
                 db.execute("INSERT INTO messages VALUES (?, 0, 'system', ?, ?)", (ctx_id, system_prompt, now))
                 messages = (Message("system", system_prompt),)
@@ -229,7 +231,8 @@ class _Transaction:
         self._db.execute("BEGIN IMMEDIATE")
         return self._db
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
         try:
             self._db.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from llmaas.storage.sqlite_db import open_database
 
@@ -172,11 +173,11 @@ class ChunkIndex:
         return int(n), int(total)
 
 
-def _values(r: ChunkLocation) -> tuple:
+def _values(r: ChunkLocation) -> tuple[object, ...]:
     return (r.context_id, r.chunk_index, r.version, r.level, r.token_start, r.token_end, r.fill, r.prefix_hash,
             r.segment, r.offset, r.record_bytes, r.header_bytes, r.section_bytes, r.n_layers, r.sections_offset,
             r.layer_stride, r.group_offset)
 
 
-def _row(row: tuple) -> ChunkLocation:
+def _row(row: tuple[Any, ...]) -> ChunkLocation:  # a SELECT {_COLUMNS} row, as sqlite3 gives it
     return ChunkLocation(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bytes(row[7]), *row[8:])

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmaas.storage.chunk_index import ChunkLocation
-from llmaas.storage.segment_io import Span, Want
+from llmaas.storage.segment_io import Span, Want, as_memoryview
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class Run:
         assert self.gathered is not None
         out: list[tuple[int, memoryview]] = []
         rels = sorted({(rel, s) for _, rel, s in self.members})
-        chunks = [(rel, s, memoryview(self.gathered[rel])) for rel, s in rels]
+        chunks = [(rel, s, as_memoryview(self.gathered[rel])) for rel, s in rels]
         base = self.wants[0].offset
         for j in range(num_layers):  # ~4,000 pieces for a 2048-token context: kept to one comprehension per layer
             layer_at = base + j * self.stride
@@ -140,13 +140,15 @@ def cut_run(run: Run, num_layers: int, span_of: dict[object, Span]) -> list[tupl
     """Each member chunk's sections of the planned layers, contiguous (views into the read's buffers), or
     'io_error' / 'truncated' when its bytes are not all there. numpy, not torch: this runs per chunk per read on the
     restore path, where torch's small-op overheads (and, measured, its strided uint8 copy on 2 busy cores) show."""
-    n, out = num_layers, []
+    n = num_layers
+    out: list[tuple[int, np.ndarray | str]] = []
     if run.is_dense:
         want = run.wants[0]
         span = span_of[want.tag]
         if span.error is not None:
             return [(i, "io_error") for i, _, _ in run.members]
         data, base, valid = span.array, want.offset - span.offset, span.valid_bytes
+        assert data is not None  # every span of a segment that exists got its buffer (ChunkLog._read_spans)
         for i, rel, s in run.members:
             at = base + rel
             if at + (n - 1) * run.stride + s > valid:
@@ -163,12 +165,14 @@ def cut_run(run: Run, num_layers: int, span_of: dict[object, Span]) -> list[tupl
     firsts = [w.offset - sp.offset for w, sp in zip(run.wants, spans, strict=True)]
     if any(sp.error is not None for sp in spans):
         return [(i, "io_error") for i, _, _ in run.members]
+    arrays = [sp.array for sp in spans if sp.array is not None]
+    assert len(arrays) == len(spans)  # every span of a segment that exists got its buffer (ChunkLog._read_spans)
     for i, rel, s in run.members:
         if any(f + rel + s > sp.valid_bytes for f, sp in zip(firsts, spans, strict=True)):
             out.append((i, "truncated"))
         elif n == 1:
-            out.append((i, spans[0].array[firsts[0] + rel:firsts[0] + rel + s]))
+            out.append((i, arrays[0][firsts[0] + rel:firsts[0] + rel + s]))
         else:
-            parts = [sp.array[f + rel:f + rel + s] for f, sp in zip(firsts, spans, strict=True)]
+            parts = [a[f + rel:f + rel + s] for f, a in zip(firsts, arrays, strict=True)]
             out.append((i, np.concatenate(parts)))
     return out

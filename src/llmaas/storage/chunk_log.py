@@ -39,7 +39,17 @@ from llmaas.storage.chunk_record import (
     section_checksums,
     verify_sections,
 )
-from llmaas.storage.segment_io import Span, Want, coalesce, drop_cache, fsync_dir, preadv_all, pwrite_all, split
+from llmaas.storage.segment_io import (
+    Span,
+    Want,
+    as_memoryview,
+    coalesce,
+    drop_cache,
+    fsync_dir,
+    preadv_all,
+    pwrite_all,
+    split,
+)
 from llmaas.storage.throttle import DiskThrottle
 
 INDEX_NAME = "index.sqlite"
@@ -112,7 +122,7 @@ class _Counters:
     payload_bytes_read: int = 0
     records_written: int = 0
     records_read: int = 0
-    faults: Counter = field(default_factory=Counter)
+    faults: Counter[str] = field(default_factory=Counter)
     write_requests: int = 0
     read_requests: int = 0
     compactions: int = 0
@@ -310,11 +320,12 @@ class ChunkLog:
         `into[i]`: a uint8 tensor of exactly those layers' bytes that chunk i's payload is read into (and returned
         as), so a caller that keeps the bytes need not copy them out of a shared read buffer."""
         locs = list(locations)
+        arrays: list[np.ndarray] | None = None
         if into is not None:
             if len(into) != len(locs):
                 raise ValueError(f"{len(into)} buffers for {len(locs)} chunks")
-            into = [t.numpy() for t in into]
-        return self._read(locs, first_layer, num_layers, True, False, into)  # type: ignore[arg-type]
+            arrays = [t.numpy() for t in into]
+        return self._read(locs, first_layer, num_layers, True, False, arrays)
 
     def _read(self, locs: list[ChunkLocation], first_layer: int, num_layers: int | None, retry_moved: bool,
               for_compaction: bool, into: list[np.ndarray] | None = None) -> list[ReadResult]:
@@ -355,10 +366,11 @@ class ChunkLog:
             for i, got in cut_run(run, n, span_of):
                 fault = self._check(locs[i], headers[i], plan.headers.get(i), span_of, got, first_layer)
                 if fault is None:
-                    if into is not None and got.ctypes.data != into[i].ctypes.data:  # type: ignore[union-attr]
+                    assert not isinstance(got, str)  # _check faults every 'io_error' / 'truncated'
+                    if into is not None and got.ctypes.data != into[i].ctypes.data:
                         np.copyto(into[i], got)  # not read in place (a chunk asked for twice, a per-layer run)
                         got = into[i]
-                    results[i] = ReadResult(locs[i], torch.from_numpy(got))  # type: ignore[arg-type]
+                    results[i] = ReadResult(locs[i], torch.from_numpy(got))
                 else:
                     faults.append((i, fault))
         with self._lock:
@@ -366,9 +378,9 @@ class ChunkLog:
                 self._counters.faults[fault.value] += 1
                 results[i] = ReadResult(locs[i], None, fault)
             if not for_compaction:
-                done = [r for r in results if r is not None and r.payload is not None]
+                done = [r.payload for r in results if r is not None and r.payload is not None]
                 self._counters.records_read += len(done)
-                self._counters.payload_bytes_read += sum(r.payload.numel() for r in done)  # type: ignore[union-attr]
+                self._counters.payload_bytes_read += sum(p.numel() for p in done)
         if moved:
             again = self._read([m for _, m in moved], first_layer, n, False, for_compaction,
                                None if into is None else [into[i] for i, _ in moved])
@@ -386,7 +398,7 @@ class ChunkLog:
                 return ChunkFault.IO_ERROR
             if not hsp.covers(head):
                 return ChunkFault.TRUNCATED
-            parsed = parse_header(memoryview(hsp.view(head)), self.model_id, self.codec_id)
+            parsed = parse_header(as_memoryview(hsp.view(head)), self.model_id, self.codec_id)
             if isinstance(parsed, ChunkFault):
                 return parsed
             if not _describes(parsed, loc):
@@ -396,7 +408,7 @@ class ChunkLog:
                 self._headers.setdefault(loc.segment, {})[loc.offset] = header
         if isinstance(sections, str):
             return ChunkFault.IO_ERROR if sections == "io_error" else ChunkFault.TRUNCATED
-        if not verify_sections(header, memoryview(sections), first_layer):
+        if not verify_sections(header, as_memoryview(sections), first_layer):
             return ChunkFault.CHECKSUM
         return None
 
@@ -539,14 +551,20 @@ class ChunkLog:
             count = min(step, n_layers - first)
             results = self._read(rows, first, count, retry_moved=False, for_compaction=True)
             pieces: list[tuple[int, bytes | memoryview]] = []
-            for k, (r, p) in enumerate(zip(results, layout.placements, strict=True)):
-                good[k] = good[k] and r.ok
+            for k, (res, p) in enumerate(zip(results, layout.placements, strict=True)):
+                good[k] = good[k] and res.ok
                 s = sizes[k]
-                data = memoryview(r.payload.numpy()) if good[k] else memoryview(bytes(count * s))
+                if good[k]:
+                    assert res.payload is not None  # a result without a fault carries its payload
+                    data = as_memoryview(res.payload.numpy())
+                else:
+                    data = memoryview(bytes(count * s))
                 pieces += [(p.sections_at + (first + j) * p.layer_stride, data[j * s:(j + 1) * s])
                            for j in range(count)]
             self._write_pieces(fd, pieces)
-        moved, lost, headers = [], [], []
+        moved: list[ChunkLocation] = []
+        lost: list[ChunkLocation] = []
+        headers: list[tuple[int, bytes | memoryview]] = []  # _write_pieces sorts it in place: list, not Sequence
         with self._lock:
             verified = [self._headers.get(r.segment, {}).get(r.offset) for r in rows]
         for r, p, ok, h in zip(rows, layout.placements, good, verified, strict=True):
@@ -631,7 +649,7 @@ def _extents(span: Span, scatter: dict[object, Run]) -> list[tuple[int, memoryvi
     if not runs:
         return None
     assert span.array is not None
-    own, out, at = memoryview(span.array), [], span.offset
+    own, out, at = as_memoryview(span.array), [], span.offset
     for want, run in sorted(runs, key=lambda wr: wr[0].offset):
         assert want.offset >= at, "a scattering run overlaps another range of the same read"
         if want.offset > at:

@@ -27,6 +27,8 @@ from typing import Protocol
 import torch
 import xxhash
 
+from llmaas.storage.segment_io import as_memoryview
+
 MAGIC = b"LLMSKVCR"
 FORMAT_VERSION = 1
 PREFIX_HASH_BYTES = 16
@@ -82,21 +84,39 @@ class ChunkRecord:
                              f"{self.n_layers * self.section_bytes}")
 
     def payload_view(self) -> memoryview:
-        return memoryview(self.payload.reshape(-1).numpy())
+        return as_memoryview(self.payload.reshape(-1).numpy())
 
 
 class RecordMeta(Protocol):
-    """What a header states about its chunk: a ChunkRecord being written, or the ChunkLocation of one being moved."""
+    """What a header states about its chunk: a ChunkRecord being written, or the ChunkLocation of one being moved.
+    Read-only properties, so that frozen dataclasses (both of those) satisfy it."""
 
-    chunk_index: int
-    version: int
-    level: int
-    token_start: int
-    token_end: int
-    fill: int
-    prefix_hash: bytes
-    n_layers: int
-    section_bytes: int
+    @property
+    def chunk_index(self) -> int: ...
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def level(self) -> int: ...
+
+    @property
+    def token_start(self) -> int: ...
+
+    @property
+    def token_end(self) -> int: ...
+
+    @property
+    def fill(self) -> int: ...
+
+    @property
+    def prefix_hash(self) -> bytes: ...
+
+    @property
+    def n_layers(self) -> int: ...
+
+    @property
+    def section_bytes(self) -> int: ...
 
 
 @dataclass(frozen=True)

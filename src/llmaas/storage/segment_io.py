@@ -12,11 +12,21 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 _IOV_MAX = min(1024, os.sysconf("SC_IOV_MAX"))
+
+
+def as_memoryview(array: np.ndarray) -> memoryview:
+    """memoryview(array), typed: ndarray has the buffer protocol, but numpy's stubs declare it (__buffer__) only
+    for Python >= 3.12, so on 3.11 a type checker does not know an array can be viewed."""
+    return memoryview(cast("Buffer", array))
 
 
 def pwrite_all(fd: int, buffers: Sequence[bytes | memoryview], offset: int) -> int:
@@ -115,7 +125,7 @@ class Span:
         """Where the file bytes [lo, hi) of this span go, in order."""
         assert self.array is not None
         if self.extents is None:
-            return [memoryview(self.array)[lo - self.offset:hi - self.offset]]
+            return [as_memoryview(self.array)[lo - self.offset:hi - self.offset]]
         if self._starts is None:
             self._starts = [start for start, _ in self.extents]
         first = max(0, bisect.bisect_right(self._starts, lo) - 1)
