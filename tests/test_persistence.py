@@ -10,8 +10,8 @@ from contextlib import contextmanager
 
 import pytest
 
-from llmaas.cli.demo import start_service
 from llmaas.client import Client
+from llmaas.service.process import start_service
 from llmaas.storage.catalog import Catalog
 from llmaas.storage.paths import DataDir
 

@@ -16,13 +16,13 @@ import torch
 from torch.utils import cpp_extension
 
 from llmaas import kernels
-from llmaas.errors import KernelBuildError
+from llmaas.errors import KernelBuildError, ServiceStartError
 from llmaas.kv.codec import ChunkGeometry
 from llmaas.kv.spec import KVSpec
 from llmaas.model.loader import load_model
 from llmaas.restore.profiler import codec_id, measure_profile
 from llmaas.service import server
-from llmaas.service.server import ServeOptions, Service, ServiceError
+from llmaas.service.server import ServeOptions, Service
 from llmaas.storage.paths import DataDir
 from tiny_gguf import write_tiny_llama
 
@@ -85,7 +85,7 @@ def test_a_taken_port_fails_at_once_before_the_model_loads(tmp_path, monkeypatch
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
         t0 = time.perf_counter()
-        with pytest.raises(ServiceError, match=rf"cannot listen on 127\.0\.0\.1:{port} .*--port"):
+        with pytest.raises(ServiceStartError, match=rf"cannot listen on 127\.0\.0\.1:{port} .*--port"):
             Service(ServeOptions(home, port=port))
         assert time.perf_counter() - t0 < 1.0
     assert not home.socket.exists()  # nothing left behind: the Unix socket is gone and the lock is free

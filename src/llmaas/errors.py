@@ -35,5 +35,9 @@ class CallCancelled(LlmaasError):
     """The caller went away (or cancelled) before the call finished; nothing was committed."""
 
 
+class ServiceStartError(LlmaasError):
+    """The service cannot start (data directory in use, socket path unusable, port taken, exited while starting)."""
+
+
 class ShuttingDownError(LlmaasError):
     """The service is stopping and will not run this call; retry when it is back."""

@@ -149,5 +149,5 @@ def main(argv: list[str]) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         png = args.json.with_suffix(".png")
-        print(f"wrote {args.json}" + (f" and {png}" if plot(result, png) else " (no plot: pip install matplotlib)"))
+        print(f"wrote {args.json}" + (f" and {png}" if plot(result, png) else ""))
     return 0

@@ -4,13 +4,12 @@ LoRA) and of the layer-dropping baselines, compared at matched measured TTFT.
 Owns the run plan, the result cache (perplexity and latency per setting, scores per item under a content hash: a
 long run resumes, a larger run scores only new items, and accuracy can run while the machine is busy while latency
 waits for a quiet one: `--phase`), statistics (Wilson 95% intervals; paired bootstrap of the mean accuracy across
-tasks), the matched comparisons (nearest TTFT; TTFT budgets), the JSON in the issue's shape, the table and the PNG.
+tasks), the matched comparisons (nearest TTFT; TTFT budgets), the JSON, the table and the PNG.
 Ignores how sub-models are made (llmaas.elastic) and how items are scored (mc_score.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -349,43 +348,24 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from llmaas.cli.common import add_model_options
-    d = EvalElasticConfig()
-    p = argparse.ArgumentParser(prog="llmaas eval elastic", description=__doc__)
-    add_model_options(p)
-    p.add_argument("--json", type=Path, required=True, help="write the results here")
-    p.add_argument("--png", type=Path, help="accuracy vs TTFT plot (default: the JSON path with .png)")
-    p.add_argument("--items", type=int, default=d.items, help=f"items per standalone task (default {d.items})")
-    p.add_argument("--agent-items", type=int, default=d.agent_items,
-                   help=f"items per agent task (default {d.agent_items})")
-    p.add_argument("--phase", choices=("all", "accuracy", "latency"), default="all",
-                   help="accuracy: scores only (safe on a busy machine); latency: timings only; all (default)")
-    p.add_argument("--elastic-dir", type=Path, help="artifact directory (default: the model's cache dir)")
-    return p
-
-
-def main(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    cfg = EvalElasticConfig(items=args.items, agent_items=args.agent_items)
-    elastic = ElasticModel.open(args.model, args.elastic_dir, use_kernels=not args.no_kernels)
+def run(elastic: ElasticModel, cfg: EvalElasticConfig, json_path: Path, png_path: Path | None = None,
+        phase: str = "all") -> dict:
+    """Score and time every setting of the plan (phase: all, accuracy or latency; cached per item), assemble the
+    comparison, print its table, and write the JSON and the plot."""
     tasks = [f(cfg.items) for f in STANDALONE.values()] + [f(cfg.agent_items) for f in AGENT.values()]
     settings = plan(elastic, cfg)
     cache = ResultCache(elastic.directory / "eval_cache.json", cfg.keys())
     print(f"{len(settings)} settings x ({len(tasks)} tasks + perplexity); adapters for levels "
           f"{[level_name(m) for m in sorted(elastic.adapters)]}")
-    if args.phase in ("all", "accuracy"):
+    if phase in ("all", "accuracy"):
         wiki = elastic.loaded.tokenizer.encode(WIKITEXT.read_text(encoding="utf-8")[:200_000])
         run_accuracy(elastic, settings, tasks, wiki, cfg, cache)
-    if args.phase in ("all", "latency"):
+    if phase in ("all", "latency"):
         run_latency(elastic, settings, cfg, cache)
     result = assemble(elastic, settings, tasks, cfg, cache)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1))
     print(table(result))
-    png = args.png or args.json.with_suffix(".png")
-    drawn = plot(result, png)
-    print(f"wrote {args.json}" + (f" and {png}" if drawn else " (no plot: pip install matplotlib)"))
-    return 0
+    png = png_path or json_path.with_suffix(".png")
+    print(f"wrote {json_path}" + (f" and {png}" if plot(result, png) else ""))
+    return result

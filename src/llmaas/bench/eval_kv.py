@@ -1,4 +1,4 @@
-"""`llmaas eval kv`: quality of LLMS's tolerance-aware KV compression against static baselines (spec §10.4, §11.6).
+"""`llmaas eval kv`: quality of LLMS's tolerance-aware KV compression against static baselines.
 
 Owns the variants (fp16 reference; uniform int8/int4/int2 through the codec; LLMS at ratio_global with the `paper`
 and `density_error` objectives), the perplexity harness (segment B of WikiText-2 teacher-forced over the compressed
@@ -9,7 +9,6 @@ on that pass); every variant only swaps in its own encode->decode copy of that K
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -368,50 +367,13 @@ def plot(result: dict, path: Path) -> bool:
     return True
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from llmaas.cli.common import add_model_options
-
-    p = argparse.ArgumentParser(prog="llmaas eval kv", description=__doc__,
-                                epilog="JSON: {variants: {<variant>: {ppl, bytes_per_token, accuracy: {<task>: x}}}, "
-                                       "config, machine, ci95, bytes, fidelity, agree_fp16, ppl_windows, examples}. "
-                                       "--threads defaults to 1 here (see the comment in build_parser). The "
-                                       "default run takes about 21 minutes on 2 shared cores; --quick about 2.")
-    p.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
-    p.add_argument("--png", type=Path, metavar="FILE",
-                   help="plot ppl and mean task score vs bytes per token (default: beside --json)")
-    p.add_argument("--limit", type=int, default=EvalConfig.limit,
-                   help=f"items per task (default: {EvalConfig.limit})")
-    p.add_argument("--windows", type=int, default=EvalConfig.ppl_windows,
-                   help=f"perplexity windows (default: {EvalConfig.ppl_windows})")
-    p.add_argument("--context-tokens", type=int, default=EvalConfig.ppl_context_tokens,
-                   help=f"segment A, compressed (default: {EvalConfig.ppl_context_tokens})")
-    p.add_argument("--target-tokens", type=int, default=EvalConfig.ppl_target_tokens,
-                   help=f"segment B, scored (default: {EvalConfig.ppl_target_tokens})")
-    p.add_argument("--ratio-global", type=float, default=EvalConfig.ratio_global,
-                   help=f"LLMS ratio_global (default: {EvalConfig.ratio_global})")
-    p.add_argument("--task", action="append", choices=sorted(TASKS), help="only this task (repeatable; default: all)")
-    p.add_argument("--quick", action="store_true",
-                   help="a tiny run: 2 windows of 256+64 tokens and 2 items per task (overrides the sizes above)")
-    add_model_options(p)
-    # One thread by default: this measures quality, not speed, and on a shared 2-core machine PyTorch's two
-    # spinning OpenMP threads ran the harness 7x slower than one thread (measured: 56 s vs 8 s for --quick's windows).
-    p.set_defaults(threads=1)
-    return p
-
-
-def main(argv: list[str]) -> int:
+def run(loaded: LoadedModel, cfg: EvalConfig, json_path: Path | None = None, png_path: Path | None = None) -> dict:
+    """Evaluate every variant on `cfg`'s windows and items, print the table, and write the JSON and plot if asked."""
     from llmaas.bench.engine import machine
-    from llmaas.cli.common import load_from_args
 
-    args = build_parser().parse_args(argv)
-    cfg = EvalConfig(args.ratio_global, codec.DEFAULT_CHUNK_TOKENS, args.windows, args.context_tokens,
-                     args.target_tokens, args.limit, tuple(args.task or TASKS))
-    if args.quick:
-        cfg = EvalConfig(cfg.ratio_global, cfg.chunk_tokens, 2, 256, 64, 2, cfg.tasks)
     if codec.LEVEL_ERROR[Level.INT4] == 0 or codec.LEVEL_ERROR[Level.INT2] == 0:
         print("warning: codec.LEVEL_ERROR is not measured yet (e(INT4) or e(INT2) is 0): the density_error "
               "objective degenerates", file=sys.stderr)
-    loaded = load_from_args(args)
     conversation = Conversation(loaded.tokenizer, loaded.chat_template)
     items = [it for task in cfg.tasks for it in load_items(TASKS[task], cfg.limit, loaded.tokenizer, conversation)]
     text = WIKITEXT.read_text(encoding="utf-8") if cfg.ppl_windows else ""
@@ -423,11 +385,11 @@ def main(argv: list[str]) -> int:
     result["config"]["threads"] = torch.get_num_threads()
     print(table(result))
     print(f"runtime {result['runtime_s']:.0f} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
-    png = args.png or (args.json.with_suffix(".png") if args.json else None)
-    if png is not None:
-        print(f"wrote {png}" if plot(result, png) else "no plot: pip install matplotlib")
-    return 0
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"wrote {json_path}")
+    png = png_path or (json_path.with_suffix(".png") if json_path else None)
+    if png is not None and plot(result, png):
+        print(f"wrote {png}")
+    return result

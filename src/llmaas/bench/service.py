@@ -55,8 +55,8 @@ class ThroughService:
     """A real `llmaas serve` process, called over its Unix socket with the Python client, timed client-side."""
 
     def __init__(self) -> None:
-        from llmaas.cli.demo import start_service
         from llmaas.client import Client
+        from llmaas.service.process import start_service
         from llmaas.storage.catalog import Catalog
         from llmaas.storage.paths import DataDir
 

@@ -1,4 +1,4 @@
-"""`llmaas bench switch`: the LLMS context-switching benchmark, every system side by side in one run (spec §10).
+"""`llmaas bench switch`: the LLMS context-switching benchmark, every system side by side in one run.
 
 Owns the experiment plan and the JSON. The main comparison replays one trace (Markov pattern, 8 active contexts,
 budget 2x, maximum length 2048, 16-token chunks, disk unthrottled) against every system: llms, the four baselines and
@@ -47,6 +47,9 @@ BASELINES = ("llms", "lmk", "swapping", "vllm-s", "vllm-sq")
 REFERENCE = "vllm-s"  # FP16 KV, restored by IO only: bit-identical to never evicting, so its answers are FP16's
 LIMITS_S = (0.010, 0.025)
 PEER = "swapping (llama.cpp)"
+# Results go here unless --out says otherwise: a run from a checkout must not rewrite its tracked docs/ (the repo's
+# .gitignore ignores /out/).
+DEFAULT_OUT = Path("out")
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,7 @@ def _trace_stats(trace: Trace) -> dict:
 
 
 def shape(raw: dict) -> dict:
-    """The issue's JSON: the main systems, then each sweep as {setting: {system: metrics}}, records kept apart."""
+    """The results JSON: the main systems, then each sweep as {setting: {system: metrics}}, records kept apart."""
     systems, sweeps, records = {}, {}, {}
     reference = None
     for item in raw["runs"]:
@@ -240,13 +243,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(default: 2,4,8,16; --quick: 2,4,8)")
     p.add_argument("--max-lengths", help="maximum context lengths of that sweep, e.g. 256,512,1024 (default: 512,1024,"
                                          "2048; none with --quick)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--json", type=Path, help="results (default: docs/bench_switch.json; --quick: "
-                                             "docs/bench_switch_quick.json)")
-    p.add_argument("--plots", type=Path, help="PNG directory (default: docs/switch; --quick: docs/switch_quick)")
-    p.add_argument("--results-md", type=Path, help="report (default: docs/RESULTS.md; --quick: docs/RESULTS_quick.md)")
+    p.add_argument("--seed", type=int, default=42, help="trace seed (default: 42)")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help=f"where to write bench_switch.json, RESULTS.md and the PNGs in switch/ (names end in _quick "
+                        f"with --quick; default: ./{DEFAULT_OUT}/). `--out docs` in the repository updates its "
+                        "committed results")
     p.add_argument("--peer", action="append", default=[], choices=["llama-cpp"],
-                   help="also replay the main trace on llama.cpp's own state save/restore (needs llama-cpp-python)")
+                   help="also replay the main trace on llama.cpp's own state save/restore (needs the peers extra)")
     p.add_argument("--work-dir", type=Path, help="where chunk files go (default: a temporary directory)")
     return p
 
@@ -258,10 +261,7 @@ def main(argv: list[str]) -> int:
     from llmaas.model.loader import load_model
 
     plan = QUICK if args.quick else FULL
-    suffix = "_quick" if args.quick else ""
-    args.json = args.json or Path(f"docs/bench_switch{suffix}.json")
-    args.plots = args.plots or Path(f"docs/switch{suffix}")
-    args.results_md = args.results_md or Path(f"docs/RESULTS{suffix}.md")
+    json_path, results_md, plots_dir = output_paths(args.out, args.quick)
     changes: dict = {}
     if args.calls is not None:
         changes["calls"] = args.calls
@@ -280,13 +280,20 @@ def main(argv: list[str]) -> int:
                          "reference": REFERENCE, "machine": machine(), "commit": _commit(),
                          "wall_s": raw["wall_s"], "traces": raw["traces"]},
               **shape(raw)}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
     print_table(result)
-    plots = write_plots(result, args.plots)
-    write_results_md(result, args.results_md, args.json, plots)
-    print(f"wrote {args.json}, {args.results_md} and {len(plots)} plots in {args.plots} ({raw['wall_s']:.0f} s)")
+    plots = write_plots(result, plots_dir)
+    write_results_md(result, results_md, json_path, plots)
+    print(f"wrote {json_path}, {results_md} and {len(plots)} plots in {plots_dir} ({raw['wall_s']:.0f} s)")
     return 0
+
+
+def output_paths(out: Path, quick: bool) -> tuple[Path, Path, Path]:
+    """(results JSON, report, PNG directory) under `out`. The names are those the repository keeps in docs/, so
+    `--out docs` refreshes them, and a quick run never overwrites a full one."""
+    suffix = "_quick" if quick else ""
+    return out / f"bench_switch{suffix}.json", out / f"RESULTS{suffix}.md", out / f"switch{suffix}"
 
 
 def _commit() -> str | None:

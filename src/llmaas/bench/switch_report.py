@@ -78,7 +78,6 @@ def _contexts(entry: dict, limit: str) -> str:
 def write_plots(result: dict, directory: Path) -> list[Path]:
     plt = pyplot()
     if plt is None:
-        print("no plots: pip install matplotlib", file=sys.stderr)
         return []
     directory.mkdir(parents=True, exist_ok=True)
     out = []
@@ -310,12 +309,15 @@ def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m llmaas.bench.switch_report",
                                 description="Redraw the plots and rewrite the report of a saved `bench switch` run.")
     p.add_argument("json", type=Path)
-    p.add_argument("--results-md", type=Path, help="default: RESULTS.md beside the JSON")
-    p.add_argument("--plots", type=Path, help="default: switch/ beside the JSON")
+    p.add_argument("--results-md", type=Path, help="default: RESULTS.md (RESULTS_quick.md) beside the JSON")
+    p.add_argument("--plots", type=Path, help="default: switch/ (switch_quick/) beside the JSON")
     args = p.parse_args(argv)
+    from llmaas.bench.switch import output_paths
+
     result = json.loads(args.json.read_text())
-    plots = write_plots(result, args.plots or args.json.parent / "switch")
-    write_results_md(result, args.results_md or args.json.parent / "RESULTS.md", args.json, plots)
+    _, results_md, plots_dir = output_paths(args.json.parent, result["config"]["mode"] == "quick")
+    plots = write_plots(result, args.plots or plots_dir)
+    write_results_md(result, args.results_md or results_md, args.json, plots)
     return 0
 
 

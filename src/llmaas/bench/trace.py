@@ -1,4 +1,4 @@
-"""Synthetic multi-app context-switching traces (LLMS spec §9): `llmaas bench trace make`.
+"""Synthetic multi-app context-switching traces, as the LLMS paper draws them: `llmaas bench trace make`.
 
 Owns what a trace is and how one is drawn. Contexts are bound round-robin to the six task types (one app each) and
 keep their task. Each call is one dataset entry whose delta length (the user turn's tokens plus the output cap) lies
@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import random
-import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -242,23 +241,24 @@ def _rows(path: Path, task: Task) -> list[dict]:
 # -- CLI ------------------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="llmaas bench trace make", description=__doc__,
+    p = argparse.ArgumentParser(prog="llmaas bench trace", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pattern", choices=PATTERNS, default="markov")
-    p.add_argument("--contexts", type=int, default=8, help="active contexts (default: 8)")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--mean-gap-s", type=float, default=300.0, help="mean virtual gap between calls (default: 300)")
-    p.add_argument("--hours", type=float, default=72.0, help="virtual length (default: 72)")
-    p.add_argument("--max-calls", type=int, help="stop after this many calls")
-    p.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
+    sub = p.add_subparsers(dest="action", required=True, title="actions")
+    make = sub.add_parser("make", help="draw one trace and write it as JSONL",
+                          description="Draw one trace (a deterministic function of these options) and write it as "
+                                      "JSONL: a header line, then one line per call with its text and gold answer.")
+    make.add_argument("--pattern", choices=PATTERNS, default="markov", help="context switching (default: markov)")
+    make.add_argument("--contexts", type=int, default=8, help="active contexts (default: 8)")
+    make.add_argument("--seed", type=int, default=42, help="random seed (default: 42)")
+    make.add_argument("--mean-gap-s", type=float, default=300.0, help="mean virtual gap between calls (default: 300)")
+    make.add_argument("--hours", type=float, default=72.0, help="virtual length (default: 72)")
+    make.add_argument("--max-calls", type=int, help="stop after this many calls (default: no limit)")
+    make.add_argument("--out", type=Path, required=True, help="the JSONL file to write")
     return p
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] != "make":
-        print("usage: llmaas bench trace make [options]   (llmaas bench trace make --help)", file=sys.stderr)
-        return 2
-    args = build_parser().parse_args(argv[1:])
+    args = build_parser().parse_args(argv)
     from llmaas.model.loader import load_model
 
     loaded = load_model()

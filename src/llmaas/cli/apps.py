@@ -11,6 +11,7 @@ import argparse
 
 import httpx
 
+from llmaas.cli import plural
 from llmaas.storage.catalog import DEFAULT_MAX_CONTEXT_TOKENS, DEFAULT_MAX_CONTEXTS, Catalog
 from llmaas.storage.paths import DataDir
 
@@ -57,7 +58,7 @@ def main(argv: list[str]) -> int:
             print(f"app {args.name!r} has a new key (the old one is refused from now on):\n{key}")
         else:
             removed = catalog.remove_app(args.name)
-            print(f"app {args.name!r} removed with {_plural(len(removed), 'context')}; {_sweep(data)}")
+            print(f"app {args.name!r} removed with {plural(len(removed), 'context')}; {_sweep(data)}")
     finally:
         catalog.close()
     return 0
@@ -84,8 +85,4 @@ def _sweep(home: DataDir) -> str:
             r.raise_for_status()
     except httpx.HTTPError:
         return "the service did not answer: their KV files go when it next starts"
-    return f"the running service dropped their KV ({_plural(len(r.json()['dropped_contexts']), 'context')})"
-
-
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+    return f"the running service dropped their KV ({plural(len(r.json()['dropped_contexts']), 'context')})"

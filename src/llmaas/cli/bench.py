@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
-import importlib
+from llmaas.bench.plotting import BENCH_EXTRA_HINT
+from llmaas.cli import run_subcommand
 
-BENCHMARKS = {"engine": "llmaas.bench.engine", "service": "llmaas.bench.service", "restore": "llmaas.bench.restore",
-              "trace": "llmaas.bench.trace", "switch": "llmaas.bench.switch"}
+BENCHMARKS = {  # name -> (module, one-line summary)
+    "engine": ("llmaas.bench.engine", "prefill and decode speed, load time and peak RSS, ours vs llama.cpp and HF "
+                                      "transformers (--peer)"),
+    "service": ("llmaas.bench.service", "what the service path costs over a direct engine call (TTFT, tokens/s)"),
+    "restore": ("llmaas.bench.restore", "cold switch latency of one long context restored from disk (--peer "
+                                        "llama-cpp: its own state restore)"),
+    "trace": ("llmaas.bench.trace", "`llmaas bench trace make`: draw one multi-app context-switching trace as JSONL"),
+    "switch": ("llmaas.bench.switch", "the context-switching benchmark: every memory system replays the same traces "
+                                      "(--quick: about 7 min)"),
+}
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in BENCHMARKS:
-        print(f"usage: llmaas bench {{{','.join(BENCHMARKS)}}} [options]   (llmaas bench <name> --help)")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    return importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
+    return run_subcommand("llmaas bench", BENCHMARKS, argv,
+                          f"Results are JSON; {BENCH_EXTRA_HINT}.")

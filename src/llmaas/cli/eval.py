@@ -1,14 +1,17 @@
-"""`llmaas eval <name>`: dispatch to a quality evaluation (each lives in llmaas.bench and has its own options)."""
+"""`llmaas eval <name>`: dispatch to a quality evaluation (options in llmaas.cli.eval_*, the work in llmaas.bench)."""
 
 from __future__ import annotations
 
-import importlib
+from llmaas.bench.plotting import BENCH_EXTRA_HINT
+from llmaas.cli import run_subcommand
 
-EVALUATIONS = {"kv": "llmaas.bench.eval_kv", "elastic": "llmaas.bench.eval_elastic"}
+EVALUATIONS = {  # name -> (module, one-line summary)
+    "kv": ("llmaas.cli.eval_kv", "perplexity and task scores of FP16/INT8/INT4/INT2 and LLMS-compressed KV"),
+    "elastic": ("llmaas.cli.eval_elastic", "accuracy, perplexity and latency of the elastic levels vs "
+                                             "layer-dropping baselines at matched TTFT"),
+}
 
 
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in EVALUATIONS:
-        print(f"usage: llmaas eval {{{','.join(EVALUATIONS)}}} [options]   (llmaas eval <name> --help)")
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
-    return importlib.import_module(EVALUATIONS[argv[0]]).main(argv[1:])
+    return run_subcommand("llmaas eval", EVALUATIONS, argv,
+                          f"Results are JSON; {BENCH_EXTRA_HINT}.")

@@ -11,6 +11,7 @@ from llmaas.engine.sampling import SamplingParams
 from llmaas.errors import InvalidRequestError
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
+from llmaas.service.server import model_id
 
 DEFAULT_CONTEXT_TOKENS = 2048  # the service's default maximum context (LLMS spec)
 
@@ -58,7 +59,7 @@ def main(argv: list[str]) -> int:
     for event in generator.stream(request, cache):
         if isinstance(event, Finished):
             t = event.timings
-            print(f"\n[{loaded.config.name}: loaded in {loaded.load_s:.2f} s; prompt {t.prompt_tokens} tokens in "
+            print(f"\n[{model_id(loaded)}: loaded in {loaded.load_s:.2f} s; prompt {t.prompt_tokens} tokens in "
                   f"{t.prefill_s:.3f} s ({t.prefill_tok_s:.0f} tok/s); TTFT {t.ttft_s:.3f} s; "
                   f"{t.generated_tokens} tokens at {t.decode_tok_s:.1f} tok/s; finish: {event.finish_reason}]",
                   file=sys.stderr)

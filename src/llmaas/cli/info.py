@@ -1,4 +1,8 @@
-"""`llmaas info`: the model's architecture, parameter counts, weight formats and memory, KV bytes per token."""
+"""`llmaas info`: the model's id, architecture, parameter counts, weight formats and memory, KV bytes per token.
+
+The id is the one the service's API uses (`GET /v1/models`), so what `info` prints is what clients send; the GGUF's
+own `general.name` is shown beside it.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import json
 from llmaas.cli.common import add_model_options, load_from_args
 from llmaas.kv.spec import BITS_PER_VALUE, KVSpec
 from llmaas.model.loader import LoadedModel
+from llmaas.service.server import model_id
 
 
 def describe(loaded: LoadedModel) -> dict:
@@ -18,7 +23,7 @@ def describe(loaded: LoadedModel) -> dict:
     spec = KVSpec.from_config(c)
     w = loaded.model.weights
     return {
-        "model": {"name": c.name, "path": str(loaded.path), "architecture": "llama"},
+        "model": {"id": model_id(loaded), "name": c.name, "path": str(loaded.path), "architecture": "llama"},
         "config": {k: getattr(c, k) for k in c.__dataclass_fields__},
         "params": {"per_layer": per_layer, "layers": per_layer * c.n_layers, "embedding": embedding,
                    "lm_head_untied": head, "final_norm": c.d_model,
@@ -45,7 +50,8 @@ def main(argv: list[str]) -> int:
         print(json.dumps(info, indent=2))
         return 0
     c = info["config"]
-    print(f"{info['model']['name']}  ({info['model']['path']})")
+    m = info["model"]
+    print(f"{m['id']}  (the API's model id; GGUF name: {m['name']})\n  file: {m['path']}")
     print(f"  llama: {c['n_layers']} layers, d_model {c['d_model']}, {c['n_heads']} query / {c['n_kv_heads']} KV "
           f"heads x {c['head_dim']}, FFN {c['ffn_dim']}, vocab {c['vocab_size']}, context {c['context_length']}, "
           f"RoPE theta {c['rope_theta']:g}, norm eps {c['norm_eps']:g}, tied embeddings {c['tied_embeddings']}")

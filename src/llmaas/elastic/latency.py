@@ -7,7 +7,6 @@ and the profile file `latency.json` beside the artifact. Ignores which sub-model
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
@@ -17,6 +16,7 @@ from pathlib import Path
 import torch
 
 from llmaas.elastic.levels import LEVELS, level_name
+from llmaas.elastic.model import ElasticModel
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
 from llmaas.model.lora import ModelLora
@@ -77,7 +77,7 @@ def switch_s(view, levels: tuple[int, ...] = LEVELS, repeats: int = 20_000) -> f
     return (time.perf_counter() - t0) / repeats
 
 
-def profile_levels(elastic, config: LatencyConfig | None = None, log=print) -> dict:
+def profile_levels(elastic: ElasticModel, config: LatencyConfig | None = None, log=print) -> dict:
     """The latency table of every level (with its adapter when trained), with proxy errors and the switch time."""
     config = config or LatencyConfig()
     model = elastic.loaded.model
@@ -104,20 +104,11 @@ def profile_levels(elastic, config: LatencyConfig | None = None, log=print) -> d
                          "decode_steps": config.decode_steps, "kv": "fp16", "threads": torch.get_num_threads()}}
 
 
-def add_profile_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--runs", type=int, default=5, help="timed runs per point, after one warm-up (default 5)")
-    parser.add_argument("--elastic-dir", type=Path, help="artifact directory (default: the model's cache dir)")
-    parser.add_argument("--json", type=Path, help="also write the table here")
-
-
-def run_profile(args: argparse.Namespace) -> int:
-    from llmaas.elastic.model import ElasticModel
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    elastic = ElasticModel.open(args.model, args.elastic_dir, use_kernels=not args.no_kernels)
-    result = profile_levels(elastic, LatencyConfig(runs=args.runs))
-    for path in [elastic.directory / "latency.json"] + ([args.json] if args.json else []):
+def write_profile(elastic: ElasticModel, config: LatencyConfig, extra_json: Path | None = None) -> dict:
+    """Measure the profile and write it beside the artifact (and to `extra_json`); returns it."""
+    result = profile_levels(elastic, config)
+    for path in [elastic.directory / "latency.json"] + ([extra_json] if extra_json else []):
         path.write_text(json.dumps(result, indent=1))
         print(f"wrote {path}")
     print(f"switch: {result['switch_s'] * 1e6:.2f} us = {result['switch_fraction_of_median_ttft']:.2e} of median TTFT")
-    return 0
+    return result

@@ -9,7 +9,6 @@ Ignores where adapters are used (elastic/model.py).
 
 from __future__ import annotations
 
-import argparse
 import math
 import time
 from dataclasses import asdict, dataclass, replace
@@ -19,7 +18,7 @@ import torch
 
 from llmaas.elastic.artifact import ElasticArtifact, elastic_dir
 from llmaas.elastic.dense_forward import DenseWeights, causal_lm_loss
-from llmaas.elastic.levels import LEVELS, level_name, parse_level
+from llmaas.elastic.levels import level_name
 from llmaas.elastic.lora_data import ALPACA_SOURCE, TEXT_SOURCE, Split, collate, make_split
 from llmaas.elastic.lora_store import adapter_record, save_adapter
 from llmaas.elastic.reorder import reorder_
@@ -201,28 +200,23 @@ def train_levels(loaded: LoadedModel, artifact: ElasticArtifact, directory: Path
             f"{lora.nbytes / 2**20:.1f} MiB; held-out loss {trainer.base_loss:.4f} -> {trainer.best_loss:.4f})")
 
 
-def add_train_options(parser: argparse.ArgumentParser) -> None:
-    d = TrainConfig()
-    parser.add_argument("--levels", default=",".join(level_name(m) for m in LEVELS[:-1]),
-                        help="comma-separated levels to train (default: every level below 1.0)")
-    parser.add_argument("--recipe", choices=("scaled", "full"), default="scaled",
-                        help="scaled: the CPU recipe (default); full: ElastiLM's artifact recipe, for a GPU")
-    parser.add_argument("--steps", type=int, help=f"optimizer steps per level (scaled default {d.steps})")
-    parser.add_argument("--until-step", type=int, metavar="N",
-                        help="pause every level at step N of its schedule (checkpointed; rerun to go on)")
-    parser.add_argument("--device", default="cpu", help="torch device, e.g. cuda on a lent GPU (default cpu)")
-    parser.add_argument("--elastic-dir", type=Path, help="artifact directory (default: the model's cache dir)")
+RECIPES = ("scaled", "full")
 
 
-def run_training(args: argparse.Namespace) -> int:
-    from llmaas.cli.common import load_from_args
-    config = FULL_RECIPE if args.recipe == "full" else TrainConfig()
-    config = replace(config, device=args.device, **({"steps": args.steps} if args.steps else {}))
-    loaded = load_from_args(args)
-    directory = args.elastic_dir or elastic_dir(loaded.model_id)
+def recipe(name: str, device: str = "cpu", steps: int | None = None) -> TrainConfig:
+    """A named recipe (scaled: the CPU default; full: ElastiLM's artifact recipe, for a GPU) on a device, with its
+    step count optionally overridden."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}; got {name!r}")
+    config = FULL_RECIPE if name == "full" else TrainConfig()
+    return replace(config, device=device, **({"steps": steps} if steps else {}))
+
+
+def train_artifact_levels(loaded: LoadedModel, levels: list[int], config: TrainConfig, until_step: int | None = None,
+                          directory: Path | None = None) -> None:
+    """Train (or resume) the adapters of `levels` on the model's elastic artifact (default: its cache directory)."""
+    directory = directory or elastic_dir(loaded.model_id)
     artifact = ElasticArtifact.load(directory, loaded.model_id)
     reorder_(loaded.config, loaded.model.weights, artifact.orders)
-    levels = [parse_level(x) for x in args.levels.split(",") if x.strip()]
-    train_levels(loaded, artifact, directory, levels, config, args.until_step)
-    return 0
+    train_levels(loaded, artifact, directory, levels, config, until_step)
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from llmaas.kv.codec import Level
+from llmaas.storage.chunk_index import ChunkLocation
 
 
 @dataclass(eq=False)
@@ -28,11 +29,23 @@ class Chunk:
     staging: torch.Tensor | None = None  # open chunk's exact values ([2, n_layers, Hkv, fill, D] fp16), resident
     version: int = 0  # bumped whenever the content (tokens or level) changes
     committed_version: int | None = None  # the version the chunk log holds, if any
-    location: object | None = None  # the chunk log's location of the committed version
+    location: ChunkLocation | None = None  # the chunk log's location of the committed version
 
     @property
     def is_resident(self) -> bool:
         return self.payload is not None
+
+    @property
+    def resident_payload(self) -> torch.Tensor:
+        """The payload of a chunk the caller knows is resident (is_resident, or is_dirty, which implies it)."""
+        assert self.payload is not None, f"chunk {self.index} is not resident"
+        return self.payload
+
+    @property
+    def disk_location(self) -> ChunkLocation:
+        """The location of a chunk the caller knows is on disk (is_on_disk implies it)."""
+        assert self.location is not None, f"chunk {self.index} has no disk copy"
+        return self.location
 
     @property
     def is_dirty(self) -> bool:

@@ -10,10 +10,14 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from itertools import accumulate
+from typing import Literal, get_args
 
 from llmaas.kv.codec import Level
 
-OBJECTIVES = ("paper", "density_error")
+# The one list of objectives (MemoryPolicy.objective uses it too). The functions below still take a plain str and
+# reject unknown names at run time: their callers include benchmarks that pick an objective by name.
+Objective = Literal["paper", "density_error"]
+OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
 COMPRESSIBLE = (Level.INT8, Level.INT4, Level.INT2)  # bands in order of decreasing density
 
 

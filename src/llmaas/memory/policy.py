@@ -9,13 +9,19 @@ in the store, so a benchmark swaps a policy, never a code path.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Literal, get_args
 
 from llmaas.errors import InvalidRequestError
 from llmaas.kv.codec import Level
+from llmaas.memory.levels import OBJECTIVES, Objective
 
-OBJECTIVES = ("paper", "density_error")
-VICTIM_ORDERS = ("lctru", "lru", "context")  # LCTRU sub-queues; plain chunk LRU; whole least recently used context
-RESTORES = ("pipeline", "io", "recompute")  # planned IO+recompute overlap; IO only; recompute only (nothing on disk)
+VictimOrder = Literal["lctru", "lru", "context"]  # LCTRU sub-queues; plain chunk LRU; whole least recently used context
+# Planned IO+recompute overlap; IO only; recompute only (nothing on disk).
+RestoreMode = Literal["pipeline", "io", "recompute"]
+# The Literals are what the type checker sees; these tuples are what __post_init__ checks at run time (a policy may be
+# built from untyped input), derived from the Literals so the two never disagree.
+VICTIM_ORDERS: tuple[VictimOrder, ...] = get_args(VictimOrder)
+RESTORES: tuple[RestoreMode, ...] = get_args(RestoreMode)
 
 
 @dataclass(frozen=True)
@@ -24,13 +30,13 @@ class MemoryPolicy:
     base_level: Level = Level.INT8  # every sealed chunk starts here; FP16 is lossless
     compress: bool = True  # requantize low-density chunks to INT4/INT2 under ratio_global
     ahead_of_time: bool = True  # write modified chunks in the background after each call, so eviction is free
-    victim_order: str = "lctru"
+    victim_order: VictimOrder = "lctru"
     writes_on_evict: bool = True  # False: a victim is dropped and later recomputed (LMK)
     whole_context_io: bool = False  # Swapping: the whole context is written at eviction (not only dirty chunks)
-    restore: str = "pipeline"
+    restore: RestoreMode = "pipeline"
     chunk_tokens: int = 16
     ratio_global: float = 0.5
-    objective: str = "density_error"
+    objective: Objective = "density_error"
     layers_per_step: int = 1  # pipeline granularity: layers read per IO/compute synchronisation
 
     def __post_init__(self) -> None:
@@ -50,6 +56,8 @@ class MemoryPolicy:
             raise InvalidRequestError("a policy that never writes must restore by recompute")
 
     def with_settings(self, **changes: object) -> MemoryPolicy:
+        # mypy's dataclass plugin checks each keyword against its field's type, which `object` cannot satisfy. The
+        # changes are chosen at run time: replace() rejects unknown names and __post_init__ invalid choices.
         return replace(self, **changes)  # type: ignore[arg-type]
 
 

@@ -36,7 +36,7 @@ from llmaas.memory.victims import VictimQueue
 from llmaas.memory.writer import WriteBack
 from llmaas.model.transformer import Transformer
 from llmaas.restore.cost_model import RestoreProfile
-from llmaas.restore.pipeline import LoadItem, RestoreOutcome, restore
+from llmaas.restore.pipeline import LoadItem, RestoreOutcome, Span, restore
 from llmaas.restore.planner import MissingChunk, RestorePlan, plan_restore
 from llmaas.storage.chunk_log import ChunkLog, ChunkRecord
 from llmaas.storage.throttle import DiskThrottle
@@ -86,7 +86,7 @@ class SwitchReport:
     # input like the prompt, so not part of the switch (spec §1.3), but done here because the ids demand it.
     tail_s: float = 0.0
     hot: bool = False  # the working KV already held this context
-    timeline: list = field(default_factory=list)
+    timeline: list[Span] = field(default_factory=list)
 
 
 class ChunkedKVStore:
@@ -192,7 +192,12 @@ class ChunkedKVStore:
                     self._evict_memory(ctx, c)
             if self._hot == context_id:
                 self._hot = None
-        self.writer.submit(lambda: (self.log.delete_context(context_id), self.densities.delete(context_id)))
+
+        def forget() -> None:  # a def, not a lambda building a tuple: a write-back job returns None
+            self.log.delete_context(context_id)
+            self.densities.delete(context_id)
+
+        self.writer.submit(forget)
 
     def context_ids(self) -> set[str]:
         """Contexts with KV in memory or chunks on disk."""
@@ -253,11 +258,12 @@ class ChunkedKVStore:
         report.reclaim_s = time.perf_counter() - t0
         resident = [c for c in ctx.chunks if c.is_resident]
         if resident:  # decode what is in memory (everything, on the common path of a warm context)
-            decode_into([c.payload for c in resident], [c.level for c in resident],
+            decode_into([c.resident_payload for c in resident], [c.level for c in resident],
                         [c.token_start for c in resident], [c.fill for c in resident], 0, self.spec.n_layers, buf.kv)
         plan = self._plan(missing)
         by_index = {c.index: c for c in missing}
-        loads = [LoadItem(i, by_index[i].location, by_index[i].level, by_index[i].token_start, by_index[i].fill)
+        # The plan loads only chunks that are on disk (the others are must_recompute): each has a location.
+        loads = [LoadItem(i, by_index[i].disk_location, by_index[i].level, by_index[i].token_start, by_index[i].fill)
                  for i in plan.load]
         spans = [(by_index[i].token_start, by_index[i].fill) for i in plan.recompute]
         outcome = restore(self.model, buf, self.log, loads, spans, token_ids, self.policy.layers_per_step)
@@ -377,8 +383,8 @@ class ChunkedKVStore:
         moved = [(c, t) for c, t in zip(sealed, targets, strict=True) if t < c.level]
         for target in {t for _, t in moved}:
             group = [c for c, t in moved if t == target]
-            for c in group:
-                k, v = decode(c.payload.view(1, self.spec.n_layers, -1), c.level, self.geometry)
+            for c in group:  # resident: a locked context's chunks are (acquire made them so; Reclaim skips them)
+                k, v = decode(c.resident_payload.view(1, self.spec.n_layers, -1), c.level, self.geometry)
                 payload = encode(k, v, target, self.geometry)[0].reshape(-1)
                 self._evict_memory(ctx, c)
                 c.level, c.version = target, c.version + 1
@@ -387,7 +393,7 @@ class ChunkedKVStore:
         self.counters["releveled_chunks"] += len(moved)
 
     def _write_later(self, ctx: ContextKV, chunks: list[Chunk]) -> None:
-        snapshot = [(c, c.version, c.payload) for c in chunks]
+        snapshot = [(c, c.version, c.resident_payload) for c in chunks]  # dirty chunks: resident
         self.writer.submit(lambda: self._commit(ctx, snapshot, "aot"))
 
     def _commit(self, ctx: ContextKV, snapshot: list[tuple[Chunk, int, torch.Tensor]], how: str) -> None:
@@ -445,7 +451,7 @@ class ChunkedKVStore:
             finally:
                 self._lock.acquire()
         if chunk.is_dirty:
-            self._commit(ctx, [(chunk, chunk.version, chunk.payload)], "sync")
+            self._commit(ctx, [(chunk, chunk.version, chunk.resident_payload)], "sync")
         freed = chunk.resident_bytes
         self._evict_memory(ctx, chunk)
         self.counters["reclaimed_chunks"] += 1
@@ -463,7 +469,7 @@ class ChunkedKVStore:
             return freed
         write = resident if self.policy.whole_context_io else [c for c in resident if c.is_dirty]
         if write:
-            self._commit(ctx, [(c, c.version, c.payload) for c in write], "sync")
+            self._commit(ctx, [(c, c.version, c.resident_payload) for c in write], "sync")
             self.counters["context_writes"] += 1
         for c in resident:
             self._evict_memory(ctx, c)
@@ -546,15 +552,18 @@ class ChunkedKVStore:
         return torch.stack([kv[:, :, span] for kv in self.buffer.kv], dim=1).clone()  # [2, L, Hkv, fill, D]
 
     def _apply_staging(self, c: Chunk) -> None:
+        staging = c.staging
+        assert staging is not None  # its one caller checks
         span = slice(c.token_start, c.token_start + c.fill)
         for layer, kv in enumerate(self.buffer.kv):
-            kv[:, :, span] = c.staging[:, layer]
+            kv[:, :, span] = staging[:, layer]
 
     def _decode_back(self, chunks: list[Chunk]) -> None:
         """Make the working KV equal what a later restore would decode, so a warm call and a restored one agree."""
         if chunks:
-            decode_into([c.payload for c in chunks], [c.level for c in chunks], [c.token_start for c in chunks],
-                        [c.fill for c in chunks], 0, self.spec.n_layers, self.buffer.kv)
+            decode_into([c.resident_payload for c in chunks], [c.level for c in chunks],  # all just made resident
+                        [c.token_start for c in chunks], [c.fill for c in chunks], 0, self.spec.n_layers,
+                        self.buffer.kv)
 
     def _codec_id(self) -> str:
         return f"llmaas-kv/{self.policy.base_level.name.lower()}-c{self.policy.chunk_tokens}"

@@ -12,12 +12,13 @@ from collections import OrderedDict
 from collections.abc import Iterator
 
 from llmaas.kv.codec import Level
+from llmaas.memory.policy import VictimOrder
 
 ChunkKey = tuple[str, int]  # (context id, chunk index)
 
 
 class VictimQueue:
-    def __init__(self, order: str) -> None:
+    def __init__(self, order: VictimOrder) -> None:
         self.order = order
         self._queues: dict[int, OrderedDict[ChunkKey, None]] = {}  # sub-queue key -> LRU first
         self._level_of: dict[ChunkKey, int] = {}

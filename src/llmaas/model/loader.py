@@ -17,7 +17,7 @@ from types import ModuleType
 
 import torch
 
-from llmaas.errors import KernelBuildError, ModelFileError
+from llmaas.errors import InvalidRequestError, KernelBuildError, ModelFileError
 from llmaas.kernels import load_kernels
 from llmaas.model.chat_template import ChatTemplate
 from llmaas.model.config import ModelConfig
@@ -53,8 +53,13 @@ class LoadedModel:
         return f"{self.path.stem}:{h.hexdigest()}"
 
 
-def load_model(path: str | Path | None = None, *, use_kernels: bool = True) -> LoadedModel:
-    """Load `path` (default: the bundled SmolLM2-135M-Instruct). `use_kernels=False` forces the dense PyTorch path."""
+def load_model(path: str | Path | None = None, *, use_kernels: bool = True, threads: int | None = None) -> LoadedModel:
+    """Load `path` (default: the bundled SmolLM2-135M-Instruct). `use_kernels=False` forces the dense PyTorch path;
+    `threads` sets this process's compute threads (default: PyTorch's choice, one per core)."""
+    if threads is not None:
+        if threads < 1:
+            raise InvalidRequestError(f"threads must be >= 1; got {threads}")
+        torch.set_num_threads(threads)
     t0 = time.perf_counter()
     f = GGUFFile(path if path is not None else default_model_path())
     config = ModelConfig.from_gguf(f)

@@ -20,13 +20,14 @@ import torch
 from llmaas.kv.codec import Level, decode_into
 from llmaas.kv.dense import DenseKVCache
 from llmaas.model.transformer import Transformer
-from llmaas.storage.chunk_log import ChunkLog
+from llmaas.storage.chunk_index import ChunkLocation
+from llmaas.storage.chunk_log import ChunkLog, ReadResult
 
 
 @dataclass(frozen=True)
 class LoadItem:
     chunk_index: int
-    location: object  # the chunk log's location of the committed version
+    location: ChunkLocation  # the chunk log's location of the committed version
     level: Level
     token_start: int
     fill: int
@@ -44,7 +45,7 @@ class Span:
 @dataclass
 class RestoreOutcome:
     payloads: dict[int, torch.Tensor] = field(default_factory=dict)  # loaded chunk index -> all layers' bytes
-    locations: dict[int, object] = field(default_factory=dict)  # where they were read (moved by a compaction?)
+    locations: dict[int, ChunkLocation] = field(default_factory=dict)  # where they were read (moved by a compaction?)
     failed: list[int] = field(default_factory=list)  # chunks whose read failed and were recomputed instead
     failures: list[str] = field(default_factory=list)  # why
     recomputed_tokens: int = 0
@@ -67,7 +68,7 @@ def restore(model: Transformer, cache: DenseKVCache, log: ChunkLog, loads: Seque
     payloads = [torch.empty(n_layers * item.location.section_bytes, dtype=torch.uint8) for item in loads]
     failed: dict[int, str] = {}
 
-    def read(group: tuple[int, int]) -> tuple[list, float, float]:
+    def read(group: tuple[int, int]) -> tuple[list[ReadResult], float, float]:
         s = time.perf_counter()
         first, count = group
         sections = [p[first * item.location.section_bytes:(first + count) * item.location.section_bytes]
@@ -83,11 +84,12 @@ def restore(model: Transformer, cache: DenseKVCache, log: ChunkLog, loads: Seque
         for (first, count), future in zip(groups, futures, strict=True):
             results, s, e = future.result()
             out.timeline.append(Span("io", first, count, s - t0, e - t0))
-            ok = []
+            ok: list[tuple[LoadItem, torch.Tensor]] = []
             for item, result in zip(loads, results, strict=True):
                 if not result.ok:
                     failed.setdefault(item.chunk_index, str(result.fault))
                 elif item.chunk_index not in failed:
+                    assert result.payload is not None  # a read without a fault always carries its bytes (ReadResult)
                     ok.append((item, result.payload))
                     out.locations[item.chunk_index] = result.location
                     out.bytes_read += result.payload.nbytes
@@ -96,6 +98,7 @@ def restore(model: Transformer, cache: DenseKVCache, log: ChunkLog, loads: Seque
                 decode_into([p for _, p in ok], [i.level for i, _ in ok], [i.token_start for i, _ in ok],
                             [i.fill for i, _ in ok], first, count, cache.kv)
             if h is not None:
+                assert rows is not None and view is not None  # h, rows and view are set together, from rows
                 model.run_layers(h, rows[1], view, first, first + count)
             out.timeline.append(Span("compute", first, count, c0 - t0, time.perf_counter() - t0))
     out.recomputed_tokens = 0 if rows is None else rows[0].numel()

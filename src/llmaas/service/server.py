@@ -25,7 +25,7 @@ import torch
 import uvicorn
 
 from llmaas.engine.worker import Engine, EngineConfig
-from llmaas.errors import LlmaasError
+from llmaas.errors import ServiceStartError
 from llmaas.model.loader import LoadedModel, load_model
 from llmaas.service.app import create_app
 from llmaas.service.state import ServiceState
@@ -34,10 +34,6 @@ from llmaas.storage.paths import DataDir
 
 log = logging.getLogger("llmaas.service")
 UNIX_PATH_MAX = 107
-
-
-class ServiceError(LlmaasError):
-    """The service cannot start (data directory in use, socket path unusable, port taken)."""
 
 
 @dataclass(frozen=True)
@@ -121,7 +117,7 @@ class Service:
         self._thread.start()
         while not self._server.started:
             if not self._thread.is_alive():
-                raise ServiceError("the HTTP server failed to start; see the log")
+                raise ServiceStartError("the HTTP server failed to start; see the log")
             time.sleep(0.01)
         self._progress(f"ready: {self.describe()}")
 
@@ -146,8 +142,8 @@ def _take_lock(home: DataDir):
         lock.seek(0)
         owner = lock.read().strip() or "unknown"
         lock.close()
-        raise ServiceError(f"another llmaas service (pid {owner}) is using {home.root}; stop it, or start this one "
-                           "with --home DIR (or LLMAAS_HOME) for a separate data directory") from None
+        raise ServiceStartError(f"another llmaas service (pid {owner}) is using {home.root}; stop it, or start this "
+                                "one with --home DIR (or LLMAAS_HOME) for a separate data directory") from None
     lock.seek(0)
     lock.truncate()
     lock.write(str(os.getpid()))
@@ -157,8 +153,8 @@ def _take_lock(home: DataDir):
 
 def _unix_socket(path: Path) -> socket.socket:
     if len(str(path)) > UNIX_PATH_MAX:
-        raise ServiceError(f"socket path {path} is longer than the {UNIX_PATH_MAX} bytes Unix sockets allow; use a "
-                           "shorter --home")
+        raise ServiceStartError(f"socket path {path} is longer than the {UNIX_PATH_MAX} bytes Unix sockets allow; "
+                                "use a shorter --home")
     path.unlink(missing_ok=True)  # left by a killed service: we hold the lock, so nobody else is serving it
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -167,7 +163,8 @@ def _unix_socket(path: Path) -> socket.socket:
         sock.listen()
     except OSError as exc:
         sock.close()
-        raise ServiceError(f"cannot listen on {path} ({exc.strerror}); check the data directory's permissions") from exc
+        raise ServiceStartError(f"cannot listen on {path} ({exc.strerror}); check the data directory's "
+                                "permissions") from exc
     return sock
 
 
@@ -179,5 +176,5 @@ def _tcp_socket(host: str, port: int) -> socket.socket:
         sock.listen()  # here, not when uvicorn starts: early connections wait in the backlog instead of being refused
     except OSError as exc:
         sock.close()
-        raise ServiceError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from exc
+        raise ServiceStartError(f"cannot listen on {host}:{port} ({exc.strerror}); pick another --port") from exc
     return sock

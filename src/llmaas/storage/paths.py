@@ -51,6 +51,11 @@ class DataDir:
         return self.root / "logs"
 
     @property
+    def chat_history(self) -> Path:
+        """`llmaas chat`'s line history (mode 0600)."""
+        return self.root / "chat_history"
+
+    @property
     def terminal_key(self) -> Path:
         """The key `llmaas chat` registers for itself on first use (mode 0600)."""
         return self.root / "terminal.key"
