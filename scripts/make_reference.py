@@ -25,7 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-from llmaas.model.locate import default_model_path  # noqa: E402
+from llmaas.paths import default_model_path  # noqa: E402
 
 OUT = ROOT / "tests" / "data" / "reference_smollm2.json"
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2" / "test.raw.txt"

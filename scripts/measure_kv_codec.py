@@ -42,7 +42,7 @@ from llmaas.kv.codec import (  # noqa: E402
 from llmaas.kv.dense import DenseKVCache  # noqa: E402
 from llmaas.kv.spec import KVSpec  # noqa: E402
 from llmaas.model.loader import LoadedModel, load_model  # noqa: E402
-from llmaas.model.locate import default_model_path  # noqa: E402
+from llmaas.paths import default_model_path  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 JSON_OUT = ROOT / "docs" / "kv_codec.json"

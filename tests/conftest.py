@@ -15,9 +15,10 @@ from llmaas.kernels import load_kernels
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
 from llmaas.model.loader import LoadedModel, load_model
+from llmaas.paths import SHARED_DATA_DIR
 
 DATA = Path(__file__).parent / "data"
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_DATA = SHARED_DATA_DIR  # $LLMAAS_DATA, else ../shared/data beside the checkout
 
 
 @pytest.fixture(scope="session")

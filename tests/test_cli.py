@@ -21,7 +21,7 @@ from llmaas.bench.switch import output_paths
 from llmaas.cli import chat, demo
 from llmaas.cli.bench import BENCHMARKS
 from llmaas.cli.eval import EVALUATIONS
-from llmaas.storage.paths import DataDir
+from llmaas.paths import DataDir
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,8 +71,8 @@ def test_apps_add_list_remove(tmp_path):
 def test_chat_registers_itself_and_resumes_a_context(tmp_path):
     import signal
 
+    from llmaas.paths import DataDir
     from llmaas.service.process import start_service
-    from llmaas.storage.paths import DataDir
 
     home = DataDir(tmp_path / "h").create()
     service = start_service(home, [])

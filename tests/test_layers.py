@@ -14,10 +14,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "llmaas"
 # What each lower layer may import from llmaas (besides itself): the model and its kernels at the bottom, then the
 # KV representation, and storage beside them, which knows records and nothing of the model.
 ALLOWED = {
-    "kernels": {"errors"},
-    "model": {"errors", "kernels"},
-    "kv": {"errors", "kernels", "model"},
-    "storage": {"errors", "records"},
+    "kernels": {"errors", "paths"},
+    "model": {"errors", "kernels", "paths"},
+    "kv": {"errors", "kernels", "model", "paths"},
+    "storage": {"errors", "paths", "records"},
 }
 
 

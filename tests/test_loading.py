@@ -11,8 +11,8 @@ from gguf import GGMLQuantizationType as QType
 from conftest import fp32_cache
 from llmaas.errors import ModelFileError, UnsupportedModelError
 from llmaas.model.loader import load_model
-from llmaas.model.locate import default_model_path
 from llmaas.model.weights import Q4Blocks, Q8Blocks
+from llmaas.paths import default_model_path
 from tiny_gguf import write_tiny_llama
 
 TYPES = {QType.F32: None, QType.F16: None, QType.BF16: None, QType.Q4_0: Q4Blocks, QType.Q4_1: Q4Blocks,

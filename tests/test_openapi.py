@@ -12,9 +12,9 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 
 from llmaas.engine.worker import EngineConfig
+from llmaas.paths import DataDir
 from llmaas.service.app import openapi_spec
 from llmaas.service.server import ServeOptions, Service
-from llmaas.storage.paths import DataDir
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "openapi.json"
 

@@ -11,9 +11,9 @@ from contextlib import contextmanager
 import pytest
 
 from llmaas.client import Client
+from llmaas.paths import DataDir
 from llmaas.service.process import start_service
 from llmaas.storage.catalog import Catalog
-from llmaas.storage.paths import DataDir
 
 SYSTEM = "You are a helpful assistant. Answer briefly."
 TURNS = ["My favourite colour is green and my cat is called Miso.", "What is my cat called, and what colour do I like?"]

@@ -46,7 +46,7 @@ def test_read_into_and_drop(tmp_path):
 def test_llama_cpp_restore_peer(tmp_path):
     from llmaas.bench.restore_peer import measure_restore_peer
     from llmaas.errors import ModelFileError
-    from llmaas.model.locate import default_model_path
+    from llmaas.paths import default_model_path
 
     try:
         default_model_path()

@@ -16,8 +16,8 @@ from openai import OpenAI
 from llmaas.cli import apps as apps_cli
 from llmaas.client import Client, ServiceError
 from llmaas.engine.worker import EngineConfig
+from llmaas.paths import DataDir
 from llmaas.service.server import ServeOptions, Service
-from llmaas.storage.paths import DataDir
 
 SHORT = {"max_tokens": 12}
 

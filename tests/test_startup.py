@@ -20,10 +20,10 @@ from llmaas.errors import KernelBuildError, ServiceStartError
 from llmaas.kv.codec import ChunkGeometry
 from llmaas.kv.spec import KVSpec
 from llmaas.model.loader import load_model
+from llmaas.paths import DataDir
 from llmaas.restore.profiler import codec_id, measure_profile
 from llmaas.service import server
 from llmaas.service.server import ServeOptions, Service
-from llmaas.storage.paths import DataDir
 from tiny_gguf import write_tiny_llama
 
 

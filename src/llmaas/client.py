@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 
 from llmaas.errors import LlmaasError
-from llmaas.storage.paths import DataDir
+from llmaas.paths import DataDir
 
 
 class ServiceError(LlmaasError):

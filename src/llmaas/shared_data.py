@@ -1,15 +1,10 @@
-"""Where the shared data sets live (`../shared/data` beside the checkout; `$LLMAAS_DATA` overrides) and reading them.
-
-Owns the location and the JSONL reader with an error that says what is missing. Ignores what any set means.
-"""
+"""Reading the shared data sets (JSONL), with an error that says what is missing. Where they live is paths.py's
+business (`$LLMAAS_DATA`). Ignores what any set means."""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-
-DATA_DIR = Path(os.environ.get("LLMAAS_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -20,8 +20,8 @@ from pathlib import Path
 from llmaas.bench.plotting import pyplot
 from llmaas.model.config import ModelConfig
 from llmaas.model.gguf_file import GGUFFile
-from llmaas.model.locate import default_model_path
 from llmaas.model.tokenizer import Tokenizer
+from llmaas.paths import default_model_path
 
 PEERS = {"llama-cpp": ("llama_cpp", "llama_cpp"), "transformers": ("transformers", "transformers")}
 WIKITEXT = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "wikitext2" / "test.raw.txt"

@@ -26,9 +26,9 @@ from llmaas.elastic.baselines import BASELINES, baseline_widths
 from llmaas.elastic.latency import switch_s, tpot_s, ttft_s
 from llmaas.elastic.levels import LEVELS, level_name
 from llmaas.elastic.model import ElasticModel
-from llmaas.shared_data import DATA_DIR
+from llmaas.paths import SHARED_DATA_DIR
 
-WIKITEXT = DATA_DIR / "wikitext2" / "test.raw.txt"
+WIKITEXT = SHARED_DATA_DIR / "wikitext2" / "test.raw.txt"
 ITEM_PROTOCOL = "meanlogp-shared-context"  # how an item is scored (mc_score.py): a new protocol is a new cache key
 
 

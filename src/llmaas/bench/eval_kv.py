@@ -33,12 +33,12 @@ from llmaas.memory.levels import assign_levels
 from llmaas.model.loader import LoadedModel
 from llmaas.model.stats import AttentionStats
 from llmaas.model.transformer import Transformer
-from llmaas.shared_data import DATA_DIR
+from llmaas.paths import SHARED_DATA_DIR
 
 VARIANTS = ("fp16", "int8", "int4", "int2", "llms_paper", "llms_error")
 UNIFORM = {"fp16": Level.FP16, "int8": Level.INT8, "int4": Level.INT4, "int2": Level.INT2}
 OBJECTIVES = {"llms_paper": "paper", "llms_error": "density_error"}
-WIKITEXT = DATA_DIR / "wikitext2" / "test.raw.txt"
+WIKITEXT = SHARED_DATA_DIR / "wikitext2" / "test.raw.txt"
 DECODE_COST = 5.0  # one decoded token costs about this many prefill tokens on CPU (ETA weighting only)
 
 

@@ -14,8 +14,9 @@ from pathlib import Path
 from llmaas.bench.text_metrics import chrf, match_label, rouge_l
 from llmaas.engine.conversation import Conversation
 from llmaas.model.tokenizer import Tokenizer
+from llmaas.paths import SHARED_DATA_DIR
 from llmaas.records import Message
-from llmaas.shared_data import DATA_DIR, read_jsonl
+from llmaas.shared_data import read_jsonl
 
 ACK = "OK."  # the context call's assistant turn: teacher-forced, so every variant sees the same context tokens
 ROW_SEED = 0  # rows are drawn by random.Random(ROW_SEED).shuffle of the file's rows (all held-in, see SOURCES.md)
@@ -24,7 +25,7 @@ ROW_SEED = 0  # rows are drawn by random.Random(ROW_SEED).shuffle of the file's 
 @dataclass(frozen=True)
 class Task:
     name: str
-    path: str  # under DATA_DIR: the non-held-out 80% of the test/validation split
+    path: str  # under SHARED_DATA_DIR: the non-held-out 80% of the test/validation split
     text_field: str
     gold_field: str
     context: str  # the context call's user turn, formatted with {text}
@@ -92,7 +93,7 @@ def make_item(task: Task, row_id: str, text: str, gold: str, tokenizer: Tokenize
 
 
 def load_items(task: Task, limit: int, tokenizer: Tokenizer, conversation: Conversation,
-               data_dir: Path = DATA_DIR) -> list[Item]:
+               data_dir: Path = SHARED_DATA_DIR) -> list[Item]:
     """`limit` rows with a non-empty document, in random.Random(ROW_SEED)-shuffled file order."""
     rows = read_jsonl(data_dir / task.path)
     random.Random(ROW_SEED).shuffle(rows)

@@ -11,7 +11,8 @@ import hashlib
 import random
 from dataclasses import dataclass
 
-from llmaas.shared_data import DATA_DIR, read_jsonl
+from llmaas.paths import SHARED_DATA_DIR
+from llmaas.shared_data import read_jsonl
 
 ITEM_SEED = 42
 
@@ -51,30 +52,31 @@ def _standalone(name: str, instruction: str, rows: list[dict], n_items: int, n_s
 
 
 def arc_easy(n: int) -> MCTask:
-    shots = read_jsonl(DATA_DIR / "arc_easy" / "train.jsonl")[:5]
-    val = read_jsonl(DATA_DIR / "arc_easy" / "validation.jsonl")
+    shots = read_jsonl(SHARED_DATA_DIR / "arc_easy" / "train.jsonl")[:5]
+    val = read_jsonl(SHARED_DATA_DIR / "arc_easy" / "validation.jsonl")
     return _standalone("arc_easy", "Answer the science question.", shots + val, n)
 
 
 def sciq(n: int) -> MCTask:
-    return _standalone("sciq", "Answer the science question.", read_jsonl(DATA_DIR / "sciq" / "validation.jsonl"), n)
+    rows = read_jsonl(SHARED_DATA_DIR / "sciq" / "validation.jsonl")
+    return _standalone("sciq", "Answer the science question.", rows, n)
 
 
 def openbookqa(n: int) -> MCTask:
     # OBQA's validation split is not in shared/data; its train split serves as the dev set (the choice)
     return _standalone("openbookqa", "Complete the statement with the correct answer.",
-                       read_jsonl(DATA_DIR / "openbookqa" / "train.jsonl"), n)
+                       read_jsonl(SHARED_DATA_DIR / "openbookqa" / "train.jsonl"), n)
 
 
 def mmlu(n: int) -> MCTask:
-    dev = read_jsonl(DATA_DIR / "mmlu" / "dev.jsonl")
+    dev = read_jsonl(SHARED_DATA_DIR / "mmlu" / "dev.jsonl")
     shots = random.Random(ITEM_SEED).sample(dev, 5)
     return _standalone("mmlu", "Answer the multiple-choice question.",
-                       shots + read_jsonl(DATA_DIR / "mmlu" / "test.jsonl"), n)
+                       shots + read_jsonl(SHARED_DATA_DIR / "mmlu" / "test.jsonl"), n)
 
 
 def octopus(n: int) -> MCTask:
-    base = DATA_DIR / "elastilm_octopus"
+    base = SHARED_DATA_DIR / "elastilm_octopus"
     funcs = read_jsonl(base / "functions.jsonl")
     docs = "".join(f"- {f['name']}: {f['description']}\n" for f in funcs) + "- irrelevant function: none of the above\n"
     dev = read_jsonl(base / "dev.jsonl")[:6]
@@ -88,7 +90,7 @@ def octopus(n: int) -> MCTask:
 
 
 def llamatouch(n: int) -> MCTask:
-    base = DATA_DIR / "elastilm_llamatouch"
+    base = SHARED_DATA_DIR / "elastilm_llamatouch"
     apps = sorted({r["app"] for r in read_jsonl(base / "task_metadata.jsonl")})
     dev = read_jsonl(base / "dev.jsonl")
     context = ("Pick the app that completes the user's task.\nApps: " + ", ".join(apps) + "\n\n"

@@ -103,7 +103,7 @@ def replay(loaded: LoadedModel, trace: Trace, setting: SystemSetting, work_dir: 
     geometry = ChunkGeometry(KVSpec.from_config(loaded.config), policy.chunk_tokens)
     profile = None
     if policy.restore == "pipeline":
-        from llmaas.kernels import cache_dir
+        from llmaas.paths import cache_dir
 
         profile = ensure_profile(loaded.model, geometry, loaded.model_id, cache_dir() / "profiles", setting.throttle,
                                  setting.max_context_tokens)

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from llmaas.kernels import cache_dir
+    from llmaas.paths import cache_dir
 
     root = args.dir or Path(tempfile.mkdtemp(prefix="bench-restore-", dir=cache_dir()))
     root.mkdir(parents=True, exist_ok=True)

@@ -138,7 +138,7 @@ def measure_restore_peer(ids: list[int], directory: Path, *, model_path: Path | 
     load_s (read + set), save_s (get + write + fsync), bytes (the state), load_s_all, save_s_all, read_s, set_s,
     get_s, write_s, logits_match (restored next-token logits bit-identical to a never-cleared run),
     logits_max_abs_diff, tokens, threads, repeats, peak_rss_mb (the worker's)."""
-    from llmaas.model.locate import default_model_path
+    from llmaas.paths import default_model_path
 
     model = model_path if model_path is not None else default_model_path()
     with tempfile.TemporaryDirectory() as tmp:

@@ -56,9 +56,9 @@ class ThroughService:
 
     def __init__(self) -> None:
         from llmaas.client import Client
+        from llmaas.paths import DataDir
         from llmaas.service.process import start_service
         from llmaas.storage.catalog import Catalog
-        from llmaas.storage.paths import DataDir
 
         home = DataDir(Path(tempfile.mkdtemp(prefix="llmaas-bench-"))).create()
         catalog = Catalog(home.catalog)

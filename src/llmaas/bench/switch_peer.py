@@ -155,7 +155,7 @@ def run_in_process(model_path: Path, trace: Trace, budget_bytes: int, max_contex
 
 def run_peer(trace: Trace, budget_bytes: int, max_context_tokens: int, directory: Path | None = None) -> dict:
     """Replay the trace on llama.cpp in a worker process; the same metrics as llmaas.bench.replay.replay."""
-    from llmaas.model.locate import default_model_path
+    from llmaas.paths import default_model_path
 
     with tempfile.TemporaryDirectory(prefix="llmaas-peer-", dir=directory) as tmp:
         trace.save(Path(tmp) / "trace.jsonl")

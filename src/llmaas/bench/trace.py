@@ -27,7 +27,8 @@ from pathlib import Path
 from llmaas.bench.kv_tasks import TASKS, Task
 from llmaas.engine.conversation import Conversation
 from llmaas.errors import InvalidRequestError
-from llmaas.shared_data import DATA_DIR, read_jsonl
+from llmaas.paths import SHARED_DATA_DIR
+from llmaas.shared_data import read_jsonl
 
 # Spec §9, Table 3 (paper): tokens a call adds to its context, in the paper's task order.
 DELTA_RANGES: dict[str, tuple[int, int]] = {
@@ -108,7 +109,7 @@ def context_name(context_index: int) -> str:
     return f"c{context_index:02d}-{task_of(context_index)}"
 
 
-def make_trace(config: TraceConfig, conversation: Conversation, data_dir: Path = DATA_DIR) -> Trace:
+def make_trace(config: TraceConfig, conversation: Conversation, data_dir: Path = SHARED_DATA_DIR) -> Trace:
     rng = random.Random(config.seed)
     names = [context_name(j) for j in range(config.contexts)]
     times, t = [], 0.0

@@ -12,8 +12,8 @@ import argparse
 import httpx
 
 from llmaas.cli import plural
+from llmaas.paths import DataDir
 from llmaas.storage.catalog import DEFAULT_MAX_CONTEXT_TOKENS, DEFAULT_MAX_CONTEXTS, Catalog
-from llmaas.storage.paths import DataDir
 
 SERVE_DEFAULT_MAX_CONTEXT_TOKENS = 2048  # `llmaas serve --max-context-tokens`'s default: the cap on every quota
 

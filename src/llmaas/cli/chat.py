@@ -17,8 +17,8 @@ from pathlib import Path
 from llmaas.cli import plural
 from llmaas.client import CallReply, Client, ServiceError
 from llmaas.errors import LlmaasError
+from llmaas.paths import DataDir
 from llmaas.storage.catalog import Catalog
-from llmaas.storage.paths import DataDir
 
 TERMINAL_APP = "terminal"
 COMMANDS_HELP = "/new /list /switch ID /history /delete /exit"

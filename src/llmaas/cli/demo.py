@@ -21,9 +21,9 @@ from pathlib import Path
 from llmaas.cli import plural
 from llmaas.cli.chat import print_streamed
 from llmaas.client import Client, ServiceError
+from llmaas.paths import DataDir
 from llmaas.service.process import start_service, stop_service
 from llmaas.storage.catalog import Catalog
-from llmaas.storage.paths import DataDir
 
 CONVERSATIONS = {
     "notes": ("You are a note-taking assistant. Answer briefly.",

@@ -14,8 +14,8 @@ from dataclasses import asdict
 from llmaas.kv.codec import ChunkGeometry
 from llmaas.kv.spec import KVSpec
 from llmaas.model.loader import load_model
+from llmaas.paths import DataDir
 from llmaas.restore.profiler import ensure_profile
-from llmaas.storage.paths import DataDir
 from llmaas.storage.throttle import DiskThrottle
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 from llmaas.engine.worker import EngineConfig
 from llmaas.memory.policy import POLICIES
+from llmaas.paths import DataDir
 from llmaas.service.logs import setup_logging
 from llmaas.service.server import ServeOptions, Service
-from llmaas.storage.paths import DataDir
 from llmaas.storage.throttle import DiskThrottle
 
 

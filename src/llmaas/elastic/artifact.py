@@ -18,8 +18,8 @@ from safetensors.torch import load_file, save_file
 from llmaas.elastic.layer_scores import LayerScores
 from llmaas.elastic.reorder import LayerOrder
 from llmaas.errors import ModelFileError
-from llmaas.kernels import cache_dir
 from llmaas.model.widths import LayerWidths, ModelWidths
+from llmaas.paths import cache_dir
 
 FORMAT_VERSION = "1"
 ARTIFACT_FILE = "elastic.safetensors"

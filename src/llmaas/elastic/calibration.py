@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from llmaas.model.tokenizer import Tokenizer
-from llmaas.shared_data import DATA_DIR, read_jsonl
+from llmaas.paths import SHARED_DATA_DIR
+from llmaas.shared_data import read_jsonl
 
 CALIBRATION_SOURCE = "xsum/test.jsonl"
 
@@ -32,7 +33,7 @@ class CalibrationConfig:
 def calibration_batch(tokenizer: Tokenizer, config: CalibrationConfig | None = None) -> torch.Tensor:
     """int64 [num_samples, num_tokens]: one random window from each of num_samples random documents."""
     config = config or CalibrationConfig()
-    docs = [row["document"] for row in read_jsonl(DATA_DIR / CALIBRATION_SOURCE)]
+    docs = [row["document"] for row in read_jsonl(SHARED_DATA_DIR / CALIBRATION_SOURCE)]
     rng = random.Random(config.seed)
     rng.shuffle(docs)
     rows = []

@@ -15,7 +15,8 @@ import torch
 
 from llmaas.elastic.calibration import CALIBRATION_SOURCE
 from llmaas.model.tokenizer import Tokenizer
-from llmaas.shared_data import DATA_DIR, read_jsonl
+from llmaas.paths import SHARED_DATA_DIR
+from llmaas.shared_data import read_jsonl
 
 ALPACA_SOURCE = "alpaca/train_sample.jsonl"
 TEXT_SOURCE = CALIBRATION_SOURCE  # the calibration windows are 10 x 64 tokens of 800 documents; overlap is noise
@@ -32,7 +33,7 @@ class Example:
 def alpaca_examples(tokenizer: Tokenizer, cutoff_tokens: int) -> list[Example]:
     out = []
     eos = tokenizer.special.eos_id
-    for row in read_jsonl(DATA_DIR / ALPACA_SOURCE):
+    for row in read_jsonl(SHARED_DATA_DIR / ALPACA_SOURCE):
         has_input = bool(row["input"].strip())
         prompt = PROMPT.format(ctx=", paired with an input that provides further context" if has_input else "",
                                instruction=row["instruction"],
@@ -48,7 +49,7 @@ def alpaca_examples(tokenizer: Tokenizer, cutoff_tokens: int) -> list[Example]:
 
 def text_examples(tokenizer: Tokenizer, cutoff_tokens: int) -> list[Example]:
     out = []
-    for row in read_jsonl(DATA_DIR / TEXT_SOURCE):
+    for row in read_jsonl(SHARED_DATA_DIR / TEXT_SOURCE):
         ids = tokenizer.encode(row["document"])
         for start in range(0, len(ids) - cutoff_tokens // 2, cutoff_tokens):
             window = ids[start:start + cutoff_tokens]

@@ -22,19 +22,13 @@ from types import ModuleType
 import torch
 
 from llmaas.errors import KernelBuildError
+from llmaas.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
 # -fopenmp compiles at::parallel_for's inline OpenMP region; nothing extra is linked, so it binds to the libgomp
 # that torch already loaded (two OpenMP runtimes would fight over the two cores).
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp")
 REQUIRED_CPU_FLAGS = ("avx2", "fma", "f16c")
-
-
-def cache_dir() -> Path:
-    """Root of llmaas's rebuildable caches (kernels, profiles); `$LLMAAS_CACHE` overrides it."""
-    if "LLMAAS_CACHE" in os.environ:
-        return Path(os.environ["LLMAAS_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "llmaas"
 
 
 def _cpu_flags() -> set[str]:

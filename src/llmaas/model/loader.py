@@ -23,10 +23,10 @@ from llmaas.model.chat_template import ChatTemplate
 from llmaas.model.config import ModelConfig
 from llmaas.model.gguf_file import GGUFFile
 from llmaas.model.linear import Linear
-from llmaas.model.locate import default_model_path
 from llmaas.model.tokenizer import Tokenizer
 from llmaas.model.transformer import LayerWeights, ModelWeights, Transformer
 from llmaas.model.weights import concat_blocks, read_blocks, read_dense
+from llmaas.paths import default_model_path
 
 
 @dataclass(frozen=True, eq=False)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from llmaas.kernels import cache_dir
 from llmaas.kv.codec import ChunkGeometry, Level, encode
 from llmaas.kv.dense import DenseKVCache
 from llmaas.model.transformer import Transformer
+from llmaas.paths import cache_dir
 from llmaas.restore.cost_model import ProfileError, RestoreProfile, check_profile, fit_linear, profile_path
 from llmaas.restore.pipeline import LoadItem, restore
 from llmaas.storage.chunk_log import ChunkLog, ChunkRecord

@@ -14,7 +14,7 @@ import time
 
 from llmaas.client import Client, ServiceError
 from llmaas.errors import ServiceStartError
-from llmaas.storage.paths import DataDir
+from llmaas.paths import DataDir
 
 
 def start_service(home: DataDir, extra: list[str], timeout_s: float = 300.0) -> subprocess.Popen:

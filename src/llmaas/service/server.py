@@ -27,10 +27,10 @@ import uvicorn
 from llmaas.engine.worker import Engine, EngineConfig
 from llmaas.errors import ServiceStartError
 from llmaas.model.loader import LoadedModel, load_model
+from llmaas.paths import DataDir
 from llmaas.service.app import create_app
 from llmaas.service.state import ServiceState
 from llmaas.storage.catalog import Catalog
-from llmaas.storage.paths import DataDir
 
 log = logging.getLogger("llmaas.service")
 UNIX_PATH_MAX = 107
