@@ -32,9 +32,9 @@ from llmaas.bench.eval_kv import (
     ppl_window,
     variant_policy,
 )
-from llmaas.kv.codec import ChunkGeometry, Level
+from llmaas.kv.codec import ChunkGeometry, KVLevel
 from llmaas.kv.spec import KVSpec
-from llmaas.memory.levels import budget_units
+from llmaas.memory.kv_levels import budget_units
 from llmaas.model.loader import load_model
 
 ORDERS = ("density", "random", "recency", "inverse")
@@ -56,15 +56,15 @@ def chunk_order(ctx: ContextKV, order: str, seed: int) -> list[int]:
 
 
 def banded(n8: int, order: str, ratio_global: float, seed: int) -> LevelPolicy:
-    def policy(ctx: ContextKV) -> list[Level]:
+    def policy(ctx: ContextKV) -> list[KVLevel]:
         n = ctx.sealed_chunks
         t = budget_units(n, ratio_global)
         k8 = min(n8, (t - n) // 3)
         n4 = t - n - 3 * k8
-        levels = [Level.INT2] * n
+        levels = [KVLevel.INT2] * n
         for rank, i in enumerate(chunk_order(ctx, order, seed)):
-            levels[i] = Level.INT8 if rank < k8 else Level.INT4 if rank < k8 + n4 else Level.INT2
-        return levels + [Level.INT8] * (ctx.num_chunks - n)
+            levels[i] = KVLevel.INT8 if rank < k8 else KVLevel.INT4 if rank < k8 + n4 else KVLevel.INT2
+        return levels + [KVLevel.INT8] * (ctx.num_chunks - n)
     return policy
 
 
@@ -118,7 +118,7 @@ def main() -> int:
         summaries.append(density_summary(ctx))
         for v in ("llms_paper", "llms_error"):
             lv = ctx.levels(v, cfg.ratio_global)
-            splits.setdefault(v, []).append([lv.count(x) for x in (Level.INT8, Level.INT4, Level.INT2)])
+            splits.setdefault(v, []).append([lv.count(x) for x in (KVLevel.INT8, KVLevel.INT4, KVLevel.INT2)])
         print(f"window {w + 1}/{len(segments)}  {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
     fp16 = math.exp(tallies["fp16"].nll_sum / tallies["fp16"].nll_tokens)
     rows = {}
@@ -127,9 +127,9 @@ def main() -> int:
         chunks = sum(t.chunk_counts.values())
         rows[name] = {"ppl": ppl, "ppl_increase_pct": 100 * (ppl / fp16 - 1), "kl_to_fp16": t.kl_sum / t.nll_tokens,
                       "top1_agreement": t.top1_sum / t.nll_tokens,
-                      "level_fractions": {Level(b).name: c / chunks for b, c in sorted(t.chunk_counts.items())},
-                      "effective_ratio": sum(geom.payload_bytes(Level(b)) * c for b, c in t.chunk_counts.items())
-                      / (geom.payload_bytes(Level.INT8) * chunks)}
+                      "level_fractions": {KVLevel(b).name: c / chunks for b, c in sorted(t.chunk_counts.items())},
+                      "effective_ratio": sum(geom.payload_bytes(KVLevel(b)) * c for b, c in t.chunk_counts.items())
+                      / (geom.payload_bytes(KVLevel.INT8) * chunks)}
     print(f"{'policy':<22}{'INT8':>6}{'INT4':>6}{'INT2':>6}{'eff.':>7}{'ppl':>9}{'Δppl%':>8}{'KL':>9}")
     for name, r in rows.items():
         f = r["level_fractions"]

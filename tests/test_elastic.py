@@ -19,10 +19,10 @@ from llmaas.elastic.baselines import attn_drop_counts, baseline_widths
 from llmaas.elastic.build import build_artifact
 from llmaas.elastic.importance import taylor_importance
 from llmaas.elastic.layer_scores import LayerScores
-from llmaas.elastic.levels import LEVELS, kept_counts, level_widths, parse_level
 from llmaas.elastic.lora_data import Example, Split
 from llmaas.elastic.lora_train import LevelTrainer, TrainConfig
 from llmaas.elastic.model import ElasticModel
+from llmaas.elastic.model_levels import MODEL_LEVELS, kept_counts, level_widths, parse_model_level
 from llmaas.elastic.reorder import layer_order, reorder_
 from llmaas.errors import InvalidRequestError
 from llmaas.model.linear import Linear
@@ -75,19 +75,19 @@ def test_reordered_smollm_matches_on_the_calibration_text(smollm_dense):
 
 
 def test_level_table_matches_the_spec(smollm_dense):
-    counts = [kept_counts(smollm_dense.config, m) for m in LEVELS]
+    counts = [kept_counts(smollm_dense.config, m) for m in MODEL_LEVELS]
     assert counts == [(1, 160), (2, 192), (3, 384), (4, 576), (5, 768), (6, 960), (7, 1152), (8, 1344), (9, 1536)]
-    assert parse_level("0.4") == 4 and parse_level("7") == 7
+    assert parse_model_level("0.4") == 4 and parse_model_level("7") == 7
     for bad in ("0.25", "1.1", "x", "0"):
         with pytest.raises(InvalidRequestError):
-            parse_level(bad)
+            parse_model_level(bad)
 
 
 def test_levels_are_nested_and_anchors_stay_full(smollm_dense):
     c = smollm_dense.config
     importance = torch.rand(c.n_layers, c.n_heads, generator=torch.Generator().manual_seed(1))
     importance = importance.view(c.n_layers, c.n_kv_heads, -1).sort(-1, descending=True).values.flatten(1)
-    widths = [level_widths(c, importance, {0, 5}, m) for m in LEVELS]
+    widths = [level_widths(c, importance, {0, 5}, m) for m in MODEL_LEVELS]
     for small, big in itertools.pairwise(widths):
         for ws, wb in zip(small.layers, big.layers, strict=True):
             assert ws.ffn <= wb.ffn and all(a <= b for a, b in zip(ws.q_heads, wb.q_heads, strict=True))
@@ -145,7 +145,7 @@ def test_switching_levels_allocates_nothing(tiny_path, tmp_path):
                (lin.dense, *(vars(lin.blocks).values() if lin.blocks is not None else ()))]
     pointers = [t.data_ptr() for t in tensors]
     assert elastic.view(4) is elastic.view(4)
-    for m in LEVELS:  # run every level, decode and prefill paths
+    for m in MODEL_LEVELS:  # run every level, decode and prefill paths
         sub = elastic.view(m)
         _logits(elastic.loaded, IDS, widths=sub.widths)
         _logits(elastic.loaded, IDS[:2], widths=sub.widths)
@@ -153,7 +153,7 @@ def test_switching_levels_allocates_nothing(tiny_path, tmp_path):
     tracemalloc.start()
     before = tracemalloc.get_traced_memory()[0]
     for i in range(2000):
-        elastic.view(LEVELS[i % len(LEVELS)])
+        elastic.view(MODEL_LEVELS[i % len(MODEL_LEVELS)])
     after = tracemalloc.get_traced_memory()[0]
     tracemalloc.stop()
     assert after - before < 1024

@@ -10,12 +10,12 @@ import pytest
 import torch
 
 from llmaas.bench import eval_kv
-from llmaas.bench.eval_kv import ContextKV, EvalConfig, VariantTally, from_chunks, ppl_window, to_chunks, variant_policy
+from llmaas.bench.eval_kv import EvalConfig, SegmentKV, VariantTally, from_chunks, ppl_window, to_chunks, variant_policy
 from llmaas.bench.kv_tasks import TASKS, make_item
 from llmaas.bench.text_metrics import chrf, lcs_length, match_label, mean_ci95, rouge_l
 from llmaas.cli import eval as eval_cli
 from llmaas.engine.conversation import Conversation
-from llmaas.kv.codec import ChunkGeometry, Level
+from llmaas.kv.codec import ChunkGeometry, KVLevel
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
 from llmaas.model.loader import load_model
@@ -92,11 +92,11 @@ def test_context_kv_levels_and_write():
     geom = ChunkGeometry(SPEC, 16)
     kv = random_kv(70, 80)  # 4 sealed chunks + a 6-token tail
     density = torch.tensor([1.0] * 16 + [0.1] * 16 + [0.5] * 16 + [0.01] * 16 + [0.2] * 6)
-    ctx = ContextKV.build(kv, 70, density, geom)
+    ctx = SegmentKV.build(kv, 70, density, geom)
     assert ctx.chunk_densities == pytest.approx([1.0, 0.1, 0.5, 0.01])
-    assert ctx.levels("int2", 0.5) == [Level.INT2] * 5  # uniform: the tail too
+    assert ctx.levels("int2", 0.5) == [KVLevel.INT2] * 5  # uniform: the tail too
     paper = ctx.levels("llms_paper", 0.5)
-    assert paper[-1] == Level.INT8  # the partial tail stays INT8
+    assert paper[-1] == KVLevel.INT8  # the partial tail stays INT8
     assert sum(int(lv) for lv in paper[:4]) == 4 * 4  # nominal 0.5 of INT8 over the sealed chunks
     cache = DenseKVCache(SPEC, 80)
     cache.append(70)

@@ -9,7 +9,7 @@ import torch
 from llmaas.kv.codec import (
     LEVEL_ERROR,
     ChunkGeometry,
-    Level,
+    KVLevel,
     decode,
     decode_into,
     encode,
@@ -21,7 +21,7 @@ from llmaas.kv.spec import KVSpec
 
 DEFAULT = ChunkGeometry(KVSpec(30, 3, 64))  # SmolLM2-135M
 SMALL = ChunkGeometry(KVSpec(4, 2, 64))
-LOW = (Level.INT4, Level.INT2)
+LOW = (KVLevel.INT4, KVLevel.INT2)
 
 
 def random_kv(geom: ChunkGeometry, n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,14 +38,14 @@ def fp16_field(payload: torch.Tensor, start: int, shape: tuple[int, ...]) -> tor
     return raw.view(torch.float16).float().reshape(*payload.shape[:2], *shape)
 
 
-def scales(payload: torch.Tensor, level: Level, geom: ChunkGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+def scales(payload: torch.Tensor, level: KVLevel, geom: ChunkGeometry) -> tuple[torch.Tensor, torch.Tensor]:
     """The stored K scales [n, L, H, 1, D] and V scales [n, L, H, C, 1], for broadcasting against values."""
     lay, h, c, d = geom.layout(level), geom.spec.n_kv_heads, geom.chunk_tokens, geom.spec.head_dim
     return fp16_field(payload, lay.k_meta, (h, 1, d)), fp16_field(payload, lay.v_meta, (h, c, 1))
 
 
-@pytest.mark.parametrize("level,payload,meta", [(Level.FP16, 12288, 0), (Level.INT8, 6144, 480),
-                                                (Level.INT4, 3072, 960), (Level.INT2, 1536, 960)])
+@pytest.mark.parametrize("level,payload,meta", [(KVLevel.FP16, 12288, 0), (KVLevel.INT8, 6144, 480),
+                                                (KVLevel.INT4, 3072, 960), (KVLevel.INT2, 1536, 960)])
 def test_sizes_match_the_spec_table(level, payload, meta):
     assert DEFAULT.section_bytes(level) == payload + meta
     assert DEFAULT.payload_bytes(level) == 30 * (payload + meta)
@@ -73,9 +73,9 @@ def test_int4_packing_puts_value_j_and_j_plus_half_in_byte_j():
 
 def test_int8_error_is_within_half_a_scale():
     k, v = random_kv(SMALL, 3)
-    payload = encode(k, v, Level.INT8, SMALL)
-    kd, vd = decode(payload, Level.INT8, SMALL)
-    ks, vs = scales(payload, Level.INT8, SMALL)
+    payload = encode(k, v, KVLevel.INT8, SMALL)
+    kd, vd = decode(payload, KVLevel.INT8, SMALL)
+    ks, vs = scales(payload, KVLevel.INT8, SMALL)
     # |x - q*s| <= s/2 exactly; x/s is rounded once in fp32 before rounding to an integer (relative 2^-24)
     assert torch.all((k - kd).abs() <= ks / 2 * (1 + 1e-5))
     assert torch.all((v - vd).abs() <= vs / 2 * (1 + 1e-5))
@@ -85,8 +85,8 @@ def test_int8_error_is_within_half_a_scale():
 @pytest.mark.parametrize("level", LOW)
 def test_low_levels_error_is_within_half_a_scale_of_the_int8_values(level):
     k, v = random_kv(SMALL, 3, seed=1)
-    p8 = encode(k, v, Level.INT8, SMALL)
-    k8, v8 = decode(p8, Level.INT8, SMALL)
+    p8 = encode(k, v, KVLevel.INT8, SMALL)
+    k8, v8 = decode(p8, KVLevel.INT8, SMALL)
     payload = requantize(p8, level, SMALL)
     assert torch.equal(payload, encode(k, v, level, SMALL))
     kd, vd = decode(payload, level, SMALL)
@@ -96,7 +96,7 @@ def test_low_levels_error_is_within_half_a_scale_of_the_int8_values(level):
     assert torch.all((v8 - vd).abs() <= vs / 2 * (1 + 1e-5) + 1e-6 * v8.abs())
 
 
-@pytest.mark.parametrize("level", [Level.INT8, *LOW])
+@pytest.mark.parametrize("level", [KVLevel.INT8, *LOW])
 def test_padding_does_not_change_the_filled_tokens(level):
     """A chunk of 5 tokens padded to 16 decodes its 5 tokens exactly as a 5-token chunk does, whatever the
     padding holds."""
@@ -110,43 +110,43 @@ def test_padding_does_not_change_the_filled_tokens(level):
     kd, vd = decode(payload, level, SMALL)
     assert torch.equal(kd[..., :fill, :], k5)
     assert torch.equal(vd[..., :fill, :], v5)
-    if level != Level.INT8:  # without fills, zero padding widens the per-channel range of K
+    if level != KVLevel.INT8:  # without fills, zero padding widens the per-channel range of K
         kd_nofill, _ = decode(encode(*zero_padded, level, SMALL), level, SMALL)
         assert not torch.equal(kd_nofill[..., :fill, :], k5)
 
 
 def test_fp16_is_lossless():
     k, v = random_kv(SMALL, 2, seed=3)
-    kd, vd = decode(encode(k, v, Level.FP16, SMALL), Level.FP16, SMALL)
+    kd, vd = decode(encode(k, v, KVLevel.FP16, SMALL), KVLevel.FP16, SMALL)
     assert torch.equal(kd, k) and torch.equal(vd, v)
 
 
 def test_errors_grow_as_levels_drop():
     k, v = random_kv(SMALL, 2, seed=4)
-    k8, _ = decode(encode(k, v, Level.INT8, SMALL), Level.INT8, SMALL)
+    k8, _ = decode(encode(k, v, KVLevel.INT8, SMALL), KVLevel.INT8, SMALL)
     errs = [((decode(encode(k, v, lv, SMALL), lv, SMALL)[0] - k8) ** 2).mean() for lv in LOW]
     assert 0 < errs[0] < errs[1]
-    assert LEVEL_ERROR[Level.INT8] == 0 < LEVEL_ERROR[Level.INT4] < LEVEL_ERROR[Level.INT2]
+    assert LEVEL_ERROR[KVLevel.INT8] == 0 < LEVEL_ERROR[KVLevel.INT4] < LEVEL_ERROR[KVLevel.INT2]
 
 
 def test_bad_inputs_are_refused():
     k, v = random_kv(SMALL, 1)
     with pytest.raises(ValueError, match="Hkv"):
-        encode(k[..., :8, :], v[..., :8, :], Level.INT8, SMALL)
+        encode(k[..., :8, :], v[..., :8, :], KVLevel.INT8, SMALL)
     with pytest.raises(ValueError, match="fill"):
-        encode(k, v, Level.INT8, SMALL, fills=[0])
+        encode(k, v, KVLevel.INT8, SMALL, fills=[0])
     with pytest.raises(ValueError, match="INT4 or INT2"):
-        requantize(encode(k, v, Level.INT8, SMALL), Level.FP16, SMALL)
+        requantize(encode(k, v, KVLevel.INT8, SMALL), KVLevel.FP16, SMALL)
     with pytest.raises(ValueError, match="uint8"):
-        decode(encode(k, v, Level.INT8, SMALL), Level.INT4, SMALL)
+        decode(encode(k, v, KVLevel.INT8, SMALL), KVLevel.INT4, SMALL)
 
 
 # -- decode_into ----------------------------------------------------------------------------------------------------
 
-def _chunks(geom: ChunkGeometry, n: int) -> tuple[list[torch.Tensor], list[Level], list[int], list[int]]:
+def _chunks(geom: ChunkGeometry, n: int) -> tuple[list[torch.Tensor], list[KVLevel], list[int], list[int]]:
     """n chunks of mixed levels; the last one is partial."""
     k, v = random_kv(geom, n, seed=5)
-    levels = [(Level.INT8, Level.INT4, Level.INT2, Level.FP16)[i % 4] for i in range(n)]
+    levels = [(KVLevel.INT8, KVLevel.INT4, KVLevel.INT2, KVLevel.FP16)[i % 4] for i in range(n)]
     fills = [geom.chunk_tokens] * (n - 1) + [7]
     payloads = [encode(k[i:i + 1], v[i:i + 1], lv, geom, fills=[f])[0]
                 for i, (lv, f) in enumerate(zip(levels, fills, strict=True))]
@@ -220,4 +220,4 @@ def test_values_beyond_fp16_range_are_refused():
     k, v = random_kv(SMALL, 1)
     k[0, 0, 0, 0, 0] = 1e9
     with pytest.raises(ValueError, match="fp16"):
-        encode(k, v, Level.INT8, SMALL)
+        encode(k, v, KVLevel.INT8, SMALL)

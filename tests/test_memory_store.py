@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from llmaas.engine.generate import GenerateRequest, Generator
-from llmaas.kv.codec import Level
+from llmaas.kv.codec import KVLevel
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
 from llmaas.memory.policy import POLICIES, MemoryPolicy
@@ -65,7 +65,7 @@ def run_conversation(loaded, store: ChunkedKVStore, evict_between: bool) -> list
     return ids
 
 
-LOSSLESS = MemoryPolicy("fp16-pipeline", base_level=Level.FP16, compress=False)
+LOSSLESS = MemoryPolicy("fp16-pipeline", base_level=KVLevel.FP16, compress=False)
 
 
 @pytest.mark.parametrize("how", ["load", "recompute", "mixed"])
@@ -99,7 +99,7 @@ def test_llms_budget_lock_and_levels(smollm, tmp_path):
     assert store.counters["reclaimed_chunks"] > 0
     assert store.counters["faults"] == 0
     levels = {c.level for c in store._contexts["d"].chunks}
-    assert Level.INT8 in levels and (Level.INT4 in levels or Level.INT2 in levels)
+    assert KVLevel.INT8 in levels and (KVLevel.INT4 in levels or KVLevel.INT2 in levels)
     # the working-set lock: while "a" is acquired, reclaiming everything leaves its chunks resident
     store.acquire("a", contexts["a"], len(contexts["a"]) + 4)
     store.reclaim(store.budget_bytes)
@@ -112,7 +112,7 @@ def test_levels_only_move_down(smollm, tmp_path):
     store = make_store(smollm, tmp_path, POLICIES["llms"], max_tokens=512)
     gen = Generator(smollm.model, smollm.tokenizer)
     ids: list[int] = []
-    seen: dict[int, Level] = {}
+    seen: dict[int, KVLevel] = {}
     for text in PROMPTS * 2:
         ids = call(store, gen, "a", ids, encode(smollm, text + " Please answer in detail."), 16)
         for c in store._contexts["a"].chunks:

@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from llmaas.kv.codec import ChunkGeometry, Level
+from llmaas.kv.codec import ChunkGeometry, KVLevel
 from llmaas.kv.spec import KVSpec
 from llmaas.restore import profiler
 from llmaas.restore.cost_model import (
@@ -24,7 +24,7 @@ from llmaas.restore.cost_model import (
 )
 from llmaas.restore.planner import MissingChunk, RestorePlan, plan_restore
 
-CHUNK_BYTES = {Level.INT8: 198_720, Level.INT4: 120_960, Level.INT2: 74_880}
+CHUNK_BYTES = {KVLevel.INT8: 198_720, KVLevel.INT4: 120_960, KVLevel.INT2: 74_880}
 
 
 def make_profile(recompute: LinearCost, io: LinearCost, **overrides) -> RestoreProfile:
@@ -43,7 +43,7 @@ CHUNKS = [1, 2, 4, 8, 16, 32, 64]
 # Measured by the profiler for SmolLM2 on this repo's two idle cores: recompute of x chunks scattered over 2048 tokens,
 # and cold reads of x INT8 chunks.
 CLEAN_RECOMPUTE = list(zip(CHUNKS, [0.1260, 0.1532, 0.2507, 0.4310, 0.7706, 1.460, 2.668], strict=True))
-CLEAN_READ = list(zip([x * CHUNK_BYTES[Level.INT8] for x in CHUNKS],
+CLEAN_READ = list(zip([x * CHUNK_BYTES[KVLevel.INT8] for x in CHUNKS],
                       [0.002817, 0.003059, 0.004221, 0.004580, 0.007024, 0.01692, 0.02932], strict=True))
 # The same recompute measured while other jobs kept both cores busy: from 8 chunks on, each point paid a ~5 s stall.
 LOADED_RECOMPUTE = list(zip(CHUNKS, [0.6536, 0.4554, 0.8692, 5.711, 7.176, 8.520, 10.23], strict=True))
@@ -99,13 +99,13 @@ def test_planner_equals_brute_force_over_every_subset() -> None:
 
 def test_planner_recomputes_heaviest_first_and_honours_flags() -> None:
     # IO at 1 s per INT8 chunk, recompute 0.5 s per chunk: recompute the two INT8 chunks, read the INT2 ones.
-    profile = make_profile(LinearCost(0.0, 0.5), LinearCost(0.0, 1.0 / CHUNK_BYTES[Level.INT8]))
+    profile = make_profile(LinearCost(0.0, 0.5), LinearCost(0.0, 1.0 / CHUNK_BYTES[KVLevel.INT8]))
     missing = [
-        MissingChunk(0, Level.INT2, CHUNK_BYTES[Level.INT2]),
-        MissingChunk(1, Level.INT8, CHUNK_BYTES[Level.INT8]),
-        MissingChunk(2, Level.INT2, CHUNK_BYTES[Level.INT2]),
-        MissingChunk(3, Level.INT8, CHUNK_BYTES[Level.INT8]),
-        MissingChunk(4, Level.INT4, CHUNK_BYTES[Level.INT4], must_recompute=True),
+        MissingChunk(0, KVLevel.INT2, CHUNK_BYTES[KVLevel.INT2]),
+        MissingChunk(1, KVLevel.INT8, CHUNK_BYTES[KVLevel.INT8]),
+        MissingChunk(2, KVLevel.INT2, CHUNK_BYTES[KVLevel.INT2]),
+        MissingChunk(3, KVLevel.INT8, CHUNK_BYTES[KVLevel.INT8]),
+        MissingChunk(4, KVLevel.INT4, CHUNK_BYTES[KVLevel.INT4], must_recompute=True),
     ]
     plan = plan_restore(missing, profile)
     assert (plan.recompute, plan.load, plan.recompute_chunks) == ((1, 3, 4), (0, 2), 3)
@@ -121,7 +121,7 @@ def test_planner_recomputes_heaviest_first_and_honours_flags() -> None:
 
 def test_planner_errors() -> None:
     profile = make_profile(LinearCost(0.0, 0.5), LinearCost(0.0, 1e-6))
-    chunk = MissingChunk(0, Level.INT8, 10)
+    chunk = MissingChunk(0, KVLevel.INT8, 10)
     with pytest.raises(ValueError, match="distinct"):
         plan_restore([chunk, chunk], profile)
     with pytest.raises(ValueError, match="cannot be restored"):

@@ -24,8 +24,8 @@ from llmaas.bench.mc_tasks import AGENT, STANDALONE, MCTask
 from llmaas.bench.plotting import pyplot
 from llmaas.elastic.baselines import BASELINES, baseline_widths
 from llmaas.elastic.latency import switch_s, tpot_s, ttft_s
-from llmaas.elastic.levels import LEVELS, level_name
 from llmaas.elastic.model import ElasticModel
+from llmaas.elastic.model_levels import MODEL_LEVELS, model_level_name
 from llmaas.paths import SHARED_DATA_DIR
 
 WIKITEXT = SHARED_DATA_DIR / "wikitext2" / "test.raw.txt"
@@ -65,9 +65,9 @@ class Setting:
 
 def plan(elastic: ElasticModel, cfg: EvalElasticConfig) -> list[Setting]:
     # What the matched comparison needs comes first, so a run stopped part-way has answered it.
-    out = [lora_setting(elastic, m) for m in LEVELS if m in elastic.adapters]
+    out = [lora_setting(elastic, m) for m in MODEL_LEVELS if m in elastic.adapters]
     out += [Setting(b, r) for b in BASELINES for r in cfg.baseline_ratios]
-    return out + [Setting("elastic", m / 10) for m in LEVELS]
+    return out + [Setting("elastic", m / 10) for m in MODEL_LEVELS]
 
 
 def lora_setting(elastic: ElasticModel, level10: int) -> Setting:
@@ -196,10 +196,10 @@ def assemble(elastic: ElasticModel, settings: list[Setting], tasks: list[MCTask]
         return out
 
     levels = {}
-    for m in LEVELS:
+    for m in MODEL_LEVELS:
         base = entry(Setting("elastic", m / 10))
         lora = entry(lora_setting(elastic, m)) if m in elastic.adapters else {}
-        levels[level_name(m)] = {**base, "ppl_lora": lora.get("ppl"), "accuracy_lora": lora.get("accuracy"),
+        levels[model_level_name(m)] = {**base, "ppl_lora": lora.get("ppl"), "accuracy_lora": lora.get("accuracy"),
                                  "accuracy_lora_ci95": lora.get("accuracy_ci95"),
                                  "mean_accuracy_lora": lora.get("mean_accuracy"), "ttft_lora_s": lora.get("ttft_s"),
                                  "tpot_lora_s": lora.get("tpot_s")}
@@ -209,7 +209,7 @@ def assemble(elastic: ElasticModel, settings: list[Setting], tasks: list[MCTask]
             "model_bytes": elastic.loaded.model.weights.nbytes,
             "tasks": {t.name: {"items": len(t.items), "chance": t.chance} for t in tasks},
             "config": asdict(cfg), "anchors": list(elastic.artifact.anchors),
-            "lora_training": {level_name(m): {k: r.get(k) for k in _RECORD_KEYS}
+            "lora_training": {model_level_name(m): {k: r.get(k) for k in _RECORD_KEYS}
                               for m, r in elastic.adapter_records.items()}}
 
 
@@ -227,7 +227,7 @@ def _matched(elastic: ElasticModel, cfg: EvalElasticConfig, cache: ResultCache, 
         acc, lat = accuracy(cache, s, tasks), cache.get("latency", s.name)
         return (lat["ttft_s"], acc["correct"], s) if acc is not None and lat is not None else None
 
-    mine = [t for m in LEVELS[:-1] if (t := timed(lora_setting(elastic, m) if m in elastic.adapters
+    mine = [t for m in MODEL_LEVELS[:-1] if (t := timed(lora_setting(elastic, m) if m in elastic.adapters
                                                   else Setting("elastic", m / 10))) is not None]
     theirs = {b: [t for r in cfg.baseline_ratios if (t := timed(Setting(b, r))) is not None] for b in BASELINES}
 
@@ -237,7 +237,7 @@ def _matched(elastic: ElasticModel, cfg: EvalElasticConfig, cache: ResultCache, 
                 "baseline_ttft_s": b[0], "diff": d, "ci95": [lo, hi], "significant": lo > 0 or hi < 0,
                 "_correct": (a[1], b[1])}
 
-    pairs = [compare(a, min(options, key=lambda t: abs(t[0] - a[0])), level=level_name(round(a[2].ratio * 10)))
+    pairs = [compare(a, min(options, key=lambda t: abs(t[0] - a[0])), level=model_level_name(round(a[2].ratio * 10)))
              for a in mine for options in theirs.values() if options]
     budgets, misses = [], []
     full = cache.get("latency", Setting("elastic", 1.0).name)
@@ -248,7 +248,7 @@ def _matched(elastic: ElasticModel, cfg: EvalElasticConfig, cache: ResultCache, 
             other = largest_meeting(options, budget)
             if a is not None and other is not None:
                 budgets.append(compare(a, other, fraction=fraction, budget_s=budget,
-                                       level=level_name(round(a[2].ratio * 10))))
+                                       level=model_level_name(round(a[2].ratio * 10))))
             else:
                 misses.append({"fraction": fraction, "budget_s": budget, "baseline": b,
                                "elastic_meets": a is not None, "baseline_meets": other is not None})
@@ -356,7 +356,7 @@ def run(elastic: ElasticModel, cfg: EvalElasticConfig, json_path: Path, png_path
     settings = plan(elastic, cfg)
     cache = ResultCache(elastic.directory / "eval_cache.json", cfg.keys())
     print(f"{len(settings)} settings x ({len(tasks)} tasks + perplexity); adapters for levels "
-          f"{[level_name(m) for m in sorted(elastic.adapters)]}")
+          f"{[model_level_name(m) for m in sorted(elastic.adapters)]}")
     if phase in ("all", "accuracy"):
         wiki = elastic.loaded.tokenizer.encode(WIKITEXT.read_text(encoding="utf-8")[:200_000])
         run_accuracy(elastic, settings, tasks, wiki, cfg, cache)

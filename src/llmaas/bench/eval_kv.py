@@ -26,17 +26,17 @@ from llmaas.bench.text_metrics import mean_ci95
 from llmaas.engine.conversation import Conversation
 from llmaas.engine.generate import GenerateRequest, Generator
 from llmaas.kv import codec
-from llmaas.kv.codec import ChunkGeometry, Level
+from llmaas.kv.codec import ChunkGeometry, KVLevel
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
-from llmaas.memory.levels import assign_levels
+from llmaas.memory.kv_levels import assign_levels
 from llmaas.model.loader import LoadedModel
 from llmaas.model.stats import AttentionStats
 from llmaas.model.transformer import Transformer
 from llmaas.paths import SHARED_DATA_DIR
 
 VARIANTS = ("fp16", "int8", "int4", "int2", "llms_paper", "llms_error")
-UNIFORM = {"fp16": Level.FP16, "int8": Level.INT8, "int4": Level.INT4, "int2": Level.INT2}
+UNIFORM = {"fp16": KVLevel.FP16, "int8": KVLevel.INT8, "int4": KVLevel.INT4, "int2": KVLevel.INT2}
 OBJECTIVES = {"llms_paper": "paper", "llms_error": "density_error"}
 WIKITEXT = SHARED_DATA_DIR / "wikitext2" / "test.raw.txt"
 DECODE_COST = 5.0  # one decoded token costs about this many prefill tokens on CPU (ETA weighting only)
@@ -80,13 +80,13 @@ def from_chunks(k: torch.Tensor, v: torch.Tensor, n_tokens: int) -> torch.Tensor
 
 
 @dataclass
-class ContextKV:
+class SegmentKV:
     """A context's KV decoded at each level (every chunk at that level), so a variant is a per-chunk pick: the
     codec works chunk by chunk, so this equals encoding each chunk at its own level."""
 
     n_tokens: int
     geom: ChunkGeometry
-    by_level: dict[Level, tuple[torch.Tensor, torch.Tensor]]  # level -> (k, v) [N, L, Hkv, C, D] float32
+    by_level: dict[KVLevel, tuple[torch.Tensor, torch.Tensor]]  # level -> (k, v) [N, L, Hkv, C, D] float32
     chunk_densities: list[float]  # sealed chunks only
 
     @property
@@ -99,30 +99,30 @@ class ContextKV:
 
     @classmethod
     def build(cls, kv: Sequence[torch.Tensor], n_tokens: int, token_density: torch.Tensor,
-              geom: ChunkGeometry) -> ContextKV:
+              geom: ChunkGeometry) -> SegmentKV:
         c = geom.chunk_tokens
         k, v = to_chunks(kv, n_tokens, c)
         sealed, tail = divmod(n_tokens, c)
         fills = [c] * sealed + ([tail] if tail else [])
-        p8 = codec.encode(k, v, Level.INT8, geom, fills)
-        by_level = {Level.FP16: (k, v), Level.INT8: codec.decode(p8, Level.INT8, geom)}
-        for level in (Level.INT4, Level.INT2):
+        p8 = codec.encode(k, v, KVLevel.INT8, geom, fills)
+        by_level = {KVLevel.FP16: (k, v), KVLevel.INT8: codec.decode(p8, KVLevel.INT8, geom)}
+        for level in (KVLevel.INT4, KVLevel.INT2):
             by_level[level] = codec.decode(codec.requantize(p8, level, geom, fills), level, geom)
         densities = token_density[:sealed * c].view(sealed, c).mean(dim=1).tolist()
         return cls(n_tokens, geom, by_level, densities)
 
-    def levels(self, variant: str, ratio_global: float) -> list[Level]:
+    def levels(self, variant: str, ratio_global: float) -> list[KVLevel]:
         """One level per chunk, the partial tail included (LLMS keeps it INT8: it is the staging buffer)."""
         if variant in UNIFORM:
             return [UNIFORM[variant]] * self.num_chunks
-        sealed = assign_levels(self.chunk_densities, [Level.INT8] * self.sealed_chunks, ratio_global,
+        sealed = assign_levels(self.chunk_densities, [KVLevel.INT8] * self.sealed_chunks, ratio_global,
                                OBJECTIVES[variant], codec.LEVEL_ERROR)
-        return sealed + [Level.INT8] * (self.num_chunks - self.sealed_chunks)
+        return sealed + [KVLevel.INT8] * (self.num_chunks - self.sealed_chunks)
 
-    def write(self, levels: Sequence[Level], cache: DenseKVCache) -> None:
+    def write(self, levels: Sequence[KVLevel], cache: DenseKVCache) -> None:
         """Put the KV at these per-chunk levels into the cache's first n_tokens slots (rounded to fp16)."""
-        k, v = (t.clone() for t in self.by_level[Level.FP16])
-        for level in set(levels) - {Level.FP16}:
+        k, v = (t.clone() for t in self.by_level[KVLevel.FP16])
+        for level in set(levels) - {KVLevel.FP16}:
             idx = torch.tensor([i for i, lv in enumerate(levels) if lv == level])
             k[idx], v[idx] = self.by_level[level][0][idx], self.by_level[level][1][idx]
         x = from_chunks(k, v, self.n_tokens)
@@ -130,7 +130,7 @@ class ContextKV:
             store[:, :, :self.n_tokens] = x[:, layer]
 
 
-LevelPolicy = Callable[[ContextKV], list[Level]]  # a context -> one level per chunk (diagnostics add their own)
+LevelPolicy = Callable[[SegmentKV], list[KVLevel]]  # a context -> one level per chunk (diagnostics add their own)
 
 
 def variant_policy(variant: str, ratio_global: float) -> LevelPolicy:
@@ -160,17 +160,17 @@ class VariantTally:
     scores: dict[str, list[float]] = field(default_factory=dict)
     agree_fp16: dict[str, list[float]] = field(default_factory=dict)
 
-    def count_levels(self, levels: Sequence[Level], sealed: int) -> None:
+    def count_levels(self, levels: Sequence[KVLevel], sealed: int) -> None:
         for level in levels[:sealed]:
             self.chunk_counts[int(level)] = self.chunk_counts.get(int(level), 0) + 1
 
 
 def ppl_window(model: Transformer, spec: KVSpec, ids_a: torch.Tensor, ids_b: torch.Tensor, geom: ChunkGeometry,
-               policies: dict[str, LevelPolicy], tallies: dict[str, VariantTally]) -> ContextKV:
+               policies: dict[str, LevelPolicy], tallies: dict[str, VariantTally]) -> SegmentKV:
     """NLL of B[1:] teacher-forced after A's KV under each policy (the first one is the KL/top-1 reference)."""
     n_a, n_b = ids_a.numel(), ids_b.numel()
     cache = DenseKVCache(spec, n_a + n_b)
-    ctx = ContextKV.build(cache.kv, n_a, prefill_with_density(model, ids_a, cache), geom)
+    ctx = SegmentKV.build(cache.kv, n_a, prefill_with_density(model, ids_a, cache), geom)
     targets = ids_b[1:]
     ref: torch.Tensor | None = None
     for name, policy in policies.items():
@@ -198,7 +198,7 @@ def run_item(loaded: LoadedModel, generator: Generator, item: Item, geom: ChunkG
     n = len(item.context_ids)
     cache = DenseKVCache(KVSpec.from_config(loaded.config), n + len(item.question_ids) + item.max_new_tokens)
     density = prefill_with_density(loaded.model, torch.tensor(item.context_ids), cache)
-    ctx = ContextKV.build(cache.kv, n, density, geom)
+    ctx = SegmentKV.build(cache.kv, n, density, geom)
     task = TASKS[item.task]
     answers: dict[str, str] = {}
     for variant, policy in policies.items():
@@ -277,14 +277,14 @@ def evaluate(loaded: LoadedModel, cfg: EvalConfig, ppl_text: str, items: Sequenc
 def assemble(cfg: EvalConfig, geom: ChunkGeometry, tallies: dict[str, VariantTally], items: Sequence[Item],
              examples: dict, runtime_s: float) -> dict:
     tasks = list(dict.fromkeys(it.task for it in items))
-    chunk_bytes = {lv: geom.payload_bytes(lv) for lv in Level}
+    chunk_bytes = {lv: geom.payload_bytes(lv) for lv in KVLevel}
     result: dict = {"variants": {}, "ci95": {}, "bytes": {}, "fidelity": {}, "agree_fp16": {}, "ppl_windows": {}}
     fp16_ppl = None
     for variant, t in tallies.items():
         ppl = math.exp(t.nll_sum / t.nll_tokens) if t.nll_tokens else None
         fp16_ppl = fp16_ppl if fp16_ppl is not None else ppl
         chunks = sum(t.chunk_counts.values())
-        total_bytes = sum(chunk_bytes[Level(bits)] * n for bits, n in t.chunk_counts.items())
+        total_bytes = sum(chunk_bytes[KVLevel(bits)] * n for bits, n in t.chunk_counts.items())
         bpt = total_bytes / (chunks * cfg.chunk_tokens) if chunks else None
         result["variants"][variant] = {
             "ppl": ppl, "bytes_per_token": bpt,
@@ -293,8 +293,8 @@ def assemble(cfg: EvalConfig, geom: ChunkGeometry, tallies: dict[str, VariantTal
         result["ci95"][variant] = {task: list(mean_ci95(t.scores[task])[1:]) for task in tasks}
         result["bytes"][variant] = {
             "nominal_ratio": sum(bits * n for bits, n in t.chunk_counts.items()) / (8 * chunks) if chunks else None,
-            "effective_ratio": total_bytes / (chunk_bytes[Level.INT8] * chunks) if chunks else None,
-            "level_fractions": {Level(bits).name: n / chunks for bits, n in sorted(t.chunk_counts.items())},
+            "effective_ratio": total_bytes / (chunk_bytes[KVLevel.INT8] * chunks) if chunks else None,
+            "level_fractions": {KVLevel(bits).name: n / chunks for bits, n in sorted(t.chunk_counts.items())},
             "sealed_chunks": chunks,
         }
         result["fidelity"][variant] = {
@@ -371,7 +371,7 @@ def run(loaded: LoadedModel, cfg: EvalConfig, json_path: Path | None = None, png
     """Evaluate every variant on `cfg`'s windows and items, print the table, and write the JSON and plot if asked."""
     from llmaas.bench.engine import machine
 
-    if codec.LEVEL_ERROR[Level.INT4] == 0 or codec.LEVEL_ERROR[Level.INT2] == 0:
+    if codec.LEVEL_ERROR[KVLevel.INT4] == 0 or codec.LEVEL_ERROR[KVLevel.INT2] == 0:
         print("warning: codec.LEVEL_ERROR is not measured yet (e(INT4) or e(INT2) is 0): the density_error "
               "objective degenerates", file=sys.stderr)
     conversation = Conversation(loaded.tokenizer, loaded.chat_template)

@@ -19,7 +19,7 @@ from pathlib import Path
 from llmaas.bench.disk import measure_disk
 from llmaas.bench.engine import WIKITEXT, machine
 from llmaas.engine.generate import Generator
-from llmaas.kv.codec import ChunkGeometry, Level
+from llmaas.kv.codec import ChunkGeometry, KVLevel
 from llmaas.kv.spec import KVSpec
 from llmaas.memory.policy import POLICIES
 from llmaas.memory.store import ChunkedKVStore, MemoryConfig
@@ -125,7 +125,7 @@ def measure_ours(loaded, ids: list[int], root: Path, policy, throttle: DiskThrot
     return {"switch_s": statistics.median(r.switch_s for r in runs), "switch_s_all": [r.switch_s for r in runs],
             "restore_s": statistics.median(r.restore_s for r in runs), "bytes_read": best.bytes_read,
             "recomputed_tokens": best.recomputed_tokens, "plan": plan,
-            "levels": {lv.name: levels.count(lv) for lv in Level if levels.count(lv)},
+            "levels": {lv.name: levels.count(lv) for lv in KVLevel if levels.count(lv)},
             "timeline": [vars(s) for s in best.timeline]}
 
 

@@ -18,9 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="rebuild an existing artifact (deletes the LoRA adapters trained on its unit orders)")
     train = sub.add_parser("train", help="LoRA recovery per level (scaled CPU recipe by default; resumable)")
     add_model_options(train)
-    from llmaas.elastic.levels import LEVELS, level_name
     from llmaas.elastic.lora_train import RECIPES, TrainConfig
-    train.add_argument("--levels", default=",".join(level_name(m) for m in LEVELS[:-1]),
+    from llmaas.elastic.model_levels import MODEL_LEVELS, model_level_name
+    train.add_argument("--levels", default=",".join(model_level_name(m) for m in MODEL_LEVELS[:-1]),
                        help="comma-separated levels to train (default: every level below 1.0)")
     train.add_argument("--recipe", choices=RECIPES, default="scaled",
                        help="scaled: the CPU recipe (default); full: ElastiLM's artifact recipe, for a GPU")
@@ -57,9 +57,9 @@ def main(argv: list[str]) -> int:
         build_artifact(loaded, directory)
         return 0
     if args.step == "train":
-        from llmaas.elastic.levels import parse_level
         from llmaas.elastic.lora_train import recipe, train_artifact_levels
-        levels = [parse_level(x) for x in args.levels.split(",") if x.strip()]
+        from llmaas.elastic.model_levels import parse_model_level
+        levels = [parse_model_level(x) for x in args.levels.split(",") if x.strip()]
         config = recipe(args.recipe, args.device, args.steps)
         train_artifact_levels(load_from_args(args), levels, config, args.until_step, args.elastic_dir)
         return 0

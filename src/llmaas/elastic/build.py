@@ -14,7 +14,7 @@ from llmaas.elastic.artifact import ElasticArtifact
 from llmaas.elastic.calibration import CALIBRATION_SOURCE, CalibrationConfig, calibration_batch
 from llmaas.elastic.importance import taylor_importance
 from llmaas.elastic.layer_scores import measure_layer_scores
-from llmaas.elastic.levels import LEVELS, level_widths
+from llmaas.elastic.model_levels import MODEL_LEVELS, level_widths
 from llmaas.elastic.reorder import layer_order
 from llmaas.model.loader import LoadedModel
 
@@ -50,7 +50,7 @@ def build_artifact(loaded: LoadedModel, directory: Path, calibration: Calibratio
     sorted_heads = importance.heads.clone()
     for i, order in orders.items():
         sorted_heads[i] = importance.heads[i][order.heads]
-    levels = {m: level_widths(c, sorted_heads, set(anchors), m) for m in LEVELS}
+    levels = {m: level_widths(c, sorted_heads, set(anchors), m) for m in MODEL_LEVELS}
     artifact = ElasticArtifact(loaded.model_id, {"source": CALIBRATION_SOURCE, **asdict(calibration)}, scores,
                                tuple(anchors), importance.heads, importance.neurons, orders, levels, timings)
     path = artifact.save(directory)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from llmaas.elastic.levels import LEVELS, level_name
 from llmaas.elastic.model import ElasticModel
+from llmaas.elastic.model_levels import MODEL_LEVELS, model_level_name
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
 from llmaas.model.lora import ModelLora
@@ -69,7 +69,7 @@ def tpot_s(model: Transformer, widths: ModelWidths | None, lora: ModelLora | Non
     return statistics.median(times[1:])
 
 
-def switch_s(view, levels: tuple[int, ...] = LEVELS, repeats: int = 20_000) -> float:
+def switch_s(view, levels: tuple[int, ...] = MODEL_LEVELS, repeats: int = 20_000) -> float:
     """Mean time of one level switch (`view(level)`), cycling through the levels."""
     t0 = time.perf_counter()
     for i in range(repeats):
@@ -82,16 +82,16 @@ def profile_levels(elastic: ElasticModel, config: LatencyConfig | None = None, l
     config = config or LatencyConfig()
     model = elastic.loaded.model
     rows = {}
-    for m in LEVELS:
+    for m in MODEL_LEVELS:
         sub = elastic.view(m)
         row = {"lora": sub.lora is not None, "tpot_s": tpot_s(model, sub.widths, sub.lora, config.decode_steps),
                "ttft_s": {str(n): ttft_s(model, sub.widths, sub.lora, n, config.runs) for n in config.prompt_lengths}}
-        rows[level_name(m)] = row
-        log(f"  level {level_name(m)}: TPOT {row['tpot_s'] * 1e3:.1f} ms, TTFT "
+        rows[model_level_name(m)] = row
+        log(f"  level {model_level_name(m)}: TPOT {row['tpot_s'] * 1e3:.1f} ms, TTFT "
             + ", ".join(f"{n}: {t * 1e3:.0f} ms" for n, t in row["ttft_s"].items()))
-    full = rows[level_name(10)]
-    for m in LEVELS:
-        row = rows[level_name(m)]
+    full = rows[model_level_name(10)]
+    for m in MODEL_LEVELS:
+        row = rows[model_level_name(m)]
         row["tpot_fraction"] = row["tpot_s"] / full["tpot_s"]
         row["ttft_fraction"] = {n: t / full["ttft_s"][n] for n, t in row["ttft_s"].items()}
         row["proxy"] = m / 10

@@ -11,14 +11,14 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from llmaas.elastic.levels import level_name
+from llmaas.elastic.model_levels import model_level_name
 from llmaas.model.config import ModelConfig
 from llmaas.model.lora import ModelLora
 from llmaas.model.widths import ModelWidths
 
 
 def adapter_path(directory: Path, level10: int) -> Path:
-    return directory / "lora" / f"level_{level_name(level10)}.safetensors"
+    return directory / "lora" / f"level_{model_level_name(level10)}.safetensors"
 
 
 def save_adapter(directory: Path, level10: int, lora: ModelLora, record: dict) -> Path:

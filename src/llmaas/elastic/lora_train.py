@@ -18,9 +18,9 @@ import torch
 
 from llmaas.elastic.artifact import ElasticArtifact, elastic_dir
 from llmaas.elastic.dense_forward import DenseWeights, causal_lm_loss
-from llmaas.elastic.levels import level_name
 from llmaas.elastic.lora_data import ALPACA_SOURCE, TEXT_SOURCE, Split, collate, make_split
 from llmaas.elastic.lora_store import adapter_record, save_adapter
+from llmaas.elastic.model_levels import model_level_name
 from llmaas.elastic.reorder import reorder_
 from llmaas.model.loader import LoadedModel
 from llmaas.model.lora import ModelLora
@@ -189,14 +189,14 @@ def train_levels(loaded: LoadedModel, artifact: ElasticArtifact, directory: Path
         target = min(config.steps, until_step or config.steps)
         if done is not None and done["steps"] >= target and _resume_key(TrainConfig(**done["recipe"])) == \
                 _resume_key(config):
-            log(f"level {level_name(m)}: adapter done ({done['steps']} steps), skipped")
+            log(f"level {model_level_name(m)}: adapter done ({done['steps']} steps), skipped")
             continue
-        checkpoint = directory / "lora" / f"checkpoint_{level_name(m)}.pt"
-        log(f"level {level_name(m)}: training to step {target} of {config.steps} (checkpoint {checkpoint})")
+        checkpoint = directory / "lora" / f"checkpoint_{model_level_name(m)}.pt"
+        log(f"level {model_level_name(m)}: training to step {target} of {config.steps} (checkpoint {checkpoint})")
         trainer = LevelTrainer(loaded, artifact.levels[m], split, config, checkpoint)
         lora = trainer.train(log, until_step)
         path = save_adapter(directory, m, lora, trainer.record())
-        log(f"level {level_name(m)}: saved {path} ({lora.num_params / 1e6:.2f} M parameters, "
+        log(f"level {model_level_name(m)}: saved {path} ({lora.num_params / 1e6:.2f} M parameters, "
             f"{lora.nbytes / 2**20:.1f} MiB; held-out loss {trainer.base_loss:.4f} -> {trainer.best_loss:.4f})")
 
 

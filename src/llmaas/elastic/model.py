@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmaas.elastic.artifact import ElasticArtifact, elastic_dir
-from llmaas.elastic.levels import LEVELS, level_name
 from llmaas.elastic.lora_store import load_adapter
+from llmaas.elastic.model_levels import MODEL_LEVELS, model_level_name
 from llmaas.elastic.reorder import reorder_
 from llmaas.errors import InvalidRequestError
 from llmaas.model.loader import LoadedModel, load_model
@@ -28,7 +28,7 @@ class SubModel:
 
     @property
     def name(self) -> str:
-        return level_name(self.level10) + ("+lora" if self.lora is not None else "")
+        return model_level_name(self.level10) + ("+lora" if self.lora is not None else "")
 
 
 class ElasticModel:
@@ -41,7 +41,7 @@ class ElasticModel:
         self.adapters = adapters
         self.adapter_records = adapter_records or {}  # level -> training record (steps, tokens, losses, wall time)
         reorder_(loaded.config, loaded.model.weights, artifact.orders)
-        self._views = {(m, False): SubModel(m, artifact.levels[m], None) for m in LEVELS}
+        self._views = {(m, False): SubModel(m, artifact.levels[m], None) for m in MODEL_LEVELS}
         self._views |= {(m, True): SubModel(m, artifact.levels[m], adapters[m]) for m in adapters}
 
     @classmethod
@@ -52,7 +52,7 @@ class ElasticModel:
         artifact = ElasticArtifact.load(directory, loaded.model_id)
         adapters, records = {}, {}
         if with_lora:
-            for m in LEVELS:
+            for m in MODEL_LEVELS:
                 found = load_adapter(directory, m, loaded.config, artifact.levels[m])
                 if found is not None:
                     adapters[m], records[m] = found
@@ -60,8 +60,8 @@ class ElasticModel:
 
     def view(self, level10: int, lora: bool = True) -> SubModel:
         """The sub-model at a level; with lora=True its adapter if one is trained (else none): a dict lookup."""
-        if level10 not in LEVELS:
-            raise InvalidRequestError(f"model level {level10} (tenths) is not one of {LEVELS}")
+        if level10 not in MODEL_LEVELS:
+            raise InvalidRequestError(f"model level {level10} (tenths) is not one of {MODEL_LEVELS}")
         return self._views.get((level10, lora)) or self._views[(level10, False)]
 
     @property

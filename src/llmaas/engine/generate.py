@@ -41,7 +41,7 @@ class GenerateRequest:
 
 
 @dataclass(frozen=True)
-class Timings:
+class GenerationTimings:
     prefill_s: float  # prompt processing
     ttft_s: float  # request start to the first generated token
     decode_s: float  # first token to the last
@@ -71,7 +71,7 @@ class Finished:
     text: str
     token_ids: tuple[int, ...]
     finish_reason: str  # "stop" (stop token or string), "length" (max_tokens or context full)
-    timings: Timings
+    timings: GenerationTimings
 
 
 @dataclass
@@ -168,6 +168,6 @@ class Generator:
             if tail:
                 yield TextDelta(tail, generated[-1])
         t_end = time.perf_counter()
-        timings = Timings(t_prefill - t0, t_first - t0, t_end - t_first, t_end - t0, len(request.prompt_ids),
+        timings = GenerationTimings(t_prefill - t0, t_first - t0, t_end - t_first, t_end - t0, len(request.prompt_ids),
                           len(generated))
         yield Finished(scanner.text, tuple(generated), reason, timings)

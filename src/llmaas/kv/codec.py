@@ -23,7 +23,7 @@ from llmaas.kv.spec import KVSpec
 DEFAULT_CHUNK_TOKENS = 16
 
 
-class Level(IntEnum):
+class KVLevel(IntEnum):
     """Bits per stored value. FP16 is the baselines' lossless codec; the others are LLMS's tolerance levels."""
 
     INT2 = 2
@@ -38,10 +38,10 @@ class Level(IntEnum):
 # level-w values requantized from them. Measured on SmolLM2-135M-Instruct KV of alpaca calibration text (not the
 # wikitext-2 text used for perplexity). Regenerate with:
 #   .venv/bin/python scripts/measure_kv_codec.py --level-error
-LEVEL_ERROR: dict[Level, float] = {
-    Level.INT8: 0.0,
-    Level.INT4: 5.11e-3,  # K 8.9e-4, V 9.3e-3
-    Level.INT2: 1.28e-1,  # K 2.3e-2, V 2.3e-1
+LEVEL_ERROR: dict[KVLevel, float] = {
+    KVLevel.INT8: 0.0,
+    KVLevel.INT4: 5.11e-3,  # K 8.9e-4, V 9.3e-3
+    KVLevel.INT2: 1.28e-1,  # K 2.3e-2, V 2.3e-1
 }
 
 
@@ -74,20 +74,20 @@ class ChunkGeometry:
         """Values of K (or of V) in one layer of one chunk."""
         return self.spec.n_kv_heads * self.chunk_tokens * self.spec.head_dim
 
-    def layout(self, level: Level) -> SectionLayout:
+    def layout(self, level: KVLevel) -> SectionLayout:
         h, c, d = self.spec.n_kv_heads, self.chunk_tokens, self.spec.head_dim
         codes = self.values_per_tensor * int(level) // 8
-        if level == Level.FP16:
+        if level == KVLevel.FP16:
             return SectionLayout(0, codes, codes, 2 * codes, 2 * codes)
-        fields = 1 if level == Level.INT8 else 2  # fp16 scale, plus an fp16 zero-point below INT8
+        fields = 1 if level == KVLevel.INT8 else 2  # fp16 scale, plus an fp16 zero-point below INT8
         k_meta, v_meta = 2 * fields * h * d, 2 * fields * h * c  # K per channel, V per token and head
         return SectionLayout(0, codes, codes + k_meta, 2 * codes + k_meta, 2 * codes + k_meta + v_meta)
 
-    def section_bytes(self, level: Level) -> int:
+    def section_bytes(self, level: KVLevel) -> int:
         """Bytes of ONE layer of one chunk: codes, scales and zero-points of K and V."""
         return self.layout(level).total_bytes
 
-    def payload_bytes(self, level: Level) -> int:
+    def payload_bytes(self, level: KVLevel) -> int:
         """Bytes of a whole chunk (all layers)."""
         return self.spec.n_layers * self.section_bytes(level)
 
@@ -173,7 +173,7 @@ def _asym(x: torch.Tensor, dim: int, bits: int, mask: torch.Tensor | None) -> tu
     return q, scale, zero
 
 
-def encode(k: torch.Tensor, v: torch.Tensor, level: Level, geom: ChunkGeometry,
+def encode(k: torch.Tensor, v: torch.Tensor, level: KVLevel, geom: ChunkGeometry,
            fills: Sequence[int] | None = None) -> torch.Tensor:
     """k, v float [n, L, Hkv, C, D] (C == chunk_tokens; partial chunks zero-padded, fills[i] tokens filled) ->
     uint8 [n, L, section_bytes(level)]. Token slots past a chunk's fill never influence its scales."""
@@ -186,26 +186,26 @@ def encode(k: torch.Tensor, v: torch.Tensor, level: Level, geom: ChunkGeometry,
     k, v = k.float(), v.float()
     if mask is not None:
         k, v = torch.where(mask, k, 0.0), torch.where(mask, v, 0.0)
-    if level == Level.FP16:
+    if level == KVLevel.FP16:
         return torch.cat([_as_bytes(k.half(), n, layers), _as_bytes(v.half(), n, layers)], dim=-1)
     if not (torch.isfinite(k).all() and torch.isfinite(v).all()):
         raise ValueError("KV holds inf or NaN values; they cannot be quantized")
     kq, ks = _int8_sym(k, dim=-2)  # K: one scale per (head, channel), over the chunk's tokens
     vq, vs = _int8_sym(v, dim=-1)  # V: one scale per (head, token)
     payload = torch.cat([_as_bytes(t, n, layers) for t in (kq, ks, vq, vs)], dim=-1)
-    return payload if level == Level.INT8 else requantize(payload, level, geom, fills)
+    return payload if level == KVLevel.INT8 else requantize(payload, level, geom, fills)
 
 
-def requantize(payload_int8: torch.Tensor, level: Level, geom: ChunkGeometry,
+def requantize(payload_int8: torch.Tensor, level: KVLevel, geom: ChunkGeometry,
                fills: Sequence[int] | None = None) -> torch.Tensor:
     """INT8 payloads [n, L, S8] -> level (INT8, INT4 or INT2) payloads, asymmetric on the INT8 axes, from the
     INT8-dequantized values (fills as in encode: padding never influences scales or zero-points)."""
-    if level == Level.INT8:
+    if level == KVLevel.INT8:
         return payload_int8
-    if level not in (Level.INT4, Level.INT2):
+    if level not in (KVLevel.INT4, KVLevel.INT2):
         raise ValueError(f"requantize goes from INT8 down to INT4 or INT2, not to {level!r}")
     n, layers = payload_int8.shape[:2]
-    k, v = decode(payload_int8, Level.INT8, geom)
+    k, v = decode(payload_int8, KVLevel.INT8, geom)
     mask = _fill_mask(n, geom, fills)
     kq, ks, kz = _asym(k, -2, int(level), mask)
     vq, vs, vz = _asym(v, -1, int(level), None)  # per token: padded tokens decode to 0 and keep scale 0
@@ -215,7 +215,7 @@ def requantize(payload_int8: torch.Tensor, level: Level, geom: ChunkGeometry,
 
 # -- decode ---------------------------------------------------------------------------------------------------------
 
-def decode(payload: torch.Tensor, level: Level, geom: ChunkGeometry) -> tuple[torch.Tensor, torch.Tensor]:
+def decode(payload: torch.Tensor, level: KVLevel, geom: ChunkGeometry) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 [n, L, S] -> (k, v) float32 [n, L, Hkv, C, D]: the reference decode (decode_into must equal it
     after rounding to fp16)."""
     lay = geom.layout(level)
@@ -223,7 +223,7 @@ def decode(payload: torch.Tensor, level: Level, geom: ChunkGeometry) -> tuple[to
         raise ValueError(f"a {level.name} payload is uint8 [n, L, {lay.total_bytes}]; got {payload.dtype} "
                          f"{list(payload.shape)}")
     h, c, d = geom.spec.n_kv_heads, geom.chunk_tokens, geom.spec.head_dim
-    if level == Level.FP16:
+    if level == KVLevel.FP16:
         return _fp16_field(payload, lay.k_codes, (h, c, d)), _fp16_field(payload, lay.v_codes, (h, c, d))
     n, layers = payload.shape[:2]
     bits = int(level)
@@ -244,7 +244,7 @@ def decode(payload: torch.Tensor, level: Level, geom: ChunkGeometry) -> tuple[to
     return k * ks + kz, v * vs + vz
 
 
-def decode_into(payloads: Sequence[torch.Tensor], levels: Sequence[Level], token_starts: Sequence[int],
+def decode_into(payloads: Sequence[torch.Tensor], levels: Sequence[KVLevel], token_starts: Sequence[int],
                 fills: Sequence[int], first_layer: int, num_layers: int, out: Sequence[torch.Tensor], *,
                 chunk_tokens: int | None = None, use_kernels: bool = True) -> None:
     """Decode chunk i's layers [first_layer, first_layer + num_layers) (payloads[i]: their sections, contiguous
@@ -263,7 +263,7 @@ def decode_into(payloads: Sequence[torch.Tensor], levels: Sequence[Level], token
     layers_out = list(out[first_layer:first_layer + num_layers])
     sample = layers_out[0]
     if chunk_tokens is None:
-        chunk_tokens = _implied_chunk_tokens(payloads[0].numel() // num_layers, Level(levels[0]), sample.shape[1],
+        chunk_tokens = _implied_chunk_tokens(payloads[0].numel() // num_layers, KVLevel(levels[0]), sample.shape[1],
                                              sample.shape[3])
     kernels = _native() if use_kernels else None
     if kernels is not None and _native_ok(layers_out):
@@ -276,9 +276,9 @@ def decode_into(payloads: Sequence[torch.Tensor], levels: Sequence[Level], token
         return
     geom = ChunkGeometry(KVSpec(len(out), sample.shape[1], sample.shape[3]), chunk_tokens)
     for p, lv, start, fill in zip(payloads, levels, token_starts, fills, strict=True):
-        want = num_layers * geom.section_bytes(Level(lv))
+        want = num_layers * geom.section_bytes(KVLevel(lv))
         if p.dtype != torch.uint8 or p.numel() != want:
-            raise ValueError(f"a {Level(lv).name} payload of {num_layers} layers is {want} uint8 bytes; got "
+            raise ValueError(f"a {KVLevel(lv).name} payload of {num_layers} layers is {want} uint8 bytes; got "
                              f"{p.numel()} {p.dtype}")
         if not (1 <= fill <= chunk_tokens and start >= 0 and start + fill <= sample.shape[2]):
             raise ValueError(f"token range [{start}, {start + fill}) is outside a chunk of {chunk_tokens} or "
@@ -286,7 +286,7 @@ def decode_into(payloads: Sequence[torch.Tensor], levels: Sequence[Level], token
     _decode_into_torch(payloads, levels, token_starts, fills, layers_out, geom)
 
 
-def _implied_chunk_tokens(section_bytes: int, level: Level, n_kv_heads: int, head_dim: int) -> int:
+def _implied_chunk_tokens(section_bytes: int, level: KVLevel, n_kv_heads: int, head_dim: int) -> int:
     """Invert ChunkGeometry.section_bytes, which is linear in chunk_tokens; DEFAULT_CHUNK_TOKENS if it does not
     divide (the size check then reports the mismatch)."""
     one = ChunkGeometry(KVSpec(1, n_kv_heads, head_dim), 1).section_bytes(level)
@@ -296,11 +296,11 @@ def _implied_chunk_tokens(section_bytes: int, level: Level, n_kv_heads: int, hea
     return tokens if rest == 0 and tokens >= 1 else DEFAULT_CHUNK_TOKENS
 
 
-def _decode_into_torch(payloads: Sequence[torch.Tensor], levels: Sequence[Level], token_starts: Sequence[int],
+def _decode_into_torch(payloads: Sequence[torch.Tensor], levels: Sequence[KVLevel], token_starts: Sequence[int],
                        fills: Sequence[int], out: list[torch.Tensor], geom: ChunkGeometry) -> None:
-    by_level: dict[Level, list[int]] = {}
+    by_level: dict[KVLevel, list[int]] = {}
     for i, lv in enumerate(levels):
-        by_level.setdefault(Level(lv), []).append(i)
+        by_level.setdefault(KVLevel(lv), []).append(i)
     for lv, idx in by_level.items():  # one batched decode per level
         batch = torch.stack([payloads[i].reshape(len(out), -1) for i in idx])
         k, v = decode(batch, lv, geom)  # [n, L, Hkv, C, D]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from llmaas.kv.codec import Level
+from llmaas.kv.codec import KVLevel
 from llmaas.storage.chunk_index import ChunkLocation
 
 
@@ -23,7 +23,7 @@ class Chunk:
     index: int
     token_start: int
     fill: int  # tokens held; == chunk_tokens once sealed
-    level: Level
+    level: KVLevel
     prefix_hash: bytes  # of every token id up to the chunk's end: KV built for other tokens is never used
     payload: torch.Tensor | None = None  # encoded bytes, all layers (uint8 [n_layers * section_bytes]) when resident
     staging: torch.Tensor | None = None  # open chunk's exact values ([2, n_layers, Hkv, fill, D] fp16), resident

@@ -12,8 +12,8 @@ from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 from llmaas.errors import InvalidRequestError
-from llmaas.kv.codec import Level
-from llmaas.memory.levels import OBJECTIVES, Objective
+from llmaas.kv.codec import KVLevel
+from llmaas.memory.kv_levels import OBJECTIVES, Objective
 
 VictimOrder = Literal["lctru", "lru", "context"]  # LCTRU sub-queues; plain chunk LRU; whole least recently used context
 # Planned IO+recompute overlap; IO only; recompute only (nothing on disk).
@@ -27,7 +27,7 @@ RESTORES: tuple[RestoreMode, ...] = get_args(RestoreMode)
 @dataclass(frozen=True)
 class MemoryPolicy:
     name: str
-    base_level: Level = Level.INT8  # every sealed chunk starts here; FP16 is lossless
+    base_level: KVLevel = KVLevel.INT8  # every sealed chunk starts here; FP16 is lossless
     compress: bool = True  # requantize low-density chunks to INT4/INT2 under ratio_global
     ahead_of_time: bool = True  # write modified chunks in the background after each call, so eviction is free
     victim_order: VictimOrder = "lctru"
@@ -50,7 +50,7 @@ class MemoryPolicy:
             raise InvalidRequestError(f"ratio_global must lie in [0.25, 1]; got {self.ratio_global}")
         if self.chunk_tokens < 1 or self.layers_per_step < 1:
             raise InvalidRequestError("chunk_tokens and layers_per_step must be >= 1")
-        if self.compress and self.base_level != Level.INT8:
+        if self.compress and self.base_level != KVLevel.INT8:
             raise InvalidRequestError("compression requantizes from the INT8 base; use base_level INT8")
         if not self.writes_on_evict and self.restore != "recompute":
             raise InvalidRequestError("a policy that never writes must restore by recompute")
@@ -66,15 +66,15 @@ POLICIES: dict[str, MemoryPolicy] = {p.name: p for p in (
     MemoryPolicy("llms"),
     # LLMS's mechanisms with exact KV (FP16, as the working buffer holds it): a restored context continues exactly as
     # if it had never left memory, at twice INT8's bytes. For apps, tests and checks that need bit-exact replies.
-    MemoryPolicy("llms-lossless", base_level=Level.FP16, compress=False),
+    MemoryPolicy("llms-lossless", base_level=KVLevel.FP16, compress=False),
     MemoryPolicy("llms-no-compression", compress=False),
     MemoryPolicy("llms-no-pipeline", restore="io"),
     MemoryPolicy("llms-no-lifecycle", ahead_of_time=False, victim_order="lru"),
-    MemoryPolicy("lmk", base_level=Level.FP16, compress=False, ahead_of_time=False, victim_order="context",
+    MemoryPolicy("lmk", base_level=KVLevel.FP16, compress=False, ahead_of_time=False, victim_order="context",
                  writes_on_evict=False, restore="recompute"),
-    MemoryPolicy("swapping", base_level=Level.FP16, compress=False, ahead_of_time=False, victim_order="context",
+    MemoryPolicy("swapping", base_level=KVLevel.FP16, compress=False, ahead_of_time=False, victim_order="context",
                  whole_context_io=True, restore="io"),
-    MemoryPolicy("vllm-s", base_level=Level.FP16, compress=False, ahead_of_time=False, victim_order="lru",
+    MemoryPolicy("vllm-s", base_level=KVLevel.FP16, compress=False, ahead_of_time=False, victim_order="lru",
                  restore="io"),
     MemoryPolicy("vllm-sq", compress=False, ahead_of_time=False, victim_order="lru", restore="io"),
 )}

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from llmaas.errors import LlmaasError
-from llmaas.kv.codec import LEVEL_ERROR, ChunkGeometry, Level, decode, decode_into, encode
+from llmaas.kv.codec import LEVEL_ERROR, ChunkGeometry, KVLevel, decode, decode_into, encode
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
 from llmaas.memory.chunk import Chunk, ContextKV, prefix_hashes
 from llmaas.memory.density_store import DensityStore
-from llmaas.memory.levels import assign_levels
+from llmaas.memory.kv_levels import assign_levels
 from llmaas.memory.policy import MemoryPolicy
 from llmaas.memory.victims import VictimQueue
 from llmaas.memory.writer import WriteBack
@@ -246,7 +246,7 @@ class ChunkedKVStore:
     def minimum_budget_bytes(geometry: ChunkGeometry, policy: MemoryPolicy, max_context_tokens: int) -> int:
         """One maximum-length context at base precision plus its open chunk's staging copy (LLMS §6.3)."""
         chunks = -(-max_context_tokens // geometry.chunk_tokens)
-        staging = 0 if policy.base_level == Level.FP16 else staging_bytes(geometry.spec, geometry.chunk_tokens - 1)
+        staging = 0 if policy.base_level == KVLevel.FP16 else staging_bytes(geometry.spec, geometry.chunk_tokens - 1)
         return chunks * geometry.payload_bytes(policy.base_level) + staging
 
     # -- Load -------------------------------------------------------------------------------------------------------
@@ -486,7 +486,7 @@ class ChunkedKVStore:
             loc = locations.get(index)
             if loc is None:
                 break
-            ctx.chunks.append(Chunk(index, loc.token_start, loc.fill, Level(loc.level), loc.prefix_hash,
+            ctx.chunks.append(Chunk(index, loc.token_start, loc.fill, KVLevel(loc.level), loc.prefix_hash,
                                     version=loc.version, committed_version=loc.version, location=loc))
         ctx.prob_sum, ctx.row_count = self.densities.load(context_id)
         self._contexts[context_id] = ctx
@@ -537,7 +537,7 @@ class ChunkedKVStore:
                 v[i, layer, :, :c.fill] = kv[1, :, span]
         return k, v
 
-    def _encode_from_buffer(self, chunks: list[Chunk], level: Level) -> list[torch.Tensor]:
+    def _encode_from_buffer(self, chunks: list[Chunk], level: KVLevel) -> list[torch.Tensor]:
         if not chunks:
             return []
         k, v = self._kv_of(chunks)
@@ -546,7 +546,7 @@ class ChunkedKVStore:
 
     def _staging_of(self, c: Chunk) -> torch.Tensor | None:
         """The open chunk's exact values, so it is sealed from them rather than from its INT8 copy."""
-        if c.fill == self.policy.chunk_tokens or self.policy.base_level == Level.FP16:
+        if c.fill == self.policy.chunk_tokens or self.policy.base_level == KVLevel.FP16:
             return None
         span = slice(c.token_start, c.token_start + c.fill)
         return torch.stack([kv[:, :, span] for kv in self.buffer.kv], dim=1).clone()  # [2, L, Hkv, fill, D]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Iterator
 
-from llmaas.kv.codec import Level
+from llmaas.kv.codec import KVLevel
 from llmaas.memory.policy import VictimOrder
 
 ChunkKey = tuple[str, int]  # (context id, chunk index)
@@ -23,10 +23,10 @@ class VictimQueue:
         self._queues: dict[int, OrderedDict[ChunkKey, None]] = {}  # sub-queue key -> LRU first
         self._level_of: dict[ChunkKey, int] = {}
 
-    def _queue_key(self, level: Level) -> int:
+    def _queue_key(self, level: KVLevel) -> int:
         return int(level) if self.order == "lctru" else 0
 
-    def touch(self, key: ChunkKey, level: Level) -> None:
+    def touch(self, key: ChunkKey, level: KVLevel) -> None:
         """The chunk is resident and was just used (or changed level): make it most recently used."""
         self.remove(key)
         q = self._queue_key(level)

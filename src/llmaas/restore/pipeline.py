@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmaas.kv.codec import Level, decode_into
+from llmaas.kv.codec import KVLevel, decode_into
 from llmaas.kv.dense import DenseKVCache
 from llmaas.model.transformer import Transformer
 from llmaas.storage.chunk_index import ChunkLocation
@@ -28,7 +28,7 @@ from llmaas.storage.chunk_log import ChunkLog, ReadResult
 class LoadItem:
     chunk_index: int
     location: ChunkLocation  # the chunk log's location of the committed version
-    level: Level
+    level: KVLevel
     token_start: int
     fill: int
 

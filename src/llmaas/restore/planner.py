@@ -12,14 +12,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from llmaas.kv.codec import Level
+    from llmaas.kv.codec import KVLevel
     from llmaas.restore.cost_model import RestoreProfile
 
 
 @dataclass(frozen=True)
 class MissingChunk:
     index: int  # chunk position in the context
-    level: Level
+    level: KVLevel
     nbytes: int  # true stored bytes (payload + scales), what loading it would read
     must_recompute: bool = False  # file missing, corrupt, or from another model/codec
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from llmaas.kv.codec import ChunkGeometry, Level, encode
+from llmaas.kv.codec import ChunkGeometry, KVLevel, encode
 from llmaas.kv.dense import DenseKVCache
 from llmaas.model.transformer import Transformer
 from llmaas.paths import cache_dir
@@ -82,24 +82,24 @@ def measure_profile(model: Transformer, geometry: ChunkGeometry, model_id: str, 
         clock.done(f"recompute {x} chunks: {re_points[-1][1] * 1e3:.1f} ms", re_points[-1][1] * repeats)
     k = torch.stack([kv[0].reshape(geometry.spec.n_kv_heads, n_chunks, size, -1) for kv in cache.kv], 1)
     v = torch.stack([kv[1].reshape(geometry.spec.n_kv_heads, n_chunks, size, -1) for kv in cache.kv], 1)
-    payload = encode(k.permute(2, 1, 0, 3, 4).float(), v.permute(2, 1, 0, 3, 4).float(), Level.INT8, geometry)
+    payload = encode(k.permute(2, 1, 0, 3, 4).float(), v.permute(2, 1, 0, 3, 4).float(), KVLevel.INT8, geometry)
     io_points = []
     with tempfile.TemporaryDirectory(prefix="llmaas-profile-") as tmp:
         log = ChunkLog(Path(tmp), model_id, codec, throttle=throttle)
-        layers, section = geometry.spec.n_layers, geometry.section_bytes(Level.INT8)
-        records = [ChunkRecord(i, 1, int(Level.INT8), i * size, (i + 1) * size, size, bytes(16), layers, section,
+        layers, section = geometry.spec.n_layers, geometry.section_bytes(KVLevel.INT8)
+        records = [ChunkRecord(i, 1, int(KVLevel.INT8), i * size, (i + 1) * size, size, bytes(16), layers, section,
                                payload[i].reshape(-1)) for i in range(n_chunks)]
         locations = log.write("profile", records)
         for x in counts:
             # Contiguous chunks: the model is seconds per byte, and spread-out chunks would be read with the gaps
             # between them (the chunk log merges nearby ranges), which bytes cannot describe.
-            items = [LoadItem(i, locations[i], Level.INT8, i * size, size) for i in range(x)]
+            items = [LoadItem(i, locations[i], KVLevel.INT8, i * size, size) for i in range(x)]
             t = []
             for _ in range(io_repeats):
                 t0 = time.perf_counter()
                 restore(model, cache, log, items, (), ids.tolist())
                 t.append(time.perf_counter() - t0)
-            io_points.append((float(x * geometry.payload_bytes(Level.INT8)), statistics.median(t)))
+            io_points.append((float(x * geometry.payload_bytes(KVLevel.INT8)), statistics.median(t)))
             clock.done(f"read {x} chunks ({io_points[-1][0] / 2**20:.1f} MiB): {io_points[-1][1] * 1e3:.1f} ms",
                        io_points[-1][1] * io_repeats)
         log.close()

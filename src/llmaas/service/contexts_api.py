@@ -25,7 +25,7 @@ from llmaas.service.schemas import (
     Deleted,
     MessageOut,
     NewContext,
-    Timings,
+    TimingsOut,
     Usage,
 )
 from llmaas.service.state import CallStream, ServiceState, authenticate, get_state
@@ -47,7 +47,7 @@ def call_out(r: CallResult) -> CallOut:
     return CallOut(context_id=r.context_id, reply=r.reply, finish_reason=r.finish_reason,
                    usage=Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
                                context_tokens=r.context_tokens),
-                   timings=Timings(**r.timings.__dict__), notice=finish_notice(r))
+                   timings=TimingsOut(**r.timings.__dict__), notice=finish_notice(r))
 
 
 def finish_notice(r: CallResult) -> str | None:

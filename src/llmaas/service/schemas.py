@@ -73,7 +73,7 @@ class Usage(BaseModel):
     context_tokens: int
 
 
-class Timings(BaseModel):
+class TimingsOut(BaseModel):
     queue_s: float
     switch_s: float = Field(description="making the context's KV resident (context-switch latency)")
     prefill_s: float
@@ -92,7 +92,7 @@ class CallOut(BaseModel):
     reply: str
     finish_reason: Literal["stop", "length", "context_full"] = FINISH_REASON
     usage: Usage
-    timings: Timings
+    timings: TimingsOut
     notice: str | None = Field(None, description="what to do next, when the caller must act (e.g. a full context)")
 
 

@@ -1,4 +1,4 @@
-"""Level assignment (LLMS §4.4, §4.6): the O(N) solver against brute force, endpoint solutions, down-only."""
+"""KVLevel assignment (LLMS §4.4, §4.6): the O(N) solver against brute force, endpoint solutions, down-only."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from fractions import Fraction
 import numpy as np
 import pytest
 
-from llmaas.kv.codec import Level
-from llmaas.memory.levels import (
+from llmaas.kv.codec import KVLevel
+from llmaas.memory.kv_levels import (
     assign_levels,
     budget_units,
     compression_ratios,
@@ -18,9 +18,9 @@ from llmaas.memory.levels import (
 )
 
 # Dyadic values (k / 2^n) keep every sum and product below exact in float64, so "equal" and "tie" mean exactly that.
-LEVEL_ERROR = {Level.INT8: 0.0, Level.INT4: 0.25, Level.INT2: 1.0}
-UNITS = {Level.INT8: 4, Level.INT4: 2, Level.INT2: 1}
-PAPER_WEIGHT = {Level.INT8: 1.0, Level.INT4: 2.0, Level.INT2: 4.0}
+LEVEL_ERROR = {KVLevel.INT8: 0.0, KVLevel.INT4: 0.25, KVLevel.INT2: 1.0}
+UNITS = {KVLevel.INT8: 4, KVLevel.INT4: 2, KVLevel.INT2: 1}
+PAPER_WEIGHT = {KVLevel.INT8: 1.0, KVLevel.INT4: 2.0, KVLevel.INT2: 4.0}
 
 
 def random_densities(rng: np.random.Generator, n: int) -> list[float]:
@@ -29,19 +29,20 @@ def random_densities(rng: np.random.Generator, n: int) -> list[float]:
     return [float(x) for x in rng.integers(0, 2**12, n) / 2**12]
 
 
-def random_level_error(rng: np.random.Generator) -> dict[Level, float]:
+def random_level_error(rng: np.random.Generator) -> dict[KVLevel, float]:
     e4, e2 = sorted(int(x) for x in rng.integers(0, 2**8, 2))
-    return {Level.INT8: 0.0, Level.INT4: e4 / 2**8, Level.INT2: e2 / 2**8}
+    return {KVLevel.INT8: 0.0, KVLevel.INT4: e4 / 2**8, KVLevel.INT2: e2 / 2**8}
 
 
-def band_score(desc: list[float], n8: int, n4: int, objective: str, level_error: dict[Level, float]) -> float:
+def band_score(desc: list[float], n8: int, n4: int, objective: str, level_error: dict[KVLevel, float]) -> float:
     bands = (desc[:n8], desc[n8 : n8 + n4], desc[n8 + n4 :])
     if objective == "paper":
         return sum(w * sum(b) for w, b in zip((1.0, 2.0, 4.0), bands, strict=True))
-    return -sum(level_error[lv] * sum(b) for lv, b in zip((Level.INT8, Level.INT4, Level.INT2), bands, strict=True))
+    levels = (KVLevel.INT8, KVLevel.INT4, KVLevel.INT2)
+    return -sum(level_error[lv] * sum(b) for lv, b in zip(levels, bands, strict=True))
 
 
-def brute_force_split(desc: list[float], ratio: str, objective: str, level_error: dict[Level, float]) -> tuple:
+def brute_force_split(desc: list[float], ratio: str, objective: str, level_error: dict[KVLevel, float]) -> tuple:
     n = len(desc)
     t = math.floor(4 * Fraction(ratio) * n)  # exact decimal G, independent of the solver's float arithmetic
     splits = [
@@ -73,7 +74,7 @@ def test_sorted_bands_are_optimal_for_density_error() -> None:
             for levels in itertools.product(UNITS, repeat=n)
             if sum(UNITS[lv] for lv in levels) == t
         )
-        got = assign_levels(dens, [Level.INT8] * n, ratio, "density_error", err)
+        got = assign_levels(dens, [KVLevel.INT8] * n, ratio, "density_error", err)
         assert sum(UNITS[lv] for lv in got) == t
         assert sum(d * err[lv] for d, lv in zip(dens, got, strict=True)) == best, case
 
@@ -106,22 +107,22 @@ def test_hand_worked_example() -> None:
     #   n8 = 0: 2 * 1.0 = 2.0;   n8 = 1: 0.4 + 2*0.3 + 4*(0.2 + 0.1) = 2.2   -> n8 = 1.
     # density_error with e(INT4) = 0.25, e(INT2) = 1.0, cost = Σ D_i * e(level_i):
     #   n8 = 0: 0.25 * 1.0 = 0.25;   n8 = 1: 0 + 0.25*0.3 + 1.0*0.3 = 0.375   -> n8 = 0.
-    dens, int8 = [0.4, 0.1, 0.3, 0.2], [Level.INT8] * 4
+    dens, int8 = [0.4, 0.1, 0.3, 0.2], [KVLevel.INT8] * 4
     assert budget_units(4, 0.5) == 8
-    assert assign_levels(dens, int8, 0.5, "paper") == [Level.INT8, Level.INT2, Level.INT4, Level.INT2]
-    assert assign_levels(dens, int8, 0.5, "density_error", LEVEL_ERROR) == [Level.INT4] * 4
+    assert assign_levels(dens, int8, 0.5, "paper") == [KVLevel.INT8, KVLevel.INT2, KVLevel.INT4, KVLevel.INT2]
+    assert assign_levels(dens, int8, 0.5, "density_error", LEVEL_ERROR) == [KVLevel.INT4] * 4
     # A more skewed context flips density_error: [0.7, 0.1, 0.1, 0.1] costs 0.25 at n8 = 0 but
     # 0.25*0.1 + 1.0*(0.1 + 0.1) = 0.225 at n8 = 1; the tied 0.1s rank by lower index.
     skewed = assign_levels([0.7, 0.1, 0.1, 0.1], int8, 0.5, "density_error", LEVEL_ERROR)
-    assert skewed == [Level.INT8, Level.INT4, Level.INT2, Level.INT2]
+    assert skewed == [KVLevel.INT8, KVLevel.INT4, KVLevel.INT2, KVLevel.INT2]
 
 
 @pytest.mark.parametrize("objective", ["paper", "density_error"])
 def test_down_only_under_repeated_releveling(objective: str) -> None:
     rng = np.random.default_rng(7)
-    levels: list[Level] = []
+    levels: list[KVLevel] = []
     for _ in range(60):
-        levels += [Level.INT8] * int(rng.integers(0, 3))  # newly sealed chunks enter at INT8
+        levels += [KVLevel.INT8] * int(rng.integers(0, 3))  # newly sealed chunks enter at INT8
         dens = [float(x) for x in rng.random(len(levels))]  # densities drift between calls
         new = assign_levels(dens, levels, 0.5, objective, LEVEL_ERROR)
         assert all(b <= a for a, b in zip(levels, new, strict=True))
@@ -137,8 +138,8 @@ def test_budget_units() -> None:
 
 
 def test_compression_ratios() -> None:
-    chunk_bytes = {Level.INT8: 198_720, Level.INT4: 120_960, Level.INT2: 74_880}  # §4.5 table, SmolLM2 geometry
-    nominal, effective = compression_ratios([Level.INT8, Level.INT4, Level.INT2, Level.INT2], chunk_bytes)
+    chunk_bytes = {KVLevel.INT8: 198_720, KVLevel.INT4: 120_960, KVLevel.INT2: 74_880}  # §4.5 table, SmolLM2 geometry
+    nominal, effective = compression_ratios([KVLevel.INT8, KVLevel.INT4, KVLevel.INT2, KVLevel.INT2], chunk_bytes)
     assert nominal == (1 + 0.5 + 0.25 + 0.25) / 4
     assert effective == pytest.approx((198_720 + 120_960 + 2 * 74_880) / (4 * 198_720))
     assert compression_ratios([], chunk_bytes) == (1.0, 1.0)
@@ -146,17 +147,17 @@ def test_compression_ratios() -> None:
 
 def test_errors() -> None:
     with pytest.raises(ValueError, match="ratio_global"):
-        assign_levels([0.1], [Level.INT8], 0.2, "paper")
+        assign_levels([0.1], [KVLevel.INT8], 0.2, "paper")
     with pytest.raises(ValueError, match="unknown objective"):
-        assign_levels([0.1], [Level.INT8], 0.5, "best")
+        assign_levels([0.1], [KVLevel.INT8], 0.5, "best")
     with pytest.raises(ValueError, match="needs level_error"):
-        assign_levels([0.1], [Level.INT8], 0.5, "density_error")
+        assign_levels([0.1], [KVLevel.INT8], 0.5, "density_error")
     with pytest.raises(ValueError, match="e\\(INT4\\) <= e\\(INT2\\)"):
-        assign_levels([0.1], [Level.INT8], 0.5, "density_error", {Level.INT4: 1.0, Level.INT2: 0.5})
+        assign_levels([0.1], [KVLevel.INT8], 0.5, "density_error", {KVLevel.INT4: 1.0, KVLevel.INT2: 0.5})
     with pytest.raises(ValueError, match="current levels"):
-        assign_levels([0.1, 0.2], [Level.INT8], 0.5, "paper")
+        assign_levels([0.1, 0.2], [KVLevel.INT8], 0.5, "paper")
     with pytest.raises(ValueError, match="current level must be"):
-        assign_levels([0.1], [Level.FP16], 0.5, "paper")
+        assign_levels([0.1], [KVLevel.FP16], 0.5, "paper")
     with pytest.raises(ValueError, match="finite"):
-        assign_levels([math.nan], [Level.INT8], 0.5, "paper")
+        assign_levels([math.nan], [KVLevel.INT8], 0.5, "paper")
     assert assign_levels([], [], 0.5, "paper") == []

@@ -17,25 +17,26 @@ from llmaas.errors import InvalidRequestError
 from llmaas.model.config import ModelConfig
 from llmaas.model.widths import LayerWidths, ModelWidths
 
-LEVELS = tuple(range(2, 11))  # model level m in tenths: 0.2 .. 1.0
+MODEL_LEVELS = tuple(range(2, 11))  # model level m in tenths: 0.2 .. 1.0
 KEEP = {2: Fraction(1, 10), 3: Fraction(1, 8), 4: Fraction(1, 4), 5: Fraction(3, 8), 6: Fraction(1, 2),
         7: Fraction(5, 8), 8: Fraction(3, 4), 9: Fraction(7, 8), 10: Fraction(1)}
 FFN_MULTIPLE = 16  # neuron counts round up to this, so slices stay SIMD- and block-friendly
 
 
-def level_name(level10: int) -> str:
+def model_level_name(level10: int) -> str:
     return f"{level10 / 10:.1f}"
 
 
-def parse_level(text: str) -> int:
+def parse_model_level(text: str) -> int:
     """'0.4' or '4' (tenths) -> 4; anything else is refused with the valid choices."""
     try:
         value = float(text)
     except ValueError:
         value = math.nan
     tenths = value * 10 if value <= 1 else value
-    if not math.isfinite(tenths) or abs(tenths - round(tenths)) > 1e-9 or round(tenths) not in LEVELS:
-        raise InvalidRequestError(f"model level {text!r} is not one of {', '.join(map(level_name, LEVELS))}")
+    if not math.isfinite(tenths) or abs(tenths - round(tenths)) > 1e-9 or round(tenths) not in MODEL_LEVELS:
+        choices = ", ".join(map(model_level_name, MODEL_LEVELS))
+        raise InvalidRequestError(f"model level {text!r} is not one of {choices}")
     return round(tenths)
 
 

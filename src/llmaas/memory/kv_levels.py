@@ -1,4 +1,4 @@
-"""Tolerance-aware level assignment (LLMS §4.3-4.6): which chunks of a context stay INT8 and which drop to INT4/INT2.
+"""Tolerance-aware KV level assignment (LLMS §4.3-4.6): which chunks of a context stay INT8 and which drop to INT4/INT2.
 
 Owns the exact O(N) split solver under the integer byte constraint, its two objectives (`paper`: Eq. 3 as printed;
 `density_error`: ours), the down-only rule and the nominal/effective ratio of an assignment. Ignores where densities
@@ -12,13 +12,13 @@ from collections.abc import Mapping, Sequence
 from itertools import accumulate
 from typing import Literal, get_args
 
-from llmaas.kv.codec import Level
+from llmaas.kv.codec import KVLevel
 
 # The one list of objectives (MemoryPolicy.objective uses it too). The functions below still take a plain str and
 # reject unknown names at run time: their callers include benchmarks that pick an objective by name.
 Objective = Literal["paper", "density_error"]
 OBJECTIVES: tuple[Objective, ...] = get_args(Objective)
-COMPRESSIBLE = (Level.INT8, Level.INT4, Level.INT2)  # bands in order of decreasing density
+COMPRESSIBLE = (KVLevel.INT8, KVLevel.INT4, KVLevel.INT2)  # bands in order of decreasing density
 
 
 def budget_units(n_chunks: int, ratio_global: float) -> int:
@@ -35,7 +35,7 @@ def split_counts(
     sorted_desc_densities: Sequence[float],
     ratio_global: float,
     objective: str,
-    level_error: Mapping[Level, float] | None = None,
+    level_error: Mapping[KVLevel, float] | None = None,
 ) -> tuple[int, int, int]:
     """(n8, n4, n2) for rank-contiguous bands over densities sorted in decreasing order.
 
@@ -59,11 +59,11 @@ def split_counts(
 
 def assign_levels(
     chunk_densities: Sequence[float],
-    current_levels: Sequence[Level],
+    current_levels: Sequence[KVLevel],
     ratio_global: float,
     objective: str,
-    level_error: Mapping[Level, float] | None = None,
-) -> list[Level]:
+    level_error: Mapping[KVLevel, float] | None = None,
+) -> list[KVLevel]:
     """Target level per chunk (same order as the input): the densest band INT8, then INT4, then INT2, never above
     a chunk's current level (a requantized chunk cannot regain precision short of recompute, §4.6).
 
@@ -78,14 +78,14 @@ def assign_levels(
             raise ValueError(f"chunk {i}: current level must be INT8, INT4 or INT2, got {level!r}")
     order = sorted(range(len(chunk_densities)), key=lambda i: (-chunk_densities[i], i))
     n8, n4, _ = split_counts([chunk_densities[i] for i in order], ratio_global, objective, level_error)
-    targets = [Level.INT2] * len(order)
+    targets = [KVLevel.INT2] * len(order)
     for rank, i in enumerate(order):
-        target = Level.INT8 if rank < n8 else Level.INT4 if rank < n8 + n4 else Level.INT2
-        targets[i] = min(target, Level(current_levels[i]))  # down-only
+        target = KVLevel.INT8 if rank < n8 else KVLevel.INT4 if rank < n8 + n4 else KVLevel.INT2
+        targets[i] = min(target, KVLevel(current_levels[i]))  # down-only
     return targets
 
 
-def compression_ratios(levels: Sequence[Level], chunk_bytes: Mapping[Level, int]) -> tuple[float, float]:
+def compression_ratios(levels: Sequence[KVLevel], chunk_bytes: Mapping[KVLevel, int]) -> tuple[float, float]:
     """(nominal, effective) ratio of an assignment relative to all-INT8; 1.0 for no chunks.
 
     Nominal counts bits (INT4 = 1/2); effective counts the true bytes per chunk, scales and zero-points included (§4.5).
@@ -93,18 +93,18 @@ def compression_ratios(levels: Sequence[Level], chunk_bytes: Mapping[Level, int]
     if not levels:
         return 1.0, 1.0
     nominal = sum(int(level) for level in levels) / (8 * len(levels))
-    effective = sum(chunk_bytes[level] for level in levels) / (chunk_bytes[Level.INT8] * len(levels))
+    effective = sum(chunk_bytes[level] for level in levels) / (chunk_bytes[KVLevel.INT8] * len(levels))
     return nominal, effective
 
 
-def _band_weights(objective: str, level_error: Mapping[Level, float] | None) -> tuple[float, float, float]:
+def _band_weights(objective: str, level_error: Mapping[KVLevel, float] | None) -> tuple[float, float, float]:
     if objective == "paper":
         return 1.0, 2.0, 4.0  # 1/ratio_w for ratio 1, 1/2, 1/4
     if objective == "density_error":
         if level_error is None:
             raise ValueError("objective 'density_error' needs level_error (e.g. llmaas.kv.codec.LEVEL_ERROR)")
-        e8 = float(level_error.get(Level.INT8, 0.0))
-        e4, e2 = float(level_error[Level.INT4]), float(level_error[Level.INT2])
+        e8 = float(level_error.get(KVLevel.INT8, 0.0))
+        e4, e2 = float(level_error[KVLevel.INT4]), float(level_error[KVLevel.INT2])
         # Sorted bands are optimal only when less precision never means less error (rearrangement inequality).
         if not (e8 == 0.0 and 0.0 <= e4 <= e2 and math.isfinite(e2)):
             raise ValueError(f"level_error needs e(INT8) = 0 <= e(INT4) <= e(INT2), finite; got {dict(level_error)}")
