@@ -1,23 +1,28 @@
 """The KV-compression evaluation: text metrics on hand-worked examples, the chunk plumbing, the fp16 variant's
-compressed-KV path against the plain path, and a whole (tiny-model) run's JSON shape."""
+compressed-KV path against the plain path, and a whole (tiny-model) run's JSON shape; the level sweep's band splits
+and the level-error measurement (`--sweep`, `--level-error`)."""
 
 from __future__ import annotations
 
+import json
 import math
 import random
 
 import pytest
 import torch
 
-from llmaas.bench import eval_kv
+from llmaas.bench import eval_kv, kv_level_error, kv_level_sweep
 from llmaas.bench.eval_kv import EvalConfig, SegmentKV, VariantTally, from_chunks, ppl_window, to_chunks, variant_policy
 from llmaas.bench.kv_tasks import TASKS, make_item
 from llmaas.bench.text_metrics import chrf, lcs_length, match_label, mean_ci95, rouge_l
 from llmaas.cli import eval as eval_cli
+from llmaas.cli import eval_kv as eval_kv_cli
 from llmaas.engine.conversation import Conversation
+from llmaas.kv import codec
 from llmaas.kv.codec import ChunkGeometry, KVLevel
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
+from llmaas.memory.kv_levels import budget_units
 from llmaas.model.loader import load_model
 from llmaas.model.stats import AttentionStats
 from tiny_gguf import write_tiny_llama
@@ -167,3 +172,104 @@ def test_cli_dispatch(capsys):
     assert eval_cli.main([]) == 0
     assert "llmaas eval {kv,elastic}" in capsys.readouterr().out
     assert eval_cli.main(["nope"]) == 2
+
+
+# -- the level sweep (--sweep) ----------------------------------------------------------------------------------------
+
+COST = {KVLevel.INT8: 4, KVLevel.INT4: 2, KVLevel.INT2: 1}  # budget units, as in memory.kv_levels
+
+
+def test_band_splits_spend_the_budget_along_the_order():
+    geom = ChunkGeometry(SPEC, 16)
+    densities = [0.9, 0.1, 0.5, 0.3, 0.05, 0.7]  # 6 sealed chunks, then a 5-token tail
+    density = torch.tensor([d for d in densities for _ in range(16)] + [0.2] * 5)
+    ctx = SegmentKV.build(random_kv(101, 101), 101, density, geom)
+    assert kv_level_sweep.chunk_order(ctx, "density", 0) == [0, 5, 2, 3, 1, 4]
+    assert kv_level_sweep.chunk_order(ctx, "inverse", 0) == [4, 1, 3, 2, 5, 0]
+    assert kv_level_sweep.chunk_order(ctx, "recency", 0) == [5, 4, 3, 2, 1, 0]
+    shuffled = kv_level_sweep.chunk_order(ctx, "random", 7)
+    assert sorted(shuffled) == list(range(6)) and shuffled == kv_level_sweep.chunk_order(ctx, "random", 7)
+    for ratio in (0.375, 0.5):
+        most = kv_level_sweep.max_int8_chunks(6, ratio)
+        for order in kv_level_sweep.ORDERS:
+            for n8 in range(most + 2):  # one past the most: the budget caps it
+                levels = kv_level_sweep.banded(n8, order, ratio, 3)(ctx)
+                assert levels[-1] == KVLevel.INT8 and len(levels) == 7  # the tail stays INT8
+                sealed = levels[:6]
+                assert sum(COST[lv] for lv in sealed) == budget_units(6, ratio)  # byte-equal splits
+                ranked = [sealed[i] for i in kv_level_sweep.chunk_order(ctx, order, 3)]
+                assert ranked == sorted(ranked, reverse=True)  # rank-contiguous bands, most protected first
+                assert ranked.count(KVLevel.INT8) == min(n8, most)
+    policies = kv_level_sweep.sweep_policies(64, 0.5, 0)
+    assert list(policies)[:len(eval_kv.VARIANTS)] == list(eval_kv.VARIANTS)  # fp16 first: the reference
+    assert [p for p in policies if p.startswith("density")] == [f"density n8={n}" for n in (0, 1, 2, 4, 8, 14, 21)]
+    assert [p for p in policies if p.startswith("inverse")] == ["inverse n8=0", "inverse n8=8", "inverse n8=21"]
+
+
+def test_sweep_on_the_tiny_model(tiny):
+    rng = random.Random(2)
+    text = "".join(rng.choice("abcdefgh ") for _ in range(400))
+    cfg = EvalConfig(ppl_windows=2, ppl_context_tokens=64, ppl_target_tokens=32)
+    result = kv_level_sweep.sweep(tiny, cfg, text)
+    rows = result["policies"]
+    assert list(rows) == list(kv_level_sweep.sweep_policies(4, 0.5, 0))
+    assert rows["fp16"]["ppl_increase_pct"] == 0.0 and rows["fp16"]["kl_to_fp16"] == 0.0
+    assert rows["density n8=0"]["level_fractions"] == {"INT4": 1.0}
+    assert rows["density n8=0"]["ppl"] == rows["int4"]["ppl"]  # all INT4 either way (no tail to differ)
+    assert rows["density n8=1"]["level_fractions"] == {"INT2": 0.5, "INT4": 0.25, "INT8": 0.25}
+    for r in rows.values():
+        assert set(r) == {"ppl", "ppl_increase_pct", "kl_to_fp16", "top1_agreement", "level_fractions",
+                          "effective_ratio"}
+    assert len(result["density_skew_per_window"]) == 2 and set(result["density_skew_median"]) == set(
+        result["density_skew_per_window"][0])
+    assert all(sum(split) == 4 for splits in result["llms_splits"].values() for split in splits)
+    assert result["config"]["windows"] == 2 and "density n8=1" in kv_level_sweep.table(result)
+    with pytest.raises(ValueError, match="at least 3 chunks"):
+        kv_level_sweep.sweep(tiny, EvalConfig(ppl_windows=1, ppl_context_tokens=32, ppl_target_tokens=8), text)
+
+
+# -- level errors (--level-error) -------------------------------------------------------------------------------------
+
+def test_level_errors_on_the_tiny_model(tiny):
+    rng = random.Random(3)
+    seqs = [torch.tensor([rng.randrange(256) for _ in range(48)]) for _ in range(2)]
+    spec = KVSpec.from_config(tiny.config)
+    geom = ChunkGeometry(spec, 16)
+    levels = kv_level_error.level_errors(tiny.model, spec, seqs, geom)
+    assert list(levels) == ["INT8", "INT4", "INT2"]
+    assert levels["INT8"]["e"] == levels["INT8"]["k_vs_int8"] == 0.0
+    assert 0 < levels["INT8"]["k_vs_fp16"] < levels["INT4"]["k_vs_fp16"] < levels["INT2"]["k_vs_fp16"]
+    assert 0 < levels["INT4"]["e"] < levels["INT2"]["e"] < 1
+    # One sequence, recomputed by hand through the codec's one-call encode (INT8, then requantized inside)
+    one = kv_level_error.level_errors(tiny.model, spec, seqs[:1], geom)
+    cache = DenseKVCache(spec, 48)
+    tiny.model.forward(seqs[0], torch.arange(48), cache.append(48))
+    k, v = to_chunks(cache.kv, 48, 16)
+    k8, v8 = codec.decode(codec.encode(k, v, KVLevel.INT8, geom), KVLevel.INT8, geom)
+    k2, v2 = codec.decode(codec.encode(k, v, KVLevel.INT2, geom), KVLevel.INT2, geom)
+    e2 = (((k8 - k2) ** 2).sum() / (k8 ** 2).sum() + ((v8 - v2) ** 2).sum() / (v8 ** 2).sum()).item() / 2
+    assert one["INT2"]["e"] == pytest.approx(e2, rel=1e-5)
+    assert "| INT2 |" in kv_level_error.markdown(levels)
+
+
+def test_level_error_run_keeps_the_other_entries(tiny, tmp_path, monkeypatch):
+    rng = random.Random(4)
+    monkeypatch.setattr(kv_level_error, "calibration_ids",
+                        lambda tokenizer, cfg: [torch.tensor([rng.randrange(256) for _ in range(cfg.seq_tokens)])])
+    path = tmp_path / "kv_codec.json"
+    path.write_text(json.dumps({"axis_study": {"rows": []}, "level_error": {"old": True}}))
+    entry = kv_level_error.run(tiny, kv_level_error.LevelErrorConfig(num_seqs=1, seq_tokens=32), path)
+    doc = json.loads(path.read_text())
+    assert doc["axis_study"] == {"rows": []} and doc["level_error"] == json.loads(json.dumps(entry))
+    assert set(entry) == {"data", "levels", "command", "model", "machine", "threads", "runtime_s"}
+    with pytest.raises(ValueError, match="whole number"):
+        kv_level_error.LevelErrorConfig(num_seqs=1, seq_tokens=40)
+
+
+def test_eval_kv_modes_exclude_each_other():
+    parser = eval_kv_cli.build_parser()
+    assert parser.parse_args(["--sweep"]).sweep and parser.parse_args(["--level-error"]).level_error
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--sweep", "--level-error"])
+    with pytest.raises(SystemExit):
+        eval_kv_cli.main(["--sweep", "--png", "x.png"])  # refused before any model loads

@@ -14,8 +14,10 @@ import json
 import math
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
@@ -26,14 +28,21 @@ from llmaas.elastic.baselines import BASELINES, baseline_widths
 from llmaas.elastic.latency import switch_s, tpot_s, ttft_s
 from llmaas.elastic.model import ElasticModel
 from llmaas.elastic.model_levels import MODEL_LEVELS, model_level_name
+from llmaas.model.lora import ModelLora
+from llmaas.model.widths import ModelWidths
 from llmaas.paths import SHARED_DATA_DIR
 
 WIKITEXT = SHARED_DATA_DIR / "wikitext2" / "test.raw.txt"
 ITEM_PROTOCOL = "meanlogp-shared-context"  # how an item is scored (mc_score.py): a new protocol is a new cache key
+Log = Callable[[str], object]  # where progress lines go (print by default)
+Phase = Literal["all", "accuracy", "latency"]
+Correct = dict[str, list[bool]]  # task -> per item: answered right
 
 
 @dataclass(frozen=True)
 class EvalElasticConfig:
+    """The evaluation's sizes: items per task, perplexity windows, the latency protocol, baselines and TTFT SLOs."""
+
     items: int = 300  # per standalone task (the spec asks for at least 300)
     agent_items: int = 178  # per agent task (all of Octopus; LlamaTouch has 490 at 77 choices each: costly)
     ppl_windows: int = 4
@@ -53,6 +62,8 @@ class EvalElasticConfig:
 
 @dataclass(frozen=True)
 class Setting:
+    """One evaluated sub-model: an elastic level (with or without its LoRA) or a baseline at a keep ratio."""
+
     method: str  # "elastic" or a baseline name
     ratio: float  # level or ratio
     lora: bool = False
@@ -60,10 +71,15 @@ class Setting:
 
     @property
     def name(self) -> str:
+        """The cache and report key, e.g. `elastic@0.5+lora120` or `layer_reduction@0.7`."""
         return f"{self.method}@{self.ratio:.1f}" + (f"+lora{self.adapter_steps}" if self.lora else "")
 
 
+Timed = tuple[float, Correct, Setting]  # (measured TTFT in s, correctness per task, the setting)
+
+
 def plan(elastic: ElasticModel, cfg: EvalElasticConfig) -> list[Setting]:
+    """Every setting to evaluate: the levels with their LoRA, the baselines, then the levels without LoRA."""
     # What the matched comparison needs comes first, so a run stopped part-way has answered it.
     out = [lora_setting(elastic, m) for m in MODEL_LEVELS if m in elastic.adapters]
     out += [Setting(b, r) for b in BASELINES for r in cfg.baseline_ratios]
@@ -71,10 +87,12 @@ def plan(elastic: ElasticModel, cfg: EvalElasticConfig) -> list[Setting]:
 
 
 def lora_setting(elastic: ElasticModel, level10: int) -> Setting:
+    """The setting of a level (in tenths) with its trained adapter, keyed by the adapter's training steps."""
     return Setting("elastic", level10 / 10, True, elastic.adapter_records[level10]["steps"])
 
 
-def sub_model(elastic: ElasticModel, s: Setting):
+def sub_model(elastic: ElasticModel, s: Setting) -> tuple[ModelWidths, ModelLora | None]:
+    """The (widths, LoRA or None) that run a setting on the elastic model's weights."""
     if s.method == "elastic":
         sub = elastic.view(round(s.ratio * 10), s.lora)
         return sub.widths, sub.lora
@@ -89,9 +107,11 @@ class ResultCache:
         self.data = json.loads(path.read_text()) if path.exists() else {}
 
     def get(self, kind: str, name: str) -> dict | None:
+        """The cached result of one kind (ppl, items, latency) for a setting name, or None if not there yet."""
         return self.data.get(f"{kind}|{self.keys[kind]}|{name}")
 
     def put(self, kind: str, name: str, value: dict) -> None:
+        """Store a result and rewrite the file atomically."""
         self.data[f"{kind}|{self.keys[kind]}|{name}"] = value
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.data))
@@ -99,6 +119,7 @@ class ResultCache:
 
 
 def wilson(k: int, n: int) -> tuple[float, float]:
+    """The Wilson score 95% interval of k successes in n trials ((0, 1) when n is 0)."""
     if n == 0:
         return (0.0, 1.0)
     z, p = 1.96, k / n
@@ -106,7 +127,7 @@ def wilson(k: int, n: int) -> tuple[float, float]:
     return ((centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n))
 
 
-def paired_bootstrap(pairs: list[tuple[dict[str, list[bool]], dict[str, list[bool]]]], resamples: int,
+def paired_bootstrap(pairs: list[tuple[Correct, Correct]], resamples: int,
                      seed: int = 42) -> tuple[float, float, float]:
     """Mean-across-tasks accuracy of a minus b, averaged over `pairs` (one pair: a plain paired comparison; several:
     a pooled one), with a 95% interval from resampling each task's items. Every setting scores the same items, so
@@ -127,7 +148,7 @@ def paired_bootstrap(pairs: list[tuple[dict[str, list[bool]], dict[str, list[boo
 def accuracy(cache: ResultCache, s: Setting, tasks: list[MCTask]) -> dict | None:
     """{"ppl", "correct": {task: [bool per item]}} of a setting, or None while any part is unscored."""
     ppl, scored = cache.get("ppl", s.name), cache.get("items", s.name) or {}
-    correct = {}
+    correct: Correct = {}
     for t in tasks:
         done = scored.get(t.name, {})
         if any(i.key not in done for i in t.items):
@@ -137,7 +158,7 @@ def accuracy(cache: ResultCache, s: Setting, tasks: list[MCTask]) -> dict | None
 
 
 def run_accuracy(elastic: ElasticModel, settings: list[Setting], tasks: list[MCTask], wiki: list[int],
-                 cfg: EvalElasticConfig, cache: ResultCache, log=print) -> None:
+                 cfg: EvalElasticConfig, cache: ResultCache, log: Log = print) -> None:
     """Perplexity and the items not yet scored, setting by setting (cached after each)."""
     todo = [s for s in settings if accuracy(cache, s, tasks) is None]
     t0 = time.perf_counter()
@@ -156,6 +177,7 @@ def run_accuracy(elastic: ElasticModel, settings: list[Setting], tasks: list[MCT
                                                                  replace(t, items=new), widths, lora), strict=True))
         cache.put("items", s.name, scored)
         result = accuracy(cache, s, tasks)
+        assert result is not None, "every part of the setting was just scored"
         elapsed = time.perf_counter() - t0
         acc = sum(sum(v) / len(v) for v in result["correct"].values()) / len(tasks)
         log(f"  [{k + 1}/{len(todo)}] {s.name}: ppl {result['ppl']:.2f}, mean accuracy {acc:.3f}; "
@@ -163,7 +185,7 @@ def run_accuracy(elastic: ElasticModel, settings: list[Setting], tasks: list[MCT
 
 
 def run_latency(elastic: ElasticModel, settings: list[Setting], cfg: EvalElasticConfig, cache: ResultCache,
-                log=print) -> None:
+                log: Log = print) -> None:
     """TTFT and TPOT of every setting not yet timed, measured in interleaved rounds (one run of each setting per
     round, median over rounds) so that the machine's drift lands on every setting alike."""
     todo = [s for s in settings if cache.get("latency", s.name) is None]
@@ -185,9 +207,11 @@ def run_latency(elastic: ElasticModel, settings: list[Setting], cfg: EvalElastic
 
 def assemble(elastic: ElasticModel, settings: list[Setting], tasks: list[MCTask], cfg: EvalElasticConfig,
              cache: ResultCache) -> dict:
+    """The result document from the cache: levels, baselines, matched comparisons, switch time, adapter bytes, tasks,
+    config, anchors and LoRA training records (the shape `llmaas eval elastic --help` states)."""
     def entry(s: Setting) -> dict:
         acc, lat = accuracy(cache, s, tasks), cache.get("latency", s.name) or {}
-        out = {"ttft_s": lat.get("ttft_s"), "tpot_s": lat.get("tpot_s")}
+        out: dict[str, Any] = {"ttft_s": lat.get("ttft_s"), "tpot_s": lat.get("tpot_s")}
         if acc is not None:
             out["ppl"] = acc["ppl"]
             out["accuracy"] = {t: sum(v) / len(v) for t, v in acc["correct"].items()}
@@ -223,7 +247,7 @@ def _matched(elastic: ElasticModel, cfg: EvalElasticConfig, cache: ResultCache, 
     - pairs: each level against the baseline setting of nearest TTFT;
     - budgets: the spec's measured mode (§9): for a TTFT SLO of a fraction of the full model's, each system takes
       the largest setting whose measured TTFT meets it; a baseline with none that does misses the SLO."""
-    def timed(s: Setting) -> tuple[float, dict, Setting] | None:
+    def timed(s: Setting) -> Timed | None:
         acc, lat = accuracy(cache, s, tasks), cache.get("latency", s.name)
         return (lat["ttft_s"], acc["correct"], s) if acc is not None and lat is not None else None
 
@@ -231,7 +255,7 @@ def _matched(elastic: ElasticModel, cfg: EvalElasticConfig, cache: ResultCache, 
                                                   else Setting("elastic", m / 10))) is not None]
     theirs = {b: [t for r in cfg.baseline_ratios if (t := timed(Setting(b, r))) is not None] for b in BASELINES}
 
-    def compare(a: tuple, b: tuple, **about) -> dict:
+    def compare(a: Timed, b: Timed, **about: object) -> dict:
         d, lo, hi = paired_bootstrap([(a[1], b[1])], cfg.bootstrap)
         return {**about, "lora": a[2].lora, "ttft_s": a[0], "baseline": b[2].method, "ratio": b[2].ratio,
                 "baseline_ttft_s": b[0], "diff": d, "ci95": [lo, hi], "significant": lo > 0 or hi < 0,
@@ -240,8 +264,8 @@ def _matched(elastic: ElasticModel, cfg: EvalElasticConfig, cache: ResultCache, 
     pairs = [compare(a, min(options, key=lambda t: abs(t[0] - a[0])), level=model_level_name(round(a[2].ratio * 10)))
              for a in mine for options in theirs.values() if options]
     budgets, misses = [], []
-    full = cache.get("latency", Setting("elastic", 1.0).name)
-    for fraction in cfg.budget_fractions if full is not None else ():
+    full = cache.get("latency", Setting("elastic", 1.0).name) or {}
+    for fraction in cfg.budget_fractions if full else ():
         budget = fraction * full["ttft_s"]
         a = largest_meeting(mine, budget)
         for b, options in theirs.items():
@@ -256,7 +280,7 @@ def _matched(elastic: ElasticModel, cfg: EvalElasticConfig, cache: ResultCache, 
             "budgets_pooled": _pooled(budgets, cfg), "budget_misses": misses}
 
 
-def largest_meeting(options: list[tuple[float, dict, Setting]], budget_s: float) -> tuple | None:
+def largest_meeting(options: list[Timed], budget_s: float) -> Timed | None:
     """The (ttft_s, correct, setting) of the largest setting whose measured TTFT meets the budget (by the setting's
     own size, not its TTFT: noise may time a larger setting faster), or None when none does."""
     return max((t for t in options if t[0] <= budget_s), key=lambda t: t[2].ratio, default=None)
@@ -277,6 +301,7 @@ def _strip(rows: list[dict]) -> list[dict]:
 
 
 def table(result: dict) -> str:
+    """The result as text: one row per setting (TTFT, TPOT, ppl, accuracies), then the matched comparisons."""
     tasks = list(result["tasks"])
     head = f"{'setting':<22}{'TTFT ms':>9}{'TPOT ms':>9}{'ppl':>9}{'mean acc':>10}  " + " ".join(
         f"{t[:8]:>8}" for t in tasks)
@@ -285,7 +310,7 @@ def table(result: dict) -> str:
     def f(x: float | None, k: int, d: int) -> str:
         return f"{x:>{k}.{d}f}" if x is not None else f"{'-':>{k}}"
 
-    def row(name: str, ttft, tpot, ppl, acc: dict | None) -> str:
+    def row(name: str, ttft: float | None, tpot: float | None, ppl: float | None, acc: dict | None) -> str:
         mean = sum(acc.values()) / len(acc) if acc else None
         return (f"{name:<22}{f(ttft and ttft * 1e3, 9, 1)}{f(tpot and tpot * 1e3, 9, 2)}{f(ppl, 9, 2)}"
                 f"{f(mean, 10, 3)}  " + " ".join(f((acc or {}).get(t), 8, 3) for t in tasks))
@@ -326,6 +351,7 @@ def _diff(r: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> bool:
+    """Mean accuracy against measured TTFT per series, written to path; False when matplotlib is missing."""
     plt = pyplot()
     if plt is None:
         return False
@@ -349,7 +375,7 @@ def plot(result: dict, path: Path) -> bool:
 
 
 def run(elastic: ElasticModel, cfg: EvalElasticConfig, json_path: Path, png_path: Path | None = None,
-        phase: str = "all") -> dict:
+        phase: Phase = "all") -> dict:
     """Score and time every setting of the plan (phase: all, accuracy or latency; cached per item), assemble the
     comparison, print its table, and write the JSON and the plot."""
     tasks = [f(cfg.items) for f in STANDALONE.values()] + [f(cfg.agent_items) for f in AGENT.values()]

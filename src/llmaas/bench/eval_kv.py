@@ -79,6 +79,17 @@ def from_chunks(k: torch.Tensor, v: torch.Tensor, n_tokens: int) -> torch.Tensor
     return x.flatten(3, 4)[:, :, :, :n_tokens]
 
 
+def decoded_levels(k: torch.Tensor, v: torch.Tensor, geom: ChunkGeometry,
+                   fills: Sequence[int] | None = None) -> dict[KVLevel, tuple[torch.Tensor, torch.Tensor]]:
+    """Chunks (k, v) [N, L, Hkv, C, D] as each level decodes them: FP16 as given, INT8 encoded, INT4 and INT2
+    requantized from that INT8 encoding (what the store does), all float32 [N, L, Hkv, C, D]."""
+    p8 = codec.encode(k, v, KVLevel.INT8, geom, fills)
+    by_level = {KVLevel.FP16: (k, v), KVLevel.INT8: codec.decode(p8, KVLevel.INT8, geom)}
+    for level in (KVLevel.INT4, KVLevel.INT2):
+        by_level[level] = codec.decode(codec.requantize(p8, level, geom, fills), level, geom)
+    return by_level
+
+
 @dataclass
 class SegmentKV:
     """A context's KV decoded at each level (every chunk at that level), so a variant is a per-chunk pick: the
@@ -103,11 +114,7 @@ class SegmentKV:
         c = geom.chunk_tokens
         k, v = to_chunks(kv, n_tokens, c)
         sealed, tail = divmod(n_tokens, c)
-        fills = [c] * sealed + ([tail] if tail else [])
-        p8 = codec.encode(k, v, KVLevel.INT8, geom, fills)
-        by_level = {KVLevel.FP16: (k, v), KVLevel.INT8: codec.decode(p8, KVLevel.INT8, geom)}
-        for level in (KVLevel.INT4, KVLevel.INT2):
-            by_level[level] = codec.decode(codec.requantize(p8, level, geom, fills), level, geom)
+        by_level = decoded_levels(k, v, geom, [c] * sealed + ([tail] if tail else []))
         densities = token_density[:sealed * c].view(sealed, c).mean(dim=1).tolist()
         return cls(n_tokens, geom, by_level, densities)
 
@@ -134,6 +141,7 @@ LevelPolicy = Callable[[SegmentKV], list[KVLevel]]  # a context -> one level per
 
 
 def variant_policy(variant: str, ratio_global: float) -> LevelPolicy:
+    """The level policy of one of VARIANTS at ratio_global (which only the LLMS variants use)."""
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
     return lambda ctx: ctx.levels(variant, ratio_global)
@@ -161,6 +169,7 @@ class VariantTally:
     agree_fp16: dict[str, list[float]] = field(default_factory=dict)
 
     def count_levels(self, levels: Sequence[KVLevel], sealed: int) -> None:
+        """Count the levels of the first `sealed` chunks (the partial tail's is not a compression choice)."""
         for level in levels[:sealed]:
             self.chunk_counts[int(level)] = self.chunk_counts.get(int(level), 0) + 1
 
@@ -276,6 +285,7 @@ def evaluate(loaded: LoadedModel, cfg: EvalConfig, ppl_text: str, items: Sequenc
 
 def assemble(cfg: EvalConfig, geom: ChunkGeometry, tallies: dict[str, VariantTally], items: Sequence[Item],
              examples: dict, runtime_s: float) -> dict:
+    """The result document from the tallies (perplexity, bytes, fidelity, task scores), less machine and model."""
     tasks = list(dict.fromkeys(it.task for it in items))
     chunk_bytes = {lv: geom.payload_bytes(lv) for lv in KVLevel}
     result: dict = {"variants": {}, "ci95": {}, "bytes": {}, "fidelity": {}, "agree_fp16": {}, "ppl_windows": {}}
@@ -317,6 +327,7 @@ def assemble(cfg: EvalConfig, geom: ChunkGeometry, tallies: dict[str, VariantTal
 
 
 def table(result: dict) -> str:
+    """The result as text: one row per variant (bytes, ppl, its increase, KL, top-1, task scores and their mean)."""
     tasks = result["config"]["tasks"]
     head = f"{'variant':<11}{'B/token':>9}{'eff.':>6}{'ppl':>8}{'Δppl%':>7}{'KL':>8}{'top1':>6}"
     head += "".join(f"{t[:9]:>10}" for t in tasks) + f"{'mean':>7}"
@@ -334,10 +345,12 @@ def table(result: dict) -> str:
 
 
 def fmt(x: float | None, width: int, digits: int) -> str:
+    """x right-aligned in width with digits decimals, or a dash for None."""
     return f"{'-':>{width}}" if x is None else f"{x:>{width}.{digits}f}"
 
 
 def plot(result: dict, path: Path) -> bool:
+    """Perplexity and mean task score against bytes per token, written to path; False without matplotlib."""
     plt = pyplot()
     if plt is None:
         return False

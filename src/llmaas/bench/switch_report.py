@@ -10,6 +10,7 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import Any
 
 from llmaas.bench.plotting import pyplot
 
@@ -24,15 +25,18 @@ ABLATIONS = ("llms", "llms-no-compression", "llms-no-lifecycle", "llms-no-pipeli
 
 
 def _ms(x: float | None) -> str:
+    """Seconds as milliseconds with one decimal, or a dash."""
     return "—" if x is None else f"{x * 1e3:,.1f}"
 
 
 def _mean_acc(result: dict) -> float | None:
+    """A system's mean task score over its tasks, or None when it has none."""
     acc = result.get("accuracy") or {}
     return statistics.fmean(acc.values()) if acc else None
 
 
 def main_rows(result: dict) -> list[list[str]]:
+    """One row of MAIN_HEADER cells per system (its error message instead, for a system that failed)."""
     rows = []
     for name, r in result["systems"].items():
         if "error" in r:
@@ -55,6 +59,7 @@ MAIN_HEADER = ["system", "switch mean ms", "p50", "p99", "cold switch mean", "TT
 
 
 def print_table(result: dict) -> None:
+    """Print the main comparison and the maximum active contexts within 10 ms / 25 ms to stdout."""
     rows = main_rows(result)
     widths = [max(len(str(x)) for x in col) for col in zip(MAIN_HEADER, *rows, strict=False)]
     print()
@@ -76,6 +81,7 @@ def _contexts(entry: dict, limit: str) -> str:
 
 
 def write_plots(result: dict, directory: Path) -> list[Path]:
+    """Draw the PNGs that the result has data for into directory and return their paths ([] without matplotlib)."""
     plt = pyplot()
     if plt is None:
         return []
@@ -83,7 +89,7 @@ def write_plots(result: dict, directory: Path) -> list[Path]:
     out = []
     sweeps, systems = result["sweeps"], result["systems"]
 
-    def save(fig, name: str) -> None:
+    def save(fig: Any, name: str) -> None:  # a matplotlib Figure: matplotlib is optional, so no import for its type
         path = directory / name
         fig.tight_layout()
         fig.savefig(path, dpi=110)
@@ -126,8 +132,8 @@ def write_plots(result: dict, directory: Path) -> list[Path]:
         ax.set_xscale("log", base=2)
         ax.set(title="chunk size (llms, 8 contexts, Markov)", xlabel="chunk tokens", ylabel="mean switch latency (ms)")
         save(fig, "chunk_size.png")
-    acc = [(n, r["written_bytes_per_token"], _mean_acc(r)) for n, r in systems.items()
-           if "error" not in r and r.get("written_bytes_per_token") and _mean_acc(r) is not None]
+    acc = [(n, r["written_bytes_per_token"], y) for n, r in systems.items()
+           if "error" not in r and r.get("written_bytes_per_token") and (y := _mean_acc(r)) is not None]
     if acc:
         fig, ax = plt.subplots(figsize=(7, 4))
         points: dict[tuple[float, float], list[str]] = {}
@@ -142,6 +148,7 @@ def write_plots(result: dict, directory: Path) -> list[Path]:
 
 
 def _curves(group: dict) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """A sweep's `<curve>/<n>` settings as {curve: {system: [(n, mean switch s)] sorted by n}}."""
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for setting, by_system in group.items():
         name, n = setting.rsplit("/", 1)
@@ -156,6 +163,7 @@ def _curves(group: dict) -> dict[str, dict[str, list[tuple[int, float]]]]:
 
 
 def chunk_curve(result: dict) -> list[tuple[int, float]]:
+    """(chunk tokens, LLMS's mean switch s) sorted by chunk size, the main run counting as its 16-token point."""
     pts = {int(c): r["llms"]["switch_s"]["mean"] for c, r in result["sweeps"].get("chunk_tokens", {}).items()
            if "llms" in r and (r["llms"].get("switch_s") or {}).get("mean") is not None}
     main = result["systems"].get("llms", {})
@@ -165,18 +173,21 @@ def chunk_curve(result: dict) -> list[tuple[int, float]]:
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
     return "\n".join(lines)
 
 
 def _ratio(a: float | None, b: float | None) -> str:
+    """b / a as `12.3x`, or a dash when either is missing or a is not positive."""
     if a is None or b is None or a <= 0:
         return "—"
     return f"{b / a:.1f}x"
 
 
 def write_results_md(result: dict, path: Path, json_path: Path, plots: list[Path]) -> None:
+    """Write the Markdown report (RESULTS.md) of a run saved at json_path, linking the plots relative to path."""
     cfg, systems, sweeps = result["config"], result["systems"], result["sweeps"]
     m = cfg["machine"]
     llms = (systems.get("llms") or {}).get("switch_s", {}).get("mean")
@@ -254,6 +265,7 @@ def write_results_md(result: dict, path: Path, json_path: Path, plots: list[Path
 
 
 def _rel(p: Path, base: Path) -> str:
+    """p relative to base where it lies below it, else p as given."""
     try:
         return str(p.resolve().relative_to(base.resolve()))
     except ValueError:
@@ -261,6 +273,7 @@ def _rel(p: Path, base: Path) -> str:
 
 
 def _explain(result: dict) -> str:
+    """The report's closing section: why our figures differ from the paper's, and the invariants' verdict."""
     systems = result["systems"]
     every = [(n, r) for n, r in systems.items()] + [
         (f"{n} ({sweep} {setting})", r) for sweep, group in result["sweeps"].items() if sweep != "max_active_contexts"
@@ -304,6 +317,7 @@ def _explain(result: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
+    """`python -m llmaas.bench.switch_report RESULTS_JSON`: redraw the plots and rewrite the report; returns 0."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m llmaas.bench.switch_report",

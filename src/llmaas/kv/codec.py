@@ -36,8 +36,8 @@ class KVLevel(IntEnum):
 #   e = ( sum|K8 - Kw|^2 / sum|K8|^2  +  sum|V8 - Vw|^2 / sum|V8|^2 ) / 2
 # with sums pooled over every element of every chunk and layer, K8/V8 the INT8-dequantized values and Kw/Vw the
 # level-w values requantized from them. Measured on SmolLM2-135M-Instruct KV of alpaca calibration text (not the
-# wikitext-2 text used for perplexity). Regenerate with:
-#   .venv/bin/python scripts/measure_kv_codec.py --level-error
+# wikitext-2 text used for perplexity). Measure again with (docs/KV_CODEC.md):
+#   llmaas eval kv --level-error
 LEVEL_ERROR: dict[KVLevel, float] = {
     KVLevel.INT8: 0.0,
     KVLevel.INT4: 5.11e-3,  # K 8.9e-4, V 9.3e-3
