@@ -244,3 +244,68 @@ def test_policies_are_distinct():
     assert {p.name for p in POLICIES.values()} >= {"llms", "lmk", "swapping", "vllm-s", "vllm-sq",
                                                    "llms-no-compression", "llms-no-pipeline", "llms-no-lifecycle"}
     assert dataclasses.replace(POLICIES["llms"], ratio_global=0.3).ratio_global == 0.3
+
+
+def test_dirty_reclaim_with_a_stalled_writer_under_concurrent_drops_and_stats(smollm, tmp_path):
+    """The write-back thread is stalled until a reclaim has to wait for a dirty victim, while other threads read
+    stats, check the budget and drop contexts (one of them again and again while it is being called). No exception,
+    no deadlock (a watchdog), the budget invariant after every call, and the waiting path really ran."""
+    import threading
+    import time
+
+    # ahead-of-time writes, no requantization: every chunk stays INT8, so loading a context must reclaim others
+    store = make_store(smollm, tmp_path, POLICIES["llms-no-compression"], budget_contexts=1.0, max_tokens=256)
+    gen = Generator(smollm.model, smollm.tokenizer)
+    sentence = "The quick brown fox jumps over the lazy dog near the river bank."
+    long_text, text = " ".join([sentence] * 8), " ".join([sentence] * 4)  # about 115 and 60 tokens
+    gate, stop = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def stalled_writer() -> None:  # a seam: the first queued job holds back every write behind it
+        deadline = time.monotonic() + 60
+        while store.counters["waited_dirty"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.005)
+        time.sleep(0.2)  # and a little longer, so the reclaim really waits
+        gate.set()
+
+    def busy_reader() -> None:
+        while not stop.is_set():
+            try:
+                store.usage()
+                store.context_ids()
+                store.check_budget()
+                store.drop("victim")  # a context nobody calls any more
+                store.drop("b")  # one that is called: a drop during its call is forgotten at its release
+                time.sleep(0.002)
+            except BaseException as exc:  # any failure of a reader is the test's failure
+                errors.append(exc)
+                return
+
+    contexts: dict[str, list[int]] = {c: [] for c in "abc"}
+    for name in ("victim", "a", "b"):
+        contexts[name] = call(store, gen, name, [], encode(smollm, f"{name}: {long_text}"), 4)
+    store.writer.wait_idle()
+    store.reclaim(store.budget_bytes)  # a and b are on disk only: their next calls load them (a Claim in acquire)
+    store.writer.submit(stalled_writer)
+
+    def calls() -> None:  # c fills most of the budget with dirty chunks; loading a and b must reclaim them
+        try:
+            for name in "cccab":
+                contexts[name] = call(store, gen, name, contexts[name], encode(smollm, f"{name}: {text}"), 4)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=busy_reader, daemon=True) for _ in range(2)]
+    worker = threading.Thread(target=calls, daemon=True)
+    for t in [*threads, worker]:
+        t.start()
+    worker.join(timeout=300)
+    stop.set()
+    for t in threads:
+        t.join(timeout=10)
+    assert not worker.is_alive(), "deadlock: the calls did not finish"
+    assert not errors, errors
+    assert gate.is_set() and store.counters["waited_dirty"] > 0  # reclaim met dirty victims and waited for them
+    store.writer.wait_idle()
+    store.check_budget()
+    store.close()

@@ -70,6 +70,7 @@ class ContextKV:
     prob_sum: np.ndarray = field(default_factory=lambda: np.zeros(0))  # attention each token received (Eq. 1 sums)
     row_count: np.ndarray = field(default_factory=lambda: np.zeros(0))  # (layer, head, row) triples that saw it
     locked: bool = False  # the working-set lock: none of its chunks may be reclaimed during its call
+    dropped: bool = False  # deleted during its call: release() forgets it instead of sealing it
 
     @property
     def token_count(self) -> int:

@@ -44,6 +44,7 @@ from llmaas.storage.throttle import DiskThrottle
 log = logging.getLogger("llmaas.memory")
 
 GROWTH_TOKENS = 256  # the working KV grows in steps of this many tokens, so a decode step rarely reallocates
+DIRTY_WAIT_POLL_S = 0.01  # how often a reclaim waiting for a dirty victim's write checks whether any write is left
 
 
 class MemoryBudgetError(LlmaasError):
@@ -113,7 +114,11 @@ class ChunkedKVStore:
         self.buffer = DenseKVCache(self.spec, 0)  # the working KV of the call in flight
         self._hot: str | None = None  # the context whose decoded KV the working buffer holds
         self._contexts: dict[str, ContextKV] = {}
+        # One lock over the budget, the victim queue and every context's chunk list (the lock rule: whatever changes
+        # or walks them holds it). Reclaim waiting for a dirty victim waits on `_cleaned`, which releases the lock
+        # however deeply it is held, so the write-back thread can take it to mark chunks clean.
         self._lock = threading.RLock()
+        self._cleaned = threading.Condition(self._lock)
         self._resident_bytes = 0
         self.peak_resident_bytes = 0  # high-water mark of resident chunk bytes (benchmarks report it vs the budget)
         self.counters: Counter[str] = Counter()
@@ -154,7 +159,10 @@ class ChunkedKVStore:
         attention, re-level, unlock, and queue the write-back."""
         with self._lock:
             ctx = self._contexts.get(context_id)
-        if ctx is None:  # dropped (deleted) during the call
+            if ctx is not None and ctx.dropped:  # deleted during the call: forget it now that it is unlocked
+                self._forget_memory(ctx)
+                ctx = None
+        if ctx is None:
             self._hot = None
             return
         buf = self.buffer
@@ -177,20 +185,21 @@ class ChunkedKVStore:
                     self.queue.touch((ctx.id, c.index), c.level)
             ctx.locked = False
             dirty = [c for c in ctx.chunks if c.is_dirty]
+            if self.policy.ahead_of_time and dirty:
+                self._write_later(ctx, dirty)  # under the lock: a drop cannot take the payloads mid-snapshot
             density = (ctx.prob_sum.copy(), ctx.row_count.copy())
-        if self.policy.ahead_of_time and dirty:
-            self._write_later(ctx, dirty)
         self.writer.submit(lambda: self.densities.save(context_id, *density))
         self.check_budget()
 
     def drop(self, context_id: str) -> None:
         """Forget a context entirely: memory, chunk files, index rows and densities (after pending writes)."""
         with self._lock:
-            ctx = self._contexts.pop(context_id, None)
-            if ctx is not None:
-                for c in ctx.chunks:
-                    self._evict_memory(ctx, c)
-            if self._hot == context_id:
+            ctx = self._contexts.get(context_id)
+            if ctx is not None and ctx.locked:  # in a call on the compute thread: release() forgets it
+                ctx.dropped = True
+            elif ctx is not None:
+                self._forget_memory(ctx)
+            if self._hot == context_id and not (ctx is not None and ctx.locked):
                 self._hot = None
 
         def forget() -> None:  # a def, not a lambda building a tuple: a write-back job returns None
@@ -199,16 +208,21 @@ class ChunkedKVStore:
 
         self.writer.submit(forget)
 
+    def _forget_memory(self, ctx: ContextKV) -> None:
+        del self._contexts[ctx.id]
+        for c in ctx.chunks:
+            self._evict_memory(ctx, c)
+
     def context_ids(self) -> set[str]:
         """Contexts with KV in memory or chunks on disk."""
         with self._lock:
-            ids = set(self._contexts)
+            ids = {c.id for c in self._contexts.values() if not c.dropped}
         return ids | set(self.log.context_ids())
 
     def usage(self) -> list[Residency]:
         with self._lock:
             return [Residency(c.id, c.resident_bytes, sum(k.fill for k in c.chunks if k.is_resident), c.locked)
-                    for c in self._contexts.values()]
+                    for c in self._contexts.values() if not c.dropped]
 
     @property
     def resident_bytes(self) -> int:
@@ -254,9 +268,10 @@ class ChunkedKVStore:
     def _load(self, ctx: ContextKV, missing: list[Chunk], token_ids: Sequence[int], report: SwitchReport) -> None:
         buf = self.buffer
         t0 = time.perf_counter()
-        self._claim(sum(self.geometry.payload_bytes(c.level) for c in missing), report)
+        with self._lock:
+            self._claim(sum(self.geometry.payload_bytes(c.level) for c in missing), report)
         report.reclaim_s = time.perf_counter() - t0
-        resident = [c for c in ctx.chunks if c.is_resident]
+        resident = [c for c in ctx.chunks if c.is_resident]  # a locked context's chunks: reclaim skips them
         if resident:  # decode what is in memory (everything, on the common path of a warm context)
             decode_into([c.resident_payload for c in resident], [c.level for c in resident],
                         [c.token_start for c in resident], [c.fill for c in resident], 0, self.spec.n_layers, buf.kv)
@@ -267,7 +282,8 @@ class ChunkedKVStore:
                  for i in plan.load]
         spans = [(by_index[i].token_start, by_index[i].fill) for i in plan.recompute]
         outcome = restore(self.model, buf, self.log, loads, spans, token_ids, self.policy.layers_per_step)
-        self._adopt(ctx, by_index, plan, outcome)
+        with self._lock:
+            self._adopt(ctx, by_index, plan, outcome)
         if ctx.chunks and ctx.chunks[-1].staging is not None:  # the open chunk's exact values (only if it stayed)
             self._apply_staging(ctx.chunks[-1])
         report.restore_s = outcome.elapsed_s
@@ -336,10 +352,12 @@ class ChunkedKVStore:
         """Fault: bring a missing chunk in during a call, synchronously, by recompute (counted; LLMS never needs it)."""
         missing = [c for c in ctx.chunks if not c.is_resident]
         self.counters["faults"] += len(missing)
-        self._claim(sum(self.geometry.payload_bytes(c.level) for c in missing), None)
+        with self._lock:
+            self._claim(sum(self.geometry.payload_bytes(c.level) for c in missing), None)
         restore(self.model, self.buffer, self.log, (), [(c.token_start, c.fill) for c in missing], token_ids)
-        for c in missing:
-            self._set_resident(ctx, c, self._encode_from_buffer([c], c.level)[0], None)
+        with self._lock:
+            for c in missing:
+                self._set_resident(ctx, c, self._encode_from_buffer([c], c.level)[0], None)
 
     # -- end of call: chunking, levels, write-back -----------------------------------------------------------------
 
@@ -393,7 +411,8 @@ class ChunkedKVStore:
         self.counters["releveled_chunks"] += len(moved)
 
     def _write_later(self, ctx: ContextKV, chunks: list[Chunk]) -> None:
-        snapshot = [(c, c.version, c.resident_payload) for c in chunks]  # dirty chunks: resident
+        """Queue the write-back of dirty (so resident) chunks; called under the lock."""
+        snapshot = [(c, c.version, c.resident_payload) for c in chunks]
         self.writer.submit(lambda: self._commit(ctx, snapshot, "aot"))
 
     def _commit(self, ctx: ContextKV, snapshot: list[tuple[Chunk, int, torch.Tensor]], how: str) -> None:
@@ -409,11 +428,12 @@ class ChunkedKVStore:
                     c.committed_version, c.location = version, loc
                 self.counters[f"{how}_written_bytes"] += payload.nbytes
             self.counters[f"{how}_written_chunks"] += len(snapshot)
+            self._cleaned.notify_all()  # a reclaim may be waiting for one of these
 
     # -- Claim and Reclaim -----------------------------------------------------------------------------------------
 
     def _claim(self, need_bytes: int, report: SwitchReport | None) -> None:
-        """Make room for need_bytes more resident bytes, reclaiming victims of other contexts."""
+        """Make room for need_bytes more resident bytes, reclaiming victims of other contexts (under the lock)."""
         over = self._resident_bytes + need_bytes - self.budget_bytes
         if over > 0:
             self._reclaim(over, report)
@@ -437,20 +457,19 @@ class ChunkedKVStore:
                     continue
                 if self.policy.victim_order == "context":
                     freed += self._evict_context(ctx, report)
-                elif chunk.is_dirty == pass_dirty:
+                elif pass_dirty or not chunk.is_dirty:  # the second pass takes any: a wait may have cleaned it
                     freed += self._evict_chunk(ctx, chunk, report)
 
     def _evict_chunk(self, ctx: ContextKV, chunk: Chunk, report: SwitchReport | None) -> int:
-        if chunk.is_dirty and self.policy.ahead_of_time:
+        if chunk.is_dirty and self.policy.ahead_of_time:  # its write is queued: wait for it rather than write twice
             self.counters["waited_dirty"] += 1
             if report is not None:
                 report.waited_dirty += 1
-            self._lock.release()  # let the write-back thread mark its chunks clean
-            try:
-                self.writer.wait_idle()
-            finally:
-                self._lock.acquire()
-        if chunk.is_dirty:
+            while chunk.is_dirty and self.writer.pending:
+                self._cleaned.wait(DIRTY_WAIT_POLL_S)  # releases the lock meanwhile, whatever its depth
+            if not chunk.is_resident or ctx.locked:  # dropped, or its context called, while the lock was free
+                return 0
+        if chunk.is_dirty:  # nothing in flight will write it (a failed write, or no ahead-of-time policy)
             self._commit(ctx, [(chunk, chunk.version, chunk.resident_payload)], "sync")
         freed = chunk.resident_bytes
         self._evict_memory(ctx, chunk)
