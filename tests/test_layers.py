@@ -18,6 +18,7 @@ ALLOWED = {
     "model": {"errors", "kernels", "paths"},
     "kv": {"errors", "kernels", "model", "paths"},
     "storage": {"errors", "paths", "records"},
+    "tlm": {"errors", "paths"},  # the tiny LM: a model of its own, beside the LLM
 }
 
 

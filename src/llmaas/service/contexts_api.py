@@ -35,7 +35,8 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 def context_out(state: ServiceState, app: App, ctx: ContextRecord) -> ContextOut:
-    resident = {r.context_id: r.resident_bytes for r in state.engine.kv.usage()}.get(ctx.id, 0)
+    r = state.engine.residency().get(ctx.id)
+    resident = r.resident_bytes if r else 0
     return ContextOut(id=ctx.id, created_at=ctx.created_at, updated_at=ctx.updated_at, num_calls=ctx.num_calls,
                       num_tokens=len(ctx.token_ids), max_tokens=state.engine.context_limit(app),
                       state="resident" if resident else "stored",

@@ -1,5 +1,6 @@
 """OpenAI-compatible routes: /v1/models, /v1/models/{id} and /v1/chat/completions (plain and streamed), checked with
-the official `openai` client.
+the official `openai` client. The models are the resident LLM and, when installed, the tiny LM, which only embeds
+(embeddings_api.py); a chat with it is refused.
 
 Owns the translation between OpenAI's request and response shapes and engine calls. Stateless by default (the
 conversation comes whole); with the extension field `llmaas: {"context_id": ...}` the chat runs on a persistent
@@ -32,23 +33,36 @@ from llmaas.service.schemas import (
     ModelList,
 )
 from llmaas.service.state import CallStream, ServiceState, authenticate, get_state
+from llmaas.tlm.resident import TINY_LM_ID
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 DEFAULT_MAX_TOKENS = 256
 
 
-@router.get("/models", response_model=ModelList, summary="The resident model (OpenAI-compatible)")
+@router.get("/models", response_model=ModelList,
+            summary="The resident model and the tiny LM for embeddings (OpenAI-compatible)")
 def list_models(app: App = Depends(authenticate), state: ServiceState = Depends(get_state)) -> ModelList:
-    return ModelList(data=[ModelCard(id=state.model_id, created=state.created)])
+    return ModelList(data=_cards(state))
 
 
 @router.get("/models/{model_id}", response_model=ModelCard, summary="One model (OpenAI-compatible)")
 def get_model(model_id: str, app: App = Depends(authenticate), state: ServiceState = Depends(get_state)) -> ModelCard:
-    _check_model(model_id, state)
-    return ModelCard(id=state.model_id, created=state.created)
+    for card in _cards(state):
+        if card.id == model_id:
+            return card
+    raise ApiError(404, "not_found_error", f"model {model_id!r} not found; this service runs {state.model_id!r}")
+
+
+def _cards(state: ServiceState) -> list[ModelCard]:
+    """The LLM first (clients that take the first model get the one that chats), then the tiny LM if installed."""
+    tiny = [ModelCard(id=TINY_LM_ID, created=state.created)] if state.tiny_lm.is_installed else []
+    return [ModelCard(id=state.model_id, created=state.created), *tiny]
 
 
 def _check_model(model_id: str, state: ServiceState) -> None:
+    if model_id == TINY_LM_ID:
+        raise InvalidRequestError(f"{TINY_LM_ID!r} is an embedding model: use it with POST /v1/embeddings, and chat "
+                                  f"with {state.model_id!r}")
     if model_id != state.model_id:
         raise ApiError(404, "not_found_error", f"model {model_id!r} not found; this service runs {state.model_id!r}")
 

@@ -21,7 +21,7 @@ def stats(app: App | None = Depends(app_or_operator), state: ServiceState = Depe
     if app is None:
         return {"engine": engine.stats(),
                 "apps": {a.name: {"contexts": n, **engine.app_stats(a)} for a, n in state.catalog.list_apps()}}
-    usage = {r.context_id: r for r in engine.kv.usage()}
+    usage = engine.residency()
     contexts = []
     for ctx in state.catalog.list_contexts(app.id):
         r = usage.get(ctx.id)

@@ -231,3 +231,62 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+# -- OpenAI-compatible embeddings (the tiny LM) -----------------------------------------------------------------------
+
+MAX_EMBEDDING_INPUTS = 256
+
+
+class EmbeddingsBody(_Strict):
+    model: StrictStr = Field(description="the tiny LM's id (GET /v1/models lists it)")
+    # Token-id arrays are accepted by the schema so that the refusal can say why (rather than "not a valid string").
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]] = Field(
+        description=f"a string or a list of 1 to {MAX_EMBEDDING_INPUTS} non-empty strings, each of at most "
+                    f"{MAX_TEXT_CHARS} characters (a text over 256 tokens is truncated); token-id arrays are refused")
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="base64: each vector as little-endian float32 bytes, base64-encoded (as OpenAI does)")
+    dimensions: StrictInt | None = Field(None, description="only the model's own (384) is supported")
+    user: StrictStr | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _texts_only(cls, v: str | list) -> str | list:
+        items = [v] if isinstance(v, str) else v
+        if not items:
+            raise ValueError("input is empty: send a string or a list of strings")
+        if not all(isinstance(item, str) for item in items):
+            raise ValueError("token-id input is not supported: token ids depend on the model's tokenizer, and this "
+                             "service tokenizes for you; send the texts")
+        if len(items) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"{len(items)} inputs is over the limit of {MAX_EMBEDDING_INPUTS} per request")
+        for i, item in enumerate(items):
+            if not item or len(item) > MAX_TEXT_CHARS:
+                raise ValueError(f"input[{i}] must have 1 to {MAX_TEXT_CHARS} characters; it has {len(item)}")
+        return v
+
+    @property
+    def texts(self) -> tuple[str, ...]:
+        """The input as texts (the validator has refused token ids)."""
+        return (self.input,) if isinstance(self.input, str) else tuple(self.input)  # type: ignore[arg-type]
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="floats, or a base64 string with encoding_format=base64")
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int = Field(description="tokens encoded, after truncation")
+    total_tokens: int
+
+
+class EmbeddingList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+    llmaas: dict = Field(description="timings: queue_s, load_s (the tiny LM's load, on the service's first "
+                                     "embedding request only), compute_s (summed over the request's engine calls), "
+                                     "total_s; engine_calls: how many parts the texts went in")

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from llmaas.engine.calls import Call, CallDone, CallEvent, CallFailed, CallResult
+from llmaas.engine.calls import Call, CallDone, CallEvent, CallFailed, CallResult, EmbedDone, EmbedResult
 from llmaas.engine.generate import TextDelta
 from llmaas.engine.worker import Engine
 from llmaas.errors import CallCancelled
 from llmaas.records import App
 from llmaas.service.errors import ApiError
 from llmaas.storage.catalog import Catalog
+from llmaas.tlm.resident import ResidentTinyLM
 
 DISCONNECT_POLL_S = 0.25
 RECENT_CALLS_PER_APP = 20
@@ -37,6 +38,7 @@ class ServiceState:
     created: int
     recent_calls: dict[int, deque[dict]] = field(default_factory=lambda: defaultdict(
         lambda: deque(maxlen=RECENT_CALLS_PER_APP)))
+    tiny_lm: ResidentTinyLM = field(default_factory=ResidentTinyLM)  # nothing is read until a request needs it
 
     def record(self, app: App, result: CallResult) -> None:
         self.recent_calls[app.id].append({"context_id": result.context_id, "finish_reason": result.finish_reason,
@@ -120,8 +122,9 @@ class CallStream:
             raise event.error
         self._first = event
 
-    async def events(self) -> AsyncIterator[TextDelta | CallDone]:
-        """Text deltas, then the CallDone; a CallFailed is raised as its error. Cancels the call if abandoned."""
+    async def events(self) -> AsyncIterator[TextDelta | CallDone | EmbedDone]:
+        """Text deltas, then the CallDone (or an embedding call's EmbedDone); a CallFailed is raised as its error.
+        Cancels the call if abandoned."""
         try:
             while True:
                 event = await self._next()
@@ -129,8 +132,8 @@ class CallStream:
                     self._finished = True
                     raise event.error
                 if isinstance(event, CallDone):
-                    self._finished = True
                     self._state.record(self.ticket.call.app, event.result)
+                self._finished = isinstance(event, CallDone | EmbedDone)
                 yield event
                 if self._finished:
                     return
@@ -143,3 +146,9 @@ class CallStream:
             if isinstance(event, CallDone):
                 return event.result
         raise AssertionError("a call ended without a result")
+
+    async def embedding(self) -> EmbedResult:
+        async for event in self.events():
+            if isinstance(event, EmbedDone):
+                return event.result
+        raise AssertionError("an embedding call ended without a result")
