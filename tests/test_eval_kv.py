@@ -12,13 +12,14 @@ import pytest
 import torch
 
 from llmaas.bench import eval_kv, kv_level_error, kv_level_sweep
-from llmaas.bench.eval_kv import EvalConfig, SegmentKV, VariantTally, from_chunks, ppl_window, to_chunks, variant_policy
+from llmaas.bench.eval_kv import EvalConfig, SegmentKV, VariantTally, ppl_window, variant_policy
 from llmaas.bench.kv_tasks import TASKS, make_item
 from llmaas.bench.text_metrics import chrf, lcs_length, match_label, mean_ci95, rouge_l
 from llmaas.cli import eval as eval_cli
 from llmaas.cli import eval_kv as eval_kv_cli
 from llmaas.engine.conversation import Conversation
 from llmaas.kv import codec
+from llmaas.kv.chunking import contiguous_spans, cut_chunks, join_chunks
 from llmaas.kv.codec import ChunkGeometry, KVLevel
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
@@ -85,10 +86,10 @@ def random_kv(n_tokens: int, capacity: int) -> list[torch.Tensor]:
 
 def test_chunks_round_trip_with_a_partial_tail():
     kv = random_kv(37, 40)
-    k, v = to_chunks(kv, 37, 16)
+    k, v = cut_chunks(kv, contiguous_spans(37, 16), 16)
     assert k.shape == (3, 3, 2, 16, 8)  # [N, L, Hkv, C, D]
     assert torch.equal(k[2, :, :, 5:], torch.zeros(3, 2, 11, 8))  # padding
-    back = from_chunks(k, v, 37)
+    back = join_chunks(k, v, 37)
     for layer in range(3):
         assert torch.equal(back[:, layer].half(), kv[layer][:, :, :37])
 
@@ -244,7 +245,7 @@ def test_level_errors_on_the_tiny_model(tiny):
     one = kv_level_error.level_errors(tiny.model, spec, seqs[:1], geom)
     cache = DenseKVCache(spec, 48)
     tiny.model.forward(seqs[0], torch.arange(48), cache.append(48))
-    k, v = to_chunks(cache.kv, 48, 16)
+    k, v = cut_chunks(cache.kv, contiguous_spans(48, 16), 16)
     k8, v8 = codec.decode(codec.encode(k, v, KVLevel.INT8, geom), KVLevel.INT8, geom)
     k2, v2 = codec.decode(codec.encode(k, v, KVLevel.INT2, geom), KVLevel.INT2, geom)
     e2 = (((k8 - k2) ** 2).sum() / (k8 ** 2).sum() + ((v8 - v2) ** 2).sum() / (v8 ** 2).sum()).item() / 2

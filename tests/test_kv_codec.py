@@ -179,7 +179,7 @@ def test_decode_into_equals_decode(first, num, native, request):
     if native:
         kernels.decode_kv_chunks(ranges, [int(lv) for lv in levels], starts, fills, out[first:first + num], 16)
     else:
-        decode_into(ranges, levels, starts, fills, first, num, out, use_kernels=False)
+        decode_into(ranges, levels, starts, fills, first, num, out, SMALL, use_kernels=False)
     for got, want in zip(out, expected, strict=True):
         assert torch.equal(got, want)
 
@@ -187,7 +187,7 @@ def test_decode_into_equals_decode(first, num, native, request):
 def test_decode_into_writes_fp32_caches_with_the_fallback():
     payloads, levels, starts, fills = _chunks(SMALL, 4)
     out = [torch.zeros(2, 2, 80, 64) for _ in range(SMALL.spec.n_layers)]
-    decode_into(payloads, levels, starts, fills, 0, SMALL.spec.n_layers, out)
+    decode_into(payloads, levels, starts, fills, 0, SMALL.spec.n_layers, out, SMALL)
     k, v = decode(payloads[1][None], levels[1], SMALL)
     assert torch.equal(out[2][0, :, starts[1]:starts[1] + 16], k[0, 2])
     assert torch.equal(out[2][1, :, starts[1]:starts[1] + 16], v[0, 2])
@@ -198,20 +198,20 @@ def test_decode_into_refuses_bad_ranges_and_sizes_before_writing(use_kernels):
     payloads, levels, starts, fills = _chunks(SMALL, 2)
     out = [torch.zeros(2, 2, 20, 64, dtype=torch.float16) for _ in range(SMALL.spec.n_layers)]
     with pytest.raises(ValueError, match="outside"):
-        decode_into(payloads, levels, starts, fills, 0, SMALL.spec.n_layers, out, use_kernels=use_kernels)
+        decode_into(payloads, levels, starts, fills, 0, SMALL.spec.n_layers, out, SMALL, use_kernels=use_kernels)
     with pytest.raises(ValueError, match="uint8"):
-        decode_into([p[:-1] for p in payloads], levels, [0, 1], fills, 0, SMALL.spec.n_layers, out,
+        decode_into([p[:-1] for p in payloads], levels, [0, 1], fills, 0, SMALL.spec.n_layers, out, SMALL,
                     use_kernels=use_kernels)
     assert all(not t.any() for t in out)
 
 
 @pytest.mark.parametrize("use_kernels", [False, True])
-def test_decode_into_infers_other_chunk_sizes(use_kernels):
+def test_decode_into_decodes_other_chunk_sizes(use_kernels):
     geom = ChunkGeometry(SMALL.spec, chunk_tokens=8)
     layers = SMALL.spec.n_layers
     payloads, levels, starts, fills = _chunks(geom, 4)
     out = [torch.full((2, 2, 40, 64), -7.0, dtype=torch.float16) for _ in range(layers)]
-    decode_into(payloads, levels, starts, fills, 0, layers, out, use_kernels=use_kernels)
+    decode_into(payloads, levels, starts, fills, 0, layers, out, geom, use_kernels=use_kernels)
     for got, want in zip(out, _expected(payloads, levels, starts, fills, geom, 0, layers, 40), strict=True):
         assert torch.equal(got, want)
 
@@ -221,3 +221,17 @@ def test_values_beyond_fp16_range_are_refused():
     k[0, 0, 0, 0, 0] = 1e9
     with pytest.raises(ValueError, match="fp16"):
         encode(k, v, KVLevel.INT8, SMALL)
+
+
+def test_cut_chunks_takes_any_spans_and_joins_back():
+    from llmaas.kv.chunking import contiguous_spans, cut_chunks, join_chunks
+
+    kv = [torch.randn(2, 3, 40, 8) for _ in range(2)]  # two layers, 40 token slots
+    k, v = cut_chunks(kv, [(32, 5), (0, 16)], 16)  # out of order, one short
+    assert torch.equal(k[0, 1, :, :5], kv[1][0, :, 32:37]) and torch.equal(v[1, 0], kv[0][1, :, 0:16])
+    assert not k[0, :, :, 5:].any()  # the short chunk is zero-padded
+    assert contiguous_spans(37, 16) == [(0, 16), (16, 16), (32, 5)]
+    whole = join_chunks(*cut_chunks(kv, contiguous_spans(37, 16), 16), 37)
+    assert torch.equal(whole, torch.stack([t[:, :, :37] for t in kv], dim=1))
+    with pytest.raises(ValueError):
+        cut_chunks(kv, [(0, 17)], 16)

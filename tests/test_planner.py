@@ -251,3 +251,16 @@ def test_ensure_profile_warns_about_an_implausible_profile_but_uses_it(tmp_path,
     assert ensure(tmp_path) == curved  # loaded: warned about again, not measured again
     err = capsys.readouterr().err
     assert "warning:" in err and "recompute line predicts" in err and "measuring" not in err
+
+
+def test_modes_without_a_profile_read_or_recompute_everything():
+    from llmaas.restore.planner import plan_for_mode
+
+    missing = [MissingChunk(0, KVLevel.INT8, 100), MissingChunk(1, KVLevel.INT4, 50, must_recompute=True),
+               MissingChunk(2, KVLevel.INT8, 100)]
+    io = plan_for_mode(missing, None, "io")
+    assert (io.load, io.recompute, io.io_bytes) == ((0, 2), (1,), 200)  # a chunk that must be recomputed still is
+    rec = plan_for_mode(missing, None, "recompute")
+    assert (rec.load, rec.recompute, rec.io_bytes) == ((), (0, 1, 2), 0)
+    with pytest.raises(ValueError, match="profile"):
+        plan_for_mode(missing, None, "pipeline")

@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from llmaas.bench.kv_tasks import ROW_SEED, TASKS, Item, load_items, score
 from llmaas.bench.plotting import pyplot
@@ -26,6 +25,7 @@ from llmaas.bench.text_metrics import mean_ci95
 from llmaas.engine.conversation import Conversation
 from llmaas.engine.generate import GenerateRequest, Generator
 from llmaas.kv import codec
+from llmaas.kv.chunking import contiguous_spans, cut_chunks, join_chunks
 from llmaas.kv.codec import ChunkGeometry, KVLevel
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
@@ -64,21 +64,6 @@ class EvalConfig:
 
 # -- one context's KV at every level -----------------------------------------------------------------------------
 
-def to_chunks(kv: Sequence[torch.Tensor], n_tokens: int, chunk_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-layer [2, Hkv, >=n, D] -> (k, v) float32 [N, L, Hkv, C, D], the last chunk zero-padded."""
-    n_chunks = -(-n_tokens // chunk_tokens)
-    x = torch.stack([t[:, :, :n_tokens] for t in kv], dim=1).float()  # [2, L, Hkv, n, D]
-    x = F.pad(x, (0, 0, 0, n_chunks * chunk_tokens - n_tokens))
-    x = x.unflatten(3, (n_chunks, chunk_tokens)).permute(0, 3, 1, 2, 4, 5)  # [2, N, L, Hkv, C, D]
-    return x[0], x[1]
-
-
-def from_chunks(k: torch.Tensor, v: torch.Tensor, n_tokens: int) -> torch.Tensor:
-    """(k, v) [N, L, Hkv, C, D] -> [2, L, Hkv, n, D] (the inverse of to_chunks)."""
-    x = torch.stack([k, v]).permute(0, 2, 3, 1, 4, 5)  # [2, L, Hkv, N, C, D]
-    return x.flatten(3, 4)[:, :, :, :n_tokens]
-
-
 def decoded_levels(k: torch.Tensor, v: torch.Tensor, geom: ChunkGeometry,
                    fills: Sequence[int] | None = None) -> dict[KVLevel, tuple[torch.Tensor, torch.Tensor]]:
     """Chunks (k, v) [N, L, Hkv, C, D] as each level decodes them: FP16 as given, INT8 encoded, INT4 and INT2
@@ -112,7 +97,7 @@ class SegmentKV:
     def build(cls, kv: Sequence[torch.Tensor], n_tokens: int, token_density: torch.Tensor,
               geom: ChunkGeometry) -> SegmentKV:
         c = geom.chunk_tokens
-        k, v = to_chunks(kv, n_tokens, c)
+        k, v = cut_chunks(kv, contiguous_spans(n_tokens, c), c)
         sealed, tail = divmod(n_tokens, c)
         by_level = decoded_levels(k, v, geom, [c] * sealed + ([tail] if tail else []))
         densities = token_density[:sealed * c].view(sealed, c).mean(dim=1).tolist()
@@ -132,7 +117,7 @@ class SegmentKV:
         for level in set(levels) - {KVLevel.FP16}:
             idx = torch.tensor([i for i, lv in enumerate(levels) if lv == level])
             k[idx], v[idx] = self.by_level[level][0][idx], self.by_level[level][1][idx]
-        x = from_chunks(k, v, self.n_tokens)
+        x = join_chunks(k, v, self.n_tokens)
         for layer, store in enumerate(cache.kv):
             store[:, :, :self.n_tokens] = x[:, layer]
 

@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
-from llmaas.bench.eval_kv import decoded_levels, to_chunks
+from llmaas.bench.eval_kv import decoded_levels
 from llmaas.kv import codec
+from llmaas.kv.chunking import contiguous_spans, cut_chunks
 from llmaas.kv.codec import ChunkGeometry, KVLevel
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
@@ -66,12 +67,13 @@ def level_errors(model: Transformer, spec: KVSpec, seqs: Sequence[torch.Tensor],
     def add(key: str, x: torch.Tensor) -> None:
         sums[key] = sums.get(key, 0.0) + float(x.double().pow(2).sum())
 
+    size = geom.chunk_tokens
     for ids in seqs:
         n = ids.numel()
-        sealed = n - n % geom.chunk_tokens
+        sealed = n - n % size
         cache = DenseKVCache(spec, n)
         model.run_layers(model.embed(ids), torch.arange(n), cache.append(n))  # the KV only: no LM head
-        by_level = decoded_levels(*to_chunks(cache.kv, sealed, geom.chunk_tokens), geom)
+        by_level = decoded_levels(*cut_chunks(cache.kv, contiguous_spans(sealed, size), size), geom)
         for i, name in enumerate("kv"):  # K, then V
             x, x8 = by_level[KVLevel.FP16][i], by_level[KVLevel.INT8][i]
             add(name, x)

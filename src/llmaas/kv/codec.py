@@ -245,12 +245,12 @@ def decode(payload: torch.Tensor, level: KVLevel, geom: ChunkGeometry) -> tuple[
 
 
 def decode_into(payloads: Sequence[torch.Tensor], levels: Sequence[KVLevel], token_starts: Sequence[int],
-                fills: Sequence[int], first_layer: int, num_layers: int, out: Sequence[torch.Tensor], *,
-                chunk_tokens: int | None = None, use_kernels: bool = True) -> None:
+                fills: Sequence[int], first_layer: int, num_layers: int, out: Sequence[torch.Tensor],
+                geometry: ChunkGeometry, *, use_kernels: bool = True) -> None:
     """Decode chunk i's layers [first_layer, first_layer + num_layers) (payloads[i]: their sections, contiguous
-    uint8) into out[first_layer + j][:, :, token_starts[i] : token_starts[i] + fills[i]] ([2, Hkv, cap, D]).
+    uint8, of chunks of `geometry`) into out[first_layer + j][:, :, token_starts[i] : token_starts[i] + fills[i]]
+    ([2, Hkv, cap, D], as geometry's spec says).
 
-    chunk_tokens defaults to what the first payload's size implies (every payload is then checked against it).
     Uses the native kernel for fp16 outputs when it builds; otherwise (or with use_kernels=False) the torch
     reference, which gives the same bits. Bad sizes or ranges raise ValueError before anything is written."""
     n = len(payloads)
@@ -262,9 +262,10 @@ def decode_into(payloads: Sequence[torch.Tensor], levels: Sequence[KVLevel], tok
         raise ValueError(f"layers [{first_layer}, {first_layer + num_layers}) are outside the {len(out)} outputs")
     layers_out = list(out[first_layer:first_layer + num_layers])
     sample = layers_out[0]
-    if chunk_tokens is None:
-        chunk_tokens = _implied_chunk_tokens(payloads[0].numel() // num_layers, KVLevel(levels[0]), sample.shape[1],
-                                             sample.shape[3])
+    spec, chunk_tokens = geometry.spec, geometry.chunk_tokens
+    if (len(out), sample.shape[1], sample.shape[3]) != (spec.n_layers, spec.n_kv_heads, spec.head_dim):
+        raise ValueError(f"outputs of {len(out)} layers x {sample.shape[1]} KV heads x {sample.shape[3]} dims do not "
+                         f"match the geometry's {spec.n_layers} x {spec.n_kv_heads} x {spec.head_dim}")
     kernels = _native() if use_kernels else None
     if kernels is not None and _native_ok(layers_out):
         # The kernel checks every size and range itself before it writes (per-layer restores call this 30 times
@@ -274,26 +275,15 @@ def decode_into(payloads: Sequence[torch.Tensor], levels: Sequence[KVLevel], tok
         except RuntimeError as exc:
             raise ValueError(str(exc)) from exc
         return
-    geom = ChunkGeometry(KVSpec(len(out), sample.shape[1], sample.shape[3]), chunk_tokens)
     for p, lv, start, fill in zip(payloads, levels, token_starts, fills, strict=True):
-        want = num_layers * geom.section_bytes(KVLevel(lv))
+        want = num_layers * geometry.section_bytes(KVLevel(lv))
         if p.dtype != torch.uint8 or p.numel() != want:
             raise ValueError(f"a {KVLevel(lv).name} payload of {num_layers} layers is {want} uint8 bytes; got "
                              f"{p.numel()} {p.dtype}")
         if not (1 <= fill <= chunk_tokens and start >= 0 and start + fill <= sample.shape[2]):
             raise ValueError(f"token range [{start}, {start + fill}) is outside a chunk of {chunk_tokens} or "
                              f"the cache of {sample.shape[2]} slots")
-    _decode_into_torch(payloads, levels, token_starts, fills, layers_out, geom)
-
-
-def _implied_chunk_tokens(section_bytes: int, level: KVLevel, n_kv_heads: int, head_dim: int) -> int:
-    """Invert ChunkGeometry.section_bytes, which is linear in chunk_tokens; DEFAULT_CHUNK_TOKENS if it does not
-    divide (the size check then reports the mismatch)."""
-    one = ChunkGeometry(KVSpec(1, n_kv_heads, head_dim), 1).section_bytes(level)
-    two = ChunkGeometry(KVSpec(1, n_kv_heads, head_dim), 2).section_bytes(level)
-    per_token, fixed = two - one, 2 * one - two
-    tokens, rest = divmod(section_bytes - fixed, per_token)
-    return tokens if rest == 0 and tokens >= 1 else DEFAULT_CHUNK_TOKENS
+    _decode_into_torch(payloads, levels, token_starts, fills, layers_out, geometry)
 
 
 def _decode_into_torch(payloads: Sequence[torch.Tensor], levels: Sequence[KVLevel], token_starts: Sequence[int],

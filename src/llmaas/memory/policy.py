@@ -14,12 +14,11 @@ from typing import Literal, get_args
 from llmaas.errors import InvalidRequestError
 from llmaas.kv.codec import KVLevel
 from llmaas.memory.kv_levels import OBJECTIVES, Objective
+from llmaas.restore.planner import RestoreMode
 
 VictimOrder = Literal["lctru", "lru", "context"]  # LCTRU sub-queues; plain chunk LRU; whole least recently used context
-# Planned IO+recompute overlap; IO only; recompute only (nothing on disk).
-RestoreMode = Literal["pipeline", "io", "recompute"]
-# The Literals are what the type checker sees; these tuples are what __post_init__ checks at run time (a policy may be
-# built from untyped input), derived from the Literals so the two never disagree.
+# The Literals (RestoreMode is the planner's) are what the type checker sees; these tuples are what __post_init__
+# checks at run time (a policy may be built from untyped input), derived from the Literals so the two never disagree.
 VICTIM_ORDERS: tuple[VictimOrder, ...] = get_args(VictimOrder)
 RESTORES: tuple[RestoreMode, ...] = get_args(RestoreMode)
 

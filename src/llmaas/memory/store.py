@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from llmaas.errors import LlmaasError
+from llmaas.kv.chunking import cut_chunks
 from llmaas.kv.codec import LEVEL_ERROR, ChunkGeometry, KVLevel, decode, decode_into, encode
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
@@ -37,7 +38,7 @@ from llmaas.memory.writer import WriteBack
 from llmaas.model.transformer import Transformer
 from llmaas.restore.cost_model import RestoreProfile
 from llmaas.restore.pipeline import LoadItem, RestoreOutcome, Span, restore
-from llmaas.restore.planner import MissingChunk, RestorePlan, plan_restore
+from llmaas.restore.planner import MissingChunk, RestorePlan, plan_for_mode
 from llmaas.storage.chunk_log import ChunkLog, ChunkRecord
 from llmaas.storage.throttle import DiskThrottle
 
@@ -274,14 +275,16 @@ class ChunkedKVStore:
         resident = [c for c in ctx.chunks if c.is_resident]  # a locked context's chunks: reclaim skips them
         if resident:  # decode what is in memory (everything, on the common path of a warm context)
             decode_into([c.resident_payload for c in resident], [c.level for c in resident],
-                        [c.token_start for c in resident], [c.fill for c in resident], 0, self.spec.n_layers, buf.kv)
+                        [c.token_start for c in resident], [c.fill for c in resident], 0, self.spec.n_layers, buf.kv,
+                        self.geometry)
         plan = self._plan(missing)
         by_index = {c.index: c for c in missing}
         # The plan loads only chunks that are on disk (the others are must_recompute): each has a location.
         loads = [LoadItem(i, by_index[i].disk_location, by_index[i].level, by_index[i].token_start, by_index[i].fill)
                  for i in plan.load]
         spans = [(by_index[i].token_start, by_index[i].fill) for i in plan.recompute]
-        outcome = restore(self.model, buf, self.log, loads, spans, token_ids, self.policy.layers_per_step)
+        outcome = restore(self.model, buf, self.log, self.geometry, loads, spans, token_ids,
+                          self.policy.layers_per_step)
         with self._lock:
             self._adopt(ctx, by_index, plan, outcome)
         if ctx.chunks and ctx.chunks[-1].staging is not None:  # the open chunk's exact values (only if it stayed)
@@ -324,13 +327,7 @@ class ChunkedKVStore:
     def _plan(self, missing: list[Chunk]) -> RestorePlan:
         chunks = [MissingChunk(c.index, c.level, self.geometry.payload_bytes(c.level), not c.is_on_disk)
                   for c in missing]
-        mode = self.policy.restore
-        if self.profile is None:  # IO-only or recompute-only policies need no cost model to decide
-            assert mode != "pipeline"
-            rec = tuple(c.index for c in chunks if c.must_recompute or mode == "recompute")
-            load = tuple(c.index for c in chunks if c.index not in rec)
-            return RestorePlan(rec, load, 0.0, 0.0, 0.0, sum(c.nbytes for c in chunks if c.index in load))
-        return plan_restore(chunks, self.profile, allow_recompute=mode != "io", allow_io=mode != "recompute")
+        return plan_for_mode(chunks, self.profile, self.policy.restore)
 
     def _adopt(self, ctx: ContextKV, by_index: dict[int, Chunk], plan: RestorePlan, outcome: RestoreOutcome) -> None:
         """Install what the restore produced: loaded bytes as clean chunks, recomputed KV encoded at its level."""
@@ -354,7 +351,8 @@ class ChunkedKVStore:
         self.counters["faults"] += len(missing)
         with self._lock:
             self._claim(sum(self.geometry.payload_bytes(c.level) for c in missing), None)
-        restore(self.model, self.buffer, self.log, (), [(c.token_start, c.fill) for c in missing], token_ids)
+        restore(self.model, self.buffer, self.log, self.geometry, (), [(c.token_start, c.fill) for c in missing],
+                token_ids)
         with self._lock:
             for c in missing:
                 self._set_resident(ctx, c, self._encode_from_buffer([c], c.level)[0], None)
@@ -544,22 +542,10 @@ class ChunkedKVStore:
         c.payload = c.staging = None
         self.queue.remove((ctx.id, c.index))
 
-    def _kv_of(self, chunks: list[Chunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact K and V of chunks from the working KV: float32 [n, L, Hkv, chunk_tokens, D], zero-padded."""
-        size = self.policy.chunk_tokens
-        k = torch.zeros(len(chunks), self.spec.n_layers, self.spec.n_kv_heads, size, self.spec.head_dim)
-        v = torch.zeros_like(k)
-        for i, c in enumerate(chunks):
-            span = slice(c.token_start, c.token_start + c.fill)
-            for layer, kv in enumerate(self.buffer.kv):
-                k[i, layer, :, :c.fill] = kv[0, :, span]
-                v[i, layer, :, :c.fill] = kv[1, :, span]
-        return k, v
-
     def _encode_from_buffer(self, chunks: list[Chunk], level: KVLevel) -> list[torch.Tensor]:
         if not chunks:
             return []
-        k, v = self._kv_of(chunks)
+        k, v = cut_chunks(self.buffer.kv, [(c.token_start, c.fill) for c in chunks], self.policy.chunk_tokens)
         payload = encode(k, v, level, self.geometry, fills=[c.fill for c in chunks])
         return [p.reshape(-1) for p in payload]
 
@@ -582,7 +568,7 @@ class ChunkedKVStore:
         if chunks:
             decode_into([c.resident_payload for c in chunks], [c.level for c in chunks],  # all just made resident
                         [c.token_start for c in chunks], [c.fill for c in chunks], 0, self.spec.n_layers,
-                        self.buffer.kv)
+                        self.buffer.kv, self.geometry)
 
     def _codec_id(self) -> str:
         return f"llmaas-kv/{self.policy.base_level.name.lower()}-c{self.policy.chunk_tokens}"

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from llmaas.kv.codec import KVLevel, decode_into
+from llmaas.kv.codec import ChunkGeometry, KVLevel, decode_into
 from llmaas.kv.dense import DenseKVCache
 from llmaas.model.transformer import Transformer
 from llmaas.storage.chunk_index import ChunkLocation
@@ -54,7 +54,7 @@ class RestoreOutcome:
     elapsed_s: float = 0.0
 
 
-def restore(model: Transformer, cache: DenseKVCache, log: ChunkLog, loads: Sequence[LoadItem],
+def restore(model: Transformer, cache: DenseKVCache, log: ChunkLog, geometry: ChunkGeometry, loads: Sequence[LoadItem],
             recompute: Sequence[tuple[int, int]], token_ids: Sequence[int], layers_per_step: int = 1) -> RestoreOutcome:
     """Make the working cache hold the loaded chunks' decoded KV and the recomputed spans ([token_start, fill]) for
     every layer. The cache's num_tokens must already cover every span."""
@@ -96,7 +96,7 @@ def restore(model: Transformer, cache: DenseKVCache, log: ChunkLog, loads: Seque
             c0 = time.perf_counter()
             if ok:
                 decode_into([p for _, p in ok], [i.level for i, _ in ok], [i.token_start for i, _ in ok],
-                            [i.fill for i, _ in ok], first, count, cache.kv)
+                            [i.fill for i, _ in ok], first, count, cache.kv, geometry)
             if h is not None:
                 assert rows is not None and view is not None  # h, rows and view are set together, from rows
                 model.run_layers(h, rows[1], view, first, first + count)
@@ -106,7 +106,7 @@ def restore(model: Transformer, cache: DenseKVCache, log: ChunkLog, loads: Seque
                     if item.chunk_index not in failed}
     if failed:  # rebuild them, and redo what may have attended to their unverified slots
         redo = sorted({(i.token_start, i.fill) for i in loads if i.chunk_index in failed} | set(recompute))
-        again = restore(model, cache, log, (), redo, token_ids, layers_per_step)
+        again = restore(model, cache, log, geometry, (), redo, token_ids, layers_per_step)
         out.recomputed_tokens += again.recomputed_tokens
         out.failed, out.failures = sorted(failed), [failed[i] for i in sorted(failed)]
     out.elapsed_s = time.perf_counter() - t0

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
     from llmaas.kv.codec import KVLevel
     from llmaas.restore.cost_model import RestoreProfile
+
+
+# How a policy restores missing chunks: the cost model's best mix of reads and recompute overlapped (LLMS), reads only
+# (Swapping, vLLM), or recompute only (LMK, which writes nothing).
+RestoreMode = Literal["pipeline", "io", "recompute"]
 
 
 @dataclass(frozen=True)
@@ -80,3 +85,17 @@ def plan_restore(
         predicted_recompute_s=recompute_s,
         io_bytes=rest_bytes[k],
     )
+
+
+def plan_for_mode(missing: Sequence[MissingChunk], profile: RestoreProfile | None, mode: RestoreMode) -> RestorePlan:
+    """The plan a restore mode asks for. With a profile, plan_restore within the mode's limits; without one (io and
+    recompute need no cost model), everything is read, or everything recomputed; chunks that must be recomputed
+    always are."""
+    if profile is not None:
+        return plan_restore(missing, profile, allow_recompute=mode != "io", allow_io=mode != "recompute")
+    if mode == "pipeline":
+        raise ValueError("the pipelined restore needs a restore profile; run `llmaas profile`")
+    recompute = tuple(sorted(c.index for c in missing if c.must_recompute or mode == "recompute"))
+    load = tuple(sorted(c.index for c in missing if c.index not in recompute))
+    io_bytes = sum(c.nbytes for c in missing if c.index in load)
+    return RestorePlan(recompute, load, 0.0, 0.0, 0.0, io_bytes)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from llmaas.kv.chunking import contiguous_spans, cut_chunks
 from llmaas.kv.codec import ChunkGeometry, KVLevel, encode
 from llmaas.kv.dense import DenseKVCache
 from llmaas.model.transformer import Transformer
@@ -76,13 +77,12 @@ def measure_profile(model: Transformer, geometry: ChunkGeometry, model_id: str, 
         t = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            restore(model, cache, None, (), spans, ids.tolist())  # type: ignore[arg-type]
+            restore(model, cache, None, geometry, (), spans, ids.tolist())  # type: ignore[arg-type]
             t.append(time.perf_counter() - t0)
         re_points.append((float(x), statistics.median(t)))
         clock.done(f"recompute {x} chunks: {re_points[-1][1] * 1e3:.1f} ms", re_points[-1][1] * repeats)
-    k = torch.stack([kv[0].reshape(geometry.spec.n_kv_heads, n_chunks, size, -1) for kv in cache.kv], 1)
-    v = torch.stack([kv[1].reshape(geometry.spec.n_kv_heads, n_chunks, size, -1) for kv in cache.kv], 1)
-    payload = encode(k.permute(2, 1, 0, 3, 4).float(), v.permute(2, 1, 0, 3, 4).float(), KVLevel.INT8, geometry)
+    k, v = cut_chunks(cache.kv, contiguous_spans(n_chunks * size, size), size)
+    payload = encode(k, v, KVLevel.INT8, geometry)
     io_points = []
     with tempfile.TemporaryDirectory(prefix="llmaas-profile-") as tmp:
         log = ChunkLog(Path(tmp), model_id, codec, throttle=throttle)
@@ -97,7 +97,7 @@ def measure_profile(model: Transformer, geometry: ChunkGeometry, model_id: str, 
             t = []
             for _ in range(io_repeats):
                 t0 = time.perf_counter()
-                restore(model, cache, log, items, (), ids.tolist())
+                restore(model, cache, log, geometry, items, (), ids.tolist())
                 t.append(time.perf_counter() - t0)
             io_points.append((float(x * geometry.payload_bytes(KVLevel.INT8)), statistics.median(t)))
             clock.done(f"read {x} chunks ({io_points[-1][0] / 2**20:.1f} MiB): {io_points[-1][1] * 1e3:.1f} ms",
