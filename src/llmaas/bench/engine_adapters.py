@@ -86,6 +86,14 @@ class LlamaCppAdapter:
         self.llm = Llama(str(model_path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512,
                          verbose=False)
 
+    @staticmethod
+    def build() -> dict[str, str]:
+        """Which llama.cpp build the figures come from: its version and the CPU features it was compiled for (a
+        native build and scripts/setup.sh's explicit flags differ, and AMX builds crash on eval here)."""
+        import llama_cpp
+
+        return {"version": llama_cpp.__version__, "system_info": llama_cpp.llama_print_system_info().decode()}
+
     # eval() drops cached tokens past n_tokens, so reset() (n_tokens = 0) starts a fresh context. With
     # logits_all=False the last token's logits are only in the context's buffer (llama_get_logits).
     def prefill_s(self, ids: list[int]) -> float:

@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             "prefill_512": result["prefill_tok_s"]["512"] / with_stats["prefill_tok_s"]["512"] - 1,
             "decode_512": result["decode_tok_s"]["512"] / with_stats["decode_tok_s"]["512"] - 1,
         }
+    if args.engine == "llama_cpp":
+        result["build"] = ea.LlamaCppAdapter.build()
     result["peak_rss_mb"] = peak_rss_mb()
     json.dump(result, sys.stdout)
     return 0
