@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -18,6 +16,7 @@ import time
 from pathlib import Path
 
 from llmaas.bench.plotting import pyplot
+from llmaas.bench.results import machine, write_json
 from llmaas.model.config import ModelConfig
 from llmaas.model.gguf_file import GGUFFile
 from llmaas.model.tokenizer import Tokenizer
@@ -38,21 +37,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per point, median reported (default: 3)")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens per decode measurement (default: 64)")
     return p
-
-
-def machine() -> dict:
-    """What the numbers were measured on: the CPU as /proc/cpuinfo names it (family/model tell the generation)."""
-    import torch
-
-    info: dict[str, str] = {}
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    simd = sorted(f for f in info.get("flags", "").split() if f.startswith(("avx", "amx", "fma")))
-    return {"cpu": info.get("model name", platform.processor()), "cpu_family": info.get("cpu family"),
-            "cpu_model": info.get("model"), "cpu_mhz": info.get("cpu MHz"), "simd": simd, "cores": os.cpu_count(),
-            "python": platform.python_version(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M")}
 
 
 def run_worker(engine: str, args: argparse.Namespace, model: Path, ids_file: Path) -> dict:
@@ -146,8 +130,8 @@ def main(argv: list[str]) -> int:
     print(f"attention statistics cost: prefill@512 +{100 * s['prefill_512']:.0f}%, "
           f"decode@512 +{100 * s['decode_512']:.0f}%")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        write_json(result, args.json)
         png = args.json.with_suffix(".png")
-        print(f"wrote {args.json}" + (f" and {png}" if plot(result, png) else ""))
+        if plot(result, png):
+            print(f"wrote {png}")
     return 0

@@ -9,7 +9,6 @@ on that pass); every variant only swaps in its own encode->decode copy of that K
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 
 from llmaas.bench.kv_tasks import ROW_SEED, TASKS, Item, load_items, score
 from llmaas.bench.plotting import pyplot
+from llmaas.bench.results import write_json
 from llmaas.bench.text_metrics import mean_ci95
 from llmaas.engine.conversation import Conversation
 from llmaas.engine.generate import GenerateRequest, Generator
@@ -367,7 +367,7 @@ def plot(result: dict, path: Path) -> bool:
 
 def run(loaded: LoadedModel, cfg: EvalConfig, json_path: Path | None = None, png_path: Path | None = None) -> dict:
     """Evaluate every variant on `cfg`'s windows and items, print the table, and write the JSON and plot if asked."""
-    from llmaas.bench.engine import machine
+    from llmaas.bench.results import machine
 
     if codec.LEVEL_ERROR[KVLevel.INT4] == 0 or codec.LEVEL_ERROR[KVLevel.INT2] == 0:
         print("warning: codec.LEVEL_ERROR is not measured yet (e(INT4) or e(INT2) is 0): the density_error "
@@ -384,9 +384,7 @@ def run(loaded: LoadedModel, cfg: EvalConfig, json_path: Path | None = None, png
     print(table(result))
     print(f"runtime {result['runtime_s']:.0f} s")
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {json_path}")
+        write_json(result, json_path)
     png = png_path or (json_path.with_suffix(".png") if json_path else None)
     if png is not None and plot(result, png):
         print(f"wrote {png}")

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from llmaas.bench.eval_kv import decoded_levels
+from llmaas.bench.results import write_json
 from llmaas.kv import codec
 from llmaas.kv.chunking import contiguous_spans, cut_chunks
 from llmaas.kv.codec import ChunkGeometry, KVLevel
@@ -104,7 +105,7 @@ def run(loaded: LoadedModel, cfg: LevelErrorConfig, json_path: Path | None = Non
     """Measure e(w) on cfg's calibration text, print the table and the LEVEL_ERROR line, and, if asked, set the
     `level_error` entry of the JSON file (keeping its other entries) to {data, levels, command, model, machine,
     threads, runtime_s}; return that entry."""
-    from llmaas.bench.engine import machine
+    from llmaas.bench.results import machine
 
     t0 = time.perf_counter()
     print(f"measuring e(w) on {cfg.num_seqs} x {cfg.seq_tokens} alpaca tokens", file=sys.stderr, flush=True)
@@ -121,7 +122,5 @@ def run(loaded: LoadedModel, cfg: LevelErrorConfig, json_path: Path | None = Non
         # docs/kv_codec.json also keeps the one-off axis study and decode timing: replace only this entry
         doc = json.loads(json_path.read_text()) if json_path.exists() else {}
         doc["level_error"] = entry
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(doc, indent=1) + "\n")
-        print(f"wrote {json_path}")
+        write_json(doc, json_path, indent=1)
     return entry

@@ -31,6 +31,7 @@ from llmaas.bench.eval_kv import (
     ppl_window,
     variant_policy,
 )
+from llmaas.bench.results import write_json
 from llmaas.kv.codec import ChunkGeometry, KVLevel
 from llmaas.kv.spec import KVSpec
 from llmaas.memory.kv_levels import budget_units
@@ -173,7 +174,5 @@ def run(loaded: LoadedModel, cfg: EvalConfig, json_path: Path | None = None) -> 
     print(table(result))
     print(f"runtime {result['runtime_s']:.0f} s")
     if json_path:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        json_path.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {json_path}")
+        write_json(result, json_path)
     return result

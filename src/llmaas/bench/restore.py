@@ -10,14 +10,14 @@ a file on the same disk, cold. Ignores multi-context traces (`llmaas bench switc
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 
 from llmaas.bench.disk import measure_disk
-from llmaas.bench.engine import WIKITEXT, machine
+from llmaas.bench.engine import WIKITEXT
+from llmaas.bench.results import machine, write_json
 from llmaas.engine.generate import Generator
 from llmaas.kv.codec import ChunkGeometry, KVLevel
 from llmaas.kv.spec import KVSpec
@@ -82,9 +82,7 @@ def main(argv: list[str]) -> int:
         ours["speedup_vs_llama_cpp"] = peer["load_s"] / ours["switch_s"]
     print_table(result)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(result, args.json)
     return 0
 
 

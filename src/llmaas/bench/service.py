@@ -8,7 +8,6 @@ prompt, fresh KV, greedy) versus a real `llmaas serve` process reached over its 
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import statistics
 import sys
@@ -16,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from llmaas.bench.engine import machine
+from llmaas.bench.results import machine, write_json
 
 PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how a bicycle stays upright.",
            "Describe a walk through a forest in autumn.", "What makes a good cup of tea? Explain in detail.",
@@ -133,7 +132,5 @@ def main(argv: list[str]) -> int:
           f"overhead: TTFT +{o['ttft_ms']:.1f} ms (x{o['ttft_ratio']:.2f}), decode x{o['decode_ratio']:.2f} "
           f"(medians of {len(PROMPTS)} prompts)")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
-        print(f"wrote {args.json}")
+        write_json(result, args.json)
     return 0

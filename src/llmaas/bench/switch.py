@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from llmaas.bench.engine import machine
+    from llmaas.bench.results import machine
     from llmaas.bench.switch_report import print_table, write_plots, write_results_md
     from llmaas.model.loader import load_model
 
