@@ -25,11 +25,13 @@ from llmaas.paths import DataDir
 from llmaas.service.process import start_service, stop_service
 from llmaas.storage.catalog import Catalog
 
+# Chosen so that the 135M model visibly recalls the first turn in the second with its system prompt in place (tried
+# greedily: it declines to "remember" a locker code, and a "travel assistant" persona drifts into Portuguese).
 CONVERSATIONS = {
-    "notes": ("You are a note-taking assistant. Answer briefly.",
-              ["Please remember this: my locker code is 4512.", "What is my locker code?"]),
-    "travel": ("You are a travel assistant. Answer briefly.",
-               ["I am planning a trip to Lisbon in May.", "Which city am I planning to visit?"]),
+    "notes": ("You are a note-taking assistant. Keep answers short.",
+              ["Note: the meeting is on Friday at 10am.", "When is the meeting?"]),
+    "travel": ("You are a helpful assistant. Keep answers short.",
+               ["I want to visit Lisbon in May.", "Which city do I want to visit?"]),
 }
 
 
