@@ -103,18 +103,7 @@ class Progress:
         elapsed = time.monotonic() - self.t0
         eta = elapsed / done * (self.total - done) if done else math.nan
         eta_text = "?" if math.isnan(eta) else f"{eta:.0f} s"
-        print(f"check {self.campaign}: {done}/{self.total} ({elapsed:.0f} s, ETA {eta_text}){' ' + note if note else ''}",
+        suffix = f" {note}" if note else ""
+        print(f"check {self.campaign}: {done}/{self.total} ({elapsed:.0f} s, ETA {eta_text}){suffix}",
               file=sys.stderr, flush=True)
 
-
-def machine() -> dict:
-    """The CPU as /proc/cpuinfo names it, cores and Python: what the timings were taken on."""
-    import platform
-
-    info: dict[str, str] = {}
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        key, _, value = line.partition(":")
-        info.setdefault(key.strip(), value.strip())
-    return {"cpu": info.get("model name", platform.processor()), "cores": os.cpu_count(),
-            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M")}

@@ -31,6 +31,7 @@ class SoakTally:
     errors: list[str] = field(default_factory=list)
     throttled: int = 0  # documented 429s
     calls: int = 0
+    slowest: list[tuple[float, str, dict]] = field(default_factory=list)  # (latency, what, service timings)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def add(self, latency_s: float | None, error: str | None = None) -> None:
@@ -49,7 +50,9 @@ def summarize(latencies_s: list[float]) -> dict[str, float]:
 
 def run_soak(apps: int, calls_per_app: int, time_limit_s: float) -> dict:
     names = [f"soak-{i}" for i in range(apps)]
-    flags = ["--max-context-tokens", str(MAX_CONTEXT_TOKENS), "--kv-budget-mb", str(KV_BUDGET_MB)]
+    # one compute thread: on a shared 2-core machine two torch threads spin against any other load and a call
+    # then takes seconds instead of 0.2 s (seen here); the soak is about leaks and errors, not peak speed
+    flags = ["--threads", "1", "--max-context-tokens", str(MAX_CONTEXT_TOKENS), "--kv-budget-mb", str(KV_BUDGET_MB)]
     sut = ServiceUnderTest(flags, names, prefix="llmaas-soak-")
     tally = SoakTally()
     try:
@@ -66,8 +69,7 @@ def run_soak(apps: int, calls_per_app: int, time_limit_s: float) -> dict:
         for t in threads:
             t.start()
         while any(t.is_alive() for t in threads):
-            for t in threads:
-                t.join(timeout=10)
+            next(t for t in threads if t.is_alive()).join(timeout=10)  # a progress line every 10 s at most
             progress.step(tally.calls, f"errors {len(tally.errors)}, 429s {tally.throttled}")
         after = sut.proc_figures()
         alive = sut.is_alive()
@@ -77,7 +79,8 @@ def run_soak(apps: int, calls_per_app: int, time_limit_s: float) -> dict:
             "throttled_429": tally.throttled, **summarize(tally.latencies_s),
             "rss_growth_bytes": after["rss_bytes"] - before["rss_bytes"], "fd_growth": after["fds"] - before["fds"],
             "thread_growth": after["threads"] - before["threads"], "before": before, "after": after,
-            "time_limited": time.monotonic() >= deadline, "error_samples": tally.errors[:20]}
+            "time_limited": time.monotonic() >= deadline, "error_samples": tally.errors[:20],
+            "slowest": [{"latency_s": lat, "call": what, "timings": t} for lat, what, t in tally.slowest]}
 
 
 def _app_loop(sut: ServiceUnderTest, app: str, calls: int, deadline: float, tally: SoakTally) -> None:
@@ -98,7 +101,11 @@ def _app_loop(sut: ServiceUnderTest, app: str, calls: int, deadline: float, tall
                     continue
                 tally.add(None, f"{app} call {i}: {exc}")
                 continue
-            tally.add(time.perf_counter() - t0)
+            latency_s = time.perf_counter() - t0
+            tally.add(latency_s)
+            with tally.lock:  # the slowest calls' own timings say where the time went (queue, switch, compute)
+                tally.slowest = sorted([*tally.slowest, (latency_s, f"{app} call {i}", reply.timings)],
+                                       key=lambda x: -x[0])[:5]
             if reply.usage["context_tokens"] + ROLLOVER_MARGIN_TOKENS > MAX_CONTEXT_TOKENS:
                 c.delete(contexts[slot])  # a near-full context is replaced, as a real app would start a new one
                 contexts[slot] = c.new_context()

@@ -29,6 +29,8 @@ COMMANDS = {  # name -> (module with main(argv) -> exit code, one-line summary f
                                 "sub-models vs baselines)"),
     "elastic": ("llmaas.cli.elastic", "ElastiLM's offline steps: `llmaas elastic build|train|profile` (levels, LoRA, "
                                       "latency table)"),
+    "check": ("llmaas.cli.check", "reliability campaigns on live services: `llmaas check reliability [--quick]` "
+                                  "(crash, fuzz, isolation, soak)"),
     "profile": ("llmaas.cli.profile", "measure (once) the restore cost model the KV planner uses; --refresh measures "
                                       "again"),
 }

@@ -10,6 +10,8 @@ continue raw text. Ignores generation and storage.
 
 from __future__ import annotations
 
+import re
+import secrets
 from collections.abc import Sequence
 
 from llmaas.errors import UnsupportedModelError
@@ -22,11 +24,31 @@ class Conversation:
     def __init__(self, tokenizer: Tokenizer, template: ChatTemplate | None) -> None:
         self.tokenizer = tokenizer
         self.template = template
+        # Message text is data, never markup: the template's own markers become control tokens, but a marker typed
+        # inside a message ("<|im_start|>system ...") must stay plain text, or any user could forge a system turn.
+        # Contents are rendered between two sentinels, random per process so no message can contain them, and the
+        # text between them is encoded without parsing special tokens.
+        tag = secrets.token_hex(8)
+        self._open, self._close = f"\ue000{tag}\ue001", f"\ue001{tag}\ue000"
+        self._content = re.compile(re.escape(self._open) + "(.*?)" + re.escape(self._close), re.DOTALL)
 
     def _render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
+        """The template's rendering, each message's content between the sentinels (see _encode)."""
         assert self.template is not None
-        return self.template.render([{"role": m.role, "content": m.content} for m in messages],
+        return self.template.render([{"role": m.role, "content": self._data(m.content)} for m in messages],
                                     add_generation_prompt=add_generation_prompt)
+
+    def _data(self, content: str) -> str:
+        return self._open + content + self._close
+
+    def _encode(self, rendered: str, add_bos: bool | None) -> list[int]:
+        """Token ids of a rendered piece: markup with its control tokens, message contents as plain text."""
+        ids = self.tokenizer.encode("", add_bos=add_bos) if add_bos is not False else []
+        pieces = self._content.split(rendered)  # markup, content, markup, ..., markup
+        for i, piece in enumerate(pieces):
+            if piece:
+                ids += self.tokenizer.encode(piece, add_bos=False, parse_special=i % 2 == 0)
+        return ids
 
     def _suffix(self, longer: str, prefix: str) -> str:
         if not longer.startswith(prefix):
@@ -43,17 +65,17 @@ class Conversation:
         if starts_context:
             return self.chat_ids([*history, Message("user", user)])
         if self.template is None:
-            return self.tokenizer.encode(user, add_bos=False)
+            return self.tokenizer.encode(user, add_bos=False, parse_special=False)
         text = self._suffix(self._render([*history, Message("user", user)], True), self._render(history, False))
-        return self.tokenizer.encode(text, add_bos=False)
+        return self._encode(text, add_bos=False)
 
     def closing_ids(self, history: Sequence[Message], user: str, reply: str) -> list[int]:
         """Tokens that close the assistant turn after its reply text (the end-of-turn marker and separator)."""
         if self.template is None:
             return []
-        opened = self._render([*history, Message("user", user)], True) + reply
+        opened = self._render([*history, Message("user", user)], True) + self._data(reply)
         closed = self._render([*history, Message("user", user), Message("assistant", reply)], False)
-        return self.tokenizer.encode(self._suffix(closed, opened), add_bos=False)
+        return self._encode(self._suffix(closed, opened), add_bos=False)
 
     def close_turn(self, history: Sequence[Message], user: str, base: Sequence[int], prompt: Sequence[int],
                    generated: Sequence[int], text: str, cached_tokens: int) -> tuple[list[int], int]:
@@ -70,8 +92,8 @@ class Conversation:
     def chat_ids(self, messages: Sequence[Message]) -> list[int]:
         """A whole stateless conversation, ready for the assistant's reply."""
         if self.template is None:
-            return self.tokenizer.encode("\n".join(m.content for m in messages))
-        return self.tokenizer.encode(self._render(messages, True))
+            return self.tokenizer.encode("\n".join(m.content for m in messages), parse_special=False)
+        return self._encode(self._render(messages, True), add_bos=None)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
