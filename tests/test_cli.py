@@ -101,7 +101,8 @@ def test_demo_runs_two_apps_on_a_real_service(tmp_path):
 
 HELP_PAGES = [(name,) for name in cli.COMMANDS] + [("bench", name) for name in BENCHMARKS] + [
     ("eval", name) for name in EVALUATIONS] + [("bench", "trace", "make"), ("elastic", "build"), ("elastic", "train"),
-                                               ("elastic", "profile")]
+                                               ("elastic", "profile"), ("elastic", "score-head"),
+                                               ("check", "reliability")]
 
 
 def help_text(capsys: pytest.CaptureFixture[str], *argv: str) -> str:

@@ -1,5 +1,5 @@
-"""`llmaas elastic build|train|profile`: the offline steps of ElastiLM's model side, each cached per model under
-`$LLMAAS_CACHE/elastic/<model>/` (default ~/.cache/llmaas) and rebuilt by the same command."""
+"""`llmaas elastic build|train|profile|score-head`: the offline steps of ElastiLM's model side, each cached per model
+under `$LLMAAS_CACHE/elastic/<model>/` (default ~/.cache/llmaas) and rebuilt by the same command."""
 
 from __future__ import annotations
 
@@ -36,6 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
                          help="timed runs per point, after one warm-up (default 5)")
     profile.add_argument("--elastic-dir", type=Path, help="artifact directory (default: the model's cache dir)")
     profile.add_argument("--json", type=Path, help="also write the table here")
+    from llmaas.elastic.score_train import ScoreTrainConfig
+    score = sub.add_parser("score-head", help="the dual-head TLM's score head: LLM self-information labels "
+                                              "(cached, resumable), training, held-out ROC AUC")
+    add_model_options(score)
+    score.add_argument("--segments", type=positive_int, default=2000,
+                       help="training segments of <= 256 encoder tokens, 10%% held out (default 2000)")
+    score.add_argument("--epochs", type=positive_int, default=ScoreTrainConfig.epochs,
+                       help=f"at most this many epochs (default {ScoreTrainConfig.epochs})")
+    score.add_argument("--budget-s", type=float, default=ScoreTrainConfig.budget_s,
+                       help=f"wall-time cap on training, seconds (default {ScoreTrainConfig.budget_s:.0f})")
+    score.add_argument("--elastic-dir", type=Path, help="where labels and heads go (default: the model's cache dir)")
     return parser
 
 
@@ -63,8 +74,34 @@ def main(argv: list[str]) -> int:
         config = recipe(args.recipe, args.device, args.steps)
         train_artifact_levels(load_from_args(args), levels, config, args.until_step, args.elastic_dir)
         return 0
+    if args.step == "score-head":
+        return _score_head(args)
     from llmaas.elastic.latency import LatencyConfig, write_profile
     from llmaas.elastic.model import ElasticModel
     elastic = ElasticModel.open(args.model, args.elastic_dir, use_kernels=not args.no_kernels, threads=args.threads)
     write_profile(elastic, LatencyConfig(runs=args.runs), args.json)
+    return 0
+
+
+def _score_head(args: argparse.Namespace) -> int:
+    import time
+
+    from llmaas.elastic.artifact import elastic_dir
+    from llmaas.elastic.score_train import ScoreTrainConfig, build_score_head
+    started = time.perf_counter()
+
+    def log(message: str) -> None:
+        print(f"[{time.perf_counter() - started:7.1f} s] {message}", flush=True)
+
+    loaded = load_from_args(args)
+    directory = args.elastic_dir or elastic_dir(loaded.model_id)
+    config = ScoreTrainConfig(epochs=args.epochs, budget_s=args.budget_s)
+    r = build_score_head(loaded, directory, args.segments, config, log)
+    stages = ", ".join(f"{k.removesuffix('_s')} {v:.1f} s" for k, v in r["stages_s"].items())
+    print(f"held-out ROC AUC {r['held_out_auc']:.4f} (random head {r['held_out_auc_init']:.4f}) on "
+          f"{r['held_out_segments']} segments; trained on {r['train_segments']} for {r['epochs_done']:.2f} epochs "
+          f"({r['steps']} steps, {r['threads']} threads)")
+    print(f"label balance: {r['word_keep_fraction']:.3f} of {r['words']} words keep, "
+          f"{r['token_keep_fraction']:.3f} of {r['encoder_tokens']} encoder tokens keep")
+    print(f"wall time: {stages}; total {time.perf_counter() - started:.1f} s")
     return 0
