@@ -147,3 +147,12 @@ def test_roc_auc_on_a_hand_made_example() -> None:
     assert roc_auc([0.5, 0.5, 0.5], [0, 1, 1]) == 0.5  # ties count half
     with pytest.raises(ValueError):
         roc_auc([0.1, 0.2], [1, 1])
+
+
+def test_slo_and_bert_markers_in_a_context_are_text(tok, encoder):
+    """Only the window's own prefix carries SLO tokens: a context that types "[pre02]" or "[SEP]" gets plain word
+    pieces, so a request cannot forge its SLO or end its window."""
+    base = encoder.config.vocab_size
+    window = build_window(tok, 4, 7, "hello [pre02] [dec05] [SEP] world", "question")
+    specials = [i for i in window.ids if i >= base or i in (tok.cls_id, tok.sep_id)]
+    assert specials == [tok.cls_id, *window.ids[1:3], tok.sep_id]  # [CLS], the two real SLO tokens, [SEP]

@@ -136,8 +136,11 @@ class DualHeadTokenizer:
                                  "vocabulary")
         self.cls_id, self.sep_id = self._tokenizer.token_to_id("[CLS]"), self._tokenizer.token_to_id("[SEP]")
 
-    def encode(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
-        """WordPiece ids of text, without [CLS]/[SEP], and each token's character span in text."""
+    def encode(self, text: str, markup: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """WordPiece ids of text, without [CLS]/[SEP], and each token's character span in text. Only markup (the SLO
+        prefix) may hold special tokens: in a context or a query, "[pre02]" or "[SEP]" is text, so a request cannot
+        forge its own SLO."""
+        self._tokenizer.encode_special_tokens = not markup
         enc = self._tokenizer.encode(text, add_special_tokens=False)
         return enc.ids, enc.offsets
 
@@ -159,7 +162,7 @@ def build_windows(tok: DualHeadTokenizer, prefill: int, decode: int, context: st
                   query: str = "") -> list[WindowInput]:
     """Every window a context needs: the first as build_window's (the one the decision branch reads), then SLO
     tokens + the next slice of the context, without the query, for the score branch alone (§7)."""
-    pre_ids, _ = tok.encode(f"{prefill_token(prefill)} {decode_token(decode)} ")
+    pre_ids, _ = tok.encode(f"{prefill_token(prefill)} {decode_token(decode)} ", markup=True)
     ctx_ids, ctx_offsets = tok.encode(context)
     q_ids, _ = tok.encode(query) if query else ([], [])
     room = MAX_TOKENS - 2 - len(pre_ids) - len(q_ids)  # 2: [CLS] and [SEP]
