@@ -27,6 +27,7 @@ def test_lossless_replay_under_a_tight_budget_equals_unlimited_memory(smollm, sm
     roomy = replay(smollm, small_trace, SystemSetting(policy, 10**10, 1024), tmp_path)
     assert [r["answer"] for r in tight["records"]] == [r["answer"] for r in roomy["records"]]
     assert tight["bytes_read"] > 0 and roomy["bytes_read"] == 0  # the tight one really swapped
+    assert tight["pressure"]["informative"] and not roomy["pressure"]["informative"]  # and says so; roomy cannot
     for run in (tight, roomy):
         assert run["max_resident_bytes"] <= run["budget_bytes"] and run["faults"] == 0
     assert tight["skipped_calls"] == sum(c.task == "xsum" for c in small_trace.calls)
@@ -62,3 +63,24 @@ def test_interpolated_limits_and_the_results_page(tmp_path):
     write_results_md(result, tmp_path / "RESULTS.md", tmp_path / "r.json", [])
     text = (tmp_path / "RESULTS.md").read_text()
     assert "| llms |" in text and "budget too small" in text and "max_resident_bytes <= budget_bytes" in text
+
+
+def test_pressure_is_reported_and_a_run_without_it_is_flagged():
+    from llmaas.bench.replay import CallRecord, pressure
+    from llmaas.bench.switch_report import main_rows
+
+    def record(is_switch: bool, hot: bool, read: int = 0, recomputed: int = 0, evictions: int = 0) -> CallRecord:
+        return CallRecord("a", "sst2", is_switch, hot, 0.001, 0.1, 0.2, read, recomputed, "x", 1.0, evictions)
+
+    calm = [record(False, False), record(True, True), record(True, False)]  # switches, but everything resident
+    assert pressure(calm) == {"switches": 2, "restored_switches": 0, "restored_fraction": 0.0, "evictions": 0,
+                              "bytes_read": 0, "recomputed_tokens": 0, "informative": False}
+    busy = [*calm, record(True, False, read=4096, evictions=3), record(True, False, recomputed=16)]
+    p = pressure(busy)
+    assert (p["restored_switches"], p["restored_fraction"], p["evictions"], p["informative"]) == (2, 0.5, 3, True)
+    metric = {"mean": 0.001, "p50": 0.001, "p99": 0.001, "n": 2}
+    base = {"switch_s": metric, "cold_switch_s": metric, "ttft_s": metric, "accuracy": {}, "max_resident_bytes": 1,
+            "budget_bytes": 2, "bytes_read": 0, "bytes_written": 0, "recomputed_tokens": 0}
+    rows = main_rows({"systems": {"calm": {**base, "pressure": pressure(calm)},
+                                  "busy": {**base, "pressure": p}, "old": base}})
+    assert [row[-1] for row in rows] == ["none: uninformative", "2/4 restored, 3 evicted", "—"]

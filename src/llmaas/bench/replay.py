@@ -65,6 +65,7 @@ class CallRecord:
     recomputed_tokens: int
     answer: str
     score: float
+    evictions: int = 0  # chunks reclaimed, or whole contexts killed or swapped out, to make room for this call
 
 
 @dataclass
@@ -149,6 +150,7 @@ def _run(loaded: LoadedModel, conversation: Conversation, store: ChunkedKVStore,
             continue
         store.writer.wait_idle(timeout_s=call.gap_s)  # the simulated gap: AoT gets what the real one would give
         read_before, recomputed_before = store.counters["bytes_read"], store.counters["recomputed_tokens"]
+        evicted_before = _evictions(store)
         t0 = time.perf_counter()
         cache = store.acquire(ctx.kv_id, ctx.ids, len(ctx.ids) + len(prompt) + call.max_new_tokens + closing)
         acquired_s = time.perf_counter() - t0
@@ -163,7 +165,7 @@ def _run(loaded: LoadedModel, conversation: Conversation, store: ChunkedKVStore,
                                   acquired_s + done.timings.ttft_s, call_s,
                                   store.counters["bytes_read"] - read_before,
                                   store.counters["recomputed_tokens"] - recomputed_before, done.text,
-                                  score(TASKS[call.task], done.text, call.gold)))
+                                  score(TASKS[call.task], done.text, call.gold), _evictions(store) - evicted_before))
         ctx.history += [Message("user", call.user), Message("assistant", done.text)]
         ctx.ids = new_ids
         store.check_budget()
@@ -176,9 +178,28 @@ def _run(loaded: LoadedModel, conversation: Conversation, store: ChunkedKVStore,
     return records, resets, skipped, time.perf_counter() - started
 
 
+def _evictions(store: ChunkedKVStore) -> int:
+    c = store.counters
+    return c["reclaimed_chunks"] + c["contexts_killed"] + c["contexts_swapped_out"]
+
+
+def pressure(records: list[CallRecord]) -> dict:
+    """How much memory pressure the latencies were measured under: switches that had to bring KV back from outside
+    memory (read from disk or recomputed: a restore), evictions, bytes read and tokens recomputed. A run in which no
+    switch restored anything measured nothing of the memory system (every context was still resident), so it is
+    flagged uninformative: its latencies must not be compared as if they were."""
+    switches = [r for r in records if r.is_switch]
+    restored = [r for r in switches if r.bytes_read or r.recomputed_tokens]
+    return {"switches": len(switches), "restored_switches": len(restored),
+            "restored_fraction": len(restored) / len(switches) if switches else 0.0,
+            "evictions": sum(r.evictions for r in records), "bytes_read": sum(r.bytes_read for r in records),
+            "recomputed_tokens": sum(r.recomputed_tokens for r in records), "informative": bool(restored)}
+
+
 def summarize(records: list[CallRecord]) -> dict:
     """Switch latency over calls to a context that had KV (hot ones included: a switch to the context just used
-    costs nothing, as on a phone), and over the cold ones alone; TTFT and call time over all calls; scores by task."""
+    costs nothing, as on a phone), and over the cold ones alone; TTFT and call time over all calls; scores by task;
+    the pressure the latencies were measured under."""
     switches = [r.switch_s for r in records if r.is_switch]
     cold = [r.switch_s for r in records if r.is_switch and not r.hot]
     by_task: dict[str, list[float]] = {}
@@ -186,7 +207,7 @@ def summarize(records: list[CallRecord]) -> dict:
         by_task.setdefault(r.task, []).append(r.score)
     return {"switch_s": latency(switches), "cold_switch_s": latency(cold),
             "ttft_s": latency([r.ttft_s for r in records]), "call_s": latency([r.call_s for r in records]),
-            "accuracy": {t: statistics.fmean(v) for t, v in sorted(by_task.items())}}
+            "accuracy": {t: statistics.fmean(v) for t, v in sorted(by_task.items())}, "pressure": pressure(records)}
 
 
 def latency(values: list[float]) -> dict:

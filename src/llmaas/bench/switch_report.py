@@ -40,7 +40,7 @@ def main_rows(result: dict) -> list[list[str]]:
     rows = []
     for name, r in result["systems"].items():
         if "error" in r:
-            rows.append([name, r["error"]] + [""] * 10)
+            rows.append([name, r["error"]] + [""] * (len(MAIN_HEADER) - 2))
             continue
         sw, cold, ttft = r["switch_s"], r["cold_switch_s"], r["ttft_s"]
         acc = _mean_acc(r)
@@ -50,12 +50,21 @@ def main_rows(result: dict) -> list[list[str]]:
                      f"{r['bytes_read'] / MB:.1f}", f"{r['bytes_written'] / MB:.1f}", str(r["recomputed_tokens"]),
                      "—" if acc is None else f"{acc:.3f}",
                      "—" if not delta else f"{statistics.fmean(delta.values()):+.3f}",
-                     f"{r.get('agree_fp16', 0):.2f}"])
+                     f"{r.get('agree_fp16', 0):.2f}", _pressure(r.get("pressure"))])
     return rows
 
 
+def _pressure(p: dict | None) -> str:
+    """'3/7 restored, 12 evicted', or a warning that no switch restored anything (— for results that predate it)."""
+    if p is None:
+        return "—"
+    if not p["informative"]:
+        return "none: uninformative"
+    return f"{p['restored_switches']}/{p['switches']} restored, {p['evictions']} evicted"
+
+
 MAIN_HEADER = ["system", "switch mean ms", "p50", "p99", "cold switch mean", "TTFT mean ms", "max resident / budget MB",
-               "read MB", "written MB", "recomputed tokens", "score", "Δ vs FP16", "same answer as FP16"]
+               "read MB", "written MB", "recomputed tokens", "score", "Δ vs FP16", "same answer as FP16", "pressure"]
 
 
 def print_table(result: dict) -> None:
