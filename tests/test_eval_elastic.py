@@ -6,7 +6,7 @@ import torch
 
 from conftest import fp32_cache
 from llmaas.bench.eval_elastic import Setting, largest_meeting, paired_bootstrap, wilson
-from llmaas.bench.mc_score import choice_scores
+from llmaas.elastic.choices import choice_scores
 
 
 def test_choices_in_one_pass_equal_each_choice_alone(smollm_dense):

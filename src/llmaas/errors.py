@@ -41,3 +41,11 @@ class ServiceStartError(LlmaasError):
 
 class ShuttingDownError(LlmaasError):
     """The service is stopping and will not run this call; retry when it is back."""
+
+
+class SloUnreachableError(InvalidRequestError):
+    """No elastic configuration can meet the request's SLO on this prompt; the message gives the floor."""
+
+
+class ElasticUnavailableError(LlmaasError):
+    """Elastic requests cannot run here: the service was started without them or their artifacts are not built."""

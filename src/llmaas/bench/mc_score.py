@@ -13,6 +13,7 @@ import math
 import torch
 
 from llmaas.bench.mc_tasks import MCTask
+from llmaas.elastic.choices import choice_scores
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
 from llmaas.model.lora import ModelLora
@@ -35,45 +36,6 @@ def score_task(model: Transformer, tokenizer: Tokenizer, task: MCTask, widths: M
                                [tokenizer.encode(c, add_bos=False) for c in item.choices], widths, lora)
         correct.append(max(range(len(scores)), key=scores.__getitem__) == item.answer)
     return correct
-
-
-class _ChoicesView:
-    """The question and every choice's tokens (but its last) in one pass after the cached context, at their true
-    positions: the question is causal, each choice sees the context, the whole question and its own earlier tokens,
-    never another choice. Nothing is written to the cache."""
-
-    def __init__(self, cache: DenseKVCache, question: list[int], choices: list[list[int]]) -> None:
-        self.cache, n, nq = cache, cache.num_tokens, len(question)
-        seg = torch.cat([torch.full((nq,), -1)] + [torch.full((len(c) - 1,), k) for k, c in enumerate(choices)])
-        self.positions = torch.cat([torch.arange(n, n + nq)]
-                                   + [torch.arange(n + nq, n + nq + len(c) - 1) for c in choices])
-        causal = self.positions[None, :] <= self.positions[:, None]
-        visible = (seg[None, :] == -1) | (seg[None, :] == seg[:, None])
-        self.mask = torch.cat([torch.ones(len(seg), n, dtype=torch.bool), causal & visible], dim=1)
-
-    def key_positions(self) -> torch.Tensor:
-        return torch.cat([torch.arange(self.cache.num_tokens), self.positions])
-
-    def attention_mask(self) -> torch.Tensor:
-        return self.mask
-
-    def update(self, layer: int, kv: torch.Tensor) -> torch.Tensor:
-        context = self.cache.kv[layer][:, :, :self.cache.num_tokens]
-        return torch.cat([context.to(kv.dtype), kv], dim=2)
-
-
-def choice_scores(model: Transformer, cache: DenseKVCache, question: list[int], choices: list[list[int]],
-                  widths: ModelWidths | None, lora: ModelLora | None) -> list[float]:
-    """Mean log-probability of each choice's tokens after the cached context and the question, in one pass."""
-    view = _ChoicesView(cache, question, choices)
-    ids = torch.tensor(question + [t for c in choices for t in c[:-1]])
-    rows = torch.log_softmax(model.forward(ids, view.positions, view, widths=widths, lora=lora), dim=-1)
-    scores, r = [], len(question)
-    for c in choices:
-        picked = [rows[len(question) - 1, c[0]]] + [rows[r + j, c[j + 1]] for j in range(len(c) - 1)]
-        scores.append(float(sum(picked)) / len(c))
-        r += len(c) - 1
-    return scores
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
-"""`llmaas elastic build|train|profile|score-head`: the offline steps of ElastiLM's model side, each cached per model
-under `$LLMAAS_CACHE/elastic/<model>/` (default ~/.cache/llmaas) and rebuilt by the same command."""
+"""`llmaas elastic prepare|build|train|profile|score-head`: the offline steps of ElastiLM, each cached per model under
+`$LLMAAS_CACHE/elastic/<model>/` (default ~/.cache/llmaas) and rebuilt by the same command. `prepare` runs them all
+(what `llmaas serve --elastic` needs); the others run one step."""
 
 from __future__ import annotations
 
@@ -12,6 +13,15 @@ from llmaas.cli.common import add_model_options, load_from_args, positive_int
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmaas elastic", description=__doc__)
     sub = parser.add_subparsers(dest="step", required=True)
+    from llmaas.elastic.prepare import RECIPES as PREPARE_RECIPES
+    prepare = sub.add_parser("prepare", help="every artifact elastic requests need: reordering, LoRA adapters, "
+                                             "latency table, tiny-LM score and decision heads (resumable)")
+    add_model_options(prepare)
+    prepare.add_argument("--recipe", choices=sorted(PREPARE_RECIPES), default="fast",
+                         help="fast: within 45 min on 2 cores (default); quality: slower, better heads and adapters")
+    prepare.add_argument("--questions", type=positive_int,
+                         help="decision-head label questions (default: the recipe's; each costs 90 scored configs)")
+    prepare.add_argument("--elastic-dir", type=Path, help="artifact directory (default: the model's cache dir)")
     build = sub.add_parser("build", help="anchor layers, Taylor importance, unit orders and the level table")
     add_model_options(build)
     build.add_argument("--refresh", action="store_true",
@@ -53,6 +63,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from llmaas.elastic.artifact import elastic_dir
+    if args.step == "prepare":
+        from dataclasses import replace
+
+        from llmaas.elastic.prepare import RECIPES, prepare
+        recipe = RECIPES[args.recipe]
+        if args.questions:
+            recipe = replace(recipe, decision=replace(recipe.decision, questions=args.questions))
+        prepare(recipe, args.model, args.elastic_dir, args.threads, not args.no_kernels)
+        return 0
     if args.step == "build":
         import shutil
 

@@ -34,6 +34,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--max-queue", type=int, default=64, help="calls that may wait before 429 (default: 64)")
     p.add_argument("--threads", type=int, help="compute threads (default: one per core)")
     p.add_argument("--quiet", action="store_true", help="log to the data directory only, not stderr")
+    p.add_argument("--elastic", action="store_true",
+                   help="serve requests with an SLO on elastic sub-models (ElastiLM); build them first with "
+                        "`llmaas elastic prepare`")
+    p.add_argument("--elastic-dir", type=Path, help="elastic artifacts (default: the model's cache directory)")
     args = p.parse_args(argv)
     if args.port is not None and not 0 <= args.port <= 65535:
         p.error("--port must be in 0..65535")
@@ -46,7 +50,9 @@ def main(argv: list[str]) -> int:
     engine = EngineConfig(kv_budget_bytes=budget, max_pending=args.max_queue, memory=POLICIES[args.kv_policy],
                           max_context_tokens=args.max_context_tokens, throttle=throttle)
     _say(f"starting; logs in {log_path}")
-    service = Service(ServeOptions(home, args.model, args.port, args.host, engine, args.threads), progress=_say)
+    options = ServeOptions(home, args.model, args.port, args.host, engine, args.threads, args.elastic,
+                           args.elastic_dir)
+    service = Service(options, progress=_say)
     service.run()
     return 0
 

@@ -223,6 +223,11 @@ def encoder_fingerprint(folder: Path) -> str:
     return f"all-MiniLM-L6-v2:{h.hexdigest()}"
 
 
+def default_heads_path(directory: Path) -> Path:
+    """Under the LLM's elastic directory: the labels, hence the heads, depend on that LLM."""
+    return directory / "tlm" / "dual_head.safetensors"
+
+
 def save_heads(model: DualHeadTLM, path: Path, fingerprint: str, record: dict) -> Path:
     """The trained parts (both branches and the three heads) as safetensors, with string metadata: class, format
     version, the encoder's fingerprint and the training record as JSON. Written atomically."""

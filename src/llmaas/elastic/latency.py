@@ -1,8 +1,10 @@
 """Measured latency of sub-models: TTFT (prefill of L tokens) and TPOT (one decode step) per (level, prompt length),
-the m*p proxy next to it, and the level switch time.
+the m*p proxy next to it, the tiny LM's own latency per window, and the level switch time; and the table that the
+runtime's measured feasibility reads (ELASTILM.md §4, §8: the TLM's time counts toward TTFT).
 
-Owns the measurement protocol (fp16 KV as served, one warm-up, median of `runs`; decode after a 128-token prompt)
-and the profile file `latency.json` beside the artifact. Ignores which sub-model is worth choosing.
+Owns the measurement protocol (fp16 KV as served, one warm-up, median of `runs`; decode after a 128-token prompt),
+the profile file `latency.json` beside the artifact, and reading it back (TTFT between measured lengths is linear,
+beyond the longest it follows the last segment's slope). Ignores which sub-model is worth choosing.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from bisect import bisect_left
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,13 +20,15 @@ import torch
 
 from llmaas.elastic.model import ElasticModel
 from llmaas.elastic.model_levels import MODEL_LEVELS, model_level_name
+from llmaas.elastic.slo import Config, Feasible, kept_context_tokens
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
 from llmaas.model.lora import ModelLora
 from llmaas.model.transformer import Transformer
 from llmaas.model.widths import ModelWidths
 
-PROMPT_LENGTHS = (128, 256, 512)
+PROMPT_LENGTHS = (128, 256, 512, 1024)
+TLM_TOKENS = (128, 256, 512)  # one window each; a longer context costs one more window per 512 tokens
 DECODE_PROMPT_TOKENS = 128
 
 
@@ -32,6 +37,7 @@ class LatencyConfig:
     prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS
     runs: int = 5
     decode_steps: int = 16
+    tlm_tokens: tuple[int, ...] = TLM_TOKENS
 
 
 def _ids(config, n: int) -> torch.Tensor:
@@ -97,11 +103,101 @@ def profile_levels(elastic: ElasticModel, config: LatencyConfig | None = None, l
         row["proxy"] = m / 10
         row["tpot_proxy_error"] = row["tpot_fraction"] - m / 10
         row["ttft_proxy_error"] = {n: f - m / 10 for n, f in row["ttft_fraction"].items()}
+    tlm = tlm_latency(config.runs, config.tlm_tokens)
+    log("  tiny LM (dual head, one window): " + ", ".join(f"{n}: {t * 1e3:.0f} ms" for n, t in tlm.items()))
     switch = switch_s(elastic.view)
     median_ttft = statistics.median(t for r in rows.values() for t in r["ttft_s"].values())
-    return {"levels": rows, "switch_s": switch, "switch_fraction_of_median_ttft": switch / median_ttft,
+    return {"levels": rows, "tlm_s": tlm, "switch_s": switch, "switch_fraction_of_median_ttft": switch / median_ttft,
             "protocol": {"runs": config.runs, "decode_prompt_tokens": DECODE_PROMPT_TOKENS,
                          "decode_steps": config.decode_steps, "kv": "fp16", "threads": torch.get_num_threads()}}
+
+
+@torch.inference_mode()
+def tlm_latency(runs: int, lengths: tuple[int, ...] = TLM_TOKENS) -> dict[str, float]:
+    """Median time of the dual-head tiny LM's forward over one window of n tokens (both branches: what a request
+    pays before the LLM starts), after one warm-up. Trained weights do not change it, so the pretrained encoder
+    with fresh heads stands in."""
+    from llmaas.elastic.dual_head import DualHeadTLM
+    from llmaas.paths import tiny_lm_dir
+    from llmaas.tlm.encoder import BertEncoder
+    model = DualHeadTLM(BertEncoder.load(tiny_lm_dir())).eval()
+    out = {}
+    for n in lengths:
+        ids = torch.randint(0, model.base_vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+        mask = torch.ones_like(ids)
+        times = []
+        for _ in range(runs + 1):
+            t0 = time.perf_counter()
+            model(ids, mask)
+            times.append(time.perf_counter() - t0)
+        out[str(n)] = statistics.median(times[1:])
+    return out
+
+
+class LatencyTable:
+    """The measured profile as the runtime reads it: TTFT of a level at any prompt length, its TPOT, and the tiny
+    LM's time for a number of encoder tokens."""
+
+    def __init__(self, profile: dict) -> None:
+        try:
+            levels = profile["levels"]
+            self._lengths = sorted(int(n) for n in levels[model_level_name(10)]["ttft_s"])
+            self._ttft = {m: [levels[model_level_name(m)]["ttft_s"][str(n)] for n in self._lengths]
+                          for m in MODEL_LEVELS}
+            self._tpot = {m: levels[model_level_name(m)]["tpot_s"] for m in MODEL_LEVELS}
+            tlm = profile["tlm_s"]
+        except KeyError as exc:
+            raise ValueError(f"the latency profile lacks {exc}: measure it again with `llmaas elastic "
+                             "profile`") from exc
+        self._tlm_lengths = sorted(int(n) for n in tlm)
+        self._tlm = [tlm[str(n)] for n in self._tlm_lengths]
+        if len(self._lengths) < 2 or len(self._tlm) < 2:
+            raise ValueError("the latency profile needs two prompt lengths and two tiny-LM window sizes; measure it "
+                             "again with `llmaas elastic profile`")
+
+    @classmethod
+    def load(cls, directory: Path) -> LatencyTable:
+        path = directory / "latency.json"
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run `llmaas elastic profile`")
+        return cls(json.loads(path.read_text()))
+
+    def ttft_s(self, m: int, tokens: int) -> float:
+        return _interpolate(self._lengths, self._ttft[m], tokens)
+
+    def tpot_s(self, m: int) -> float:
+        return self._tpot[m]
+
+    def tlm_s(self, encoder_tokens: int) -> float:
+        """Full 512-token windows, plus the last partial one, each from the measured window times."""
+        from llmaas.elastic.dual_head import MAX_TOKENS
+        full, rest = divmod(max(1, encoder_tokens), MAX_TOKENS)
+        one = _interpolate(self._tlm_lengths, self._tlm, MAX_TOKENS) if full else 0.0
+        return full * one + (_interpolate(self._tlm_lengths, self._tlm, rest) if rest else 0.0)
+
+
+def _interpolate(xs: list[int], ys: list[float], x: float) -> float:
+    """Piecewise linear through (xs, ys), extended by the end segments' slopes, never below 0."""
+    k = min(max(bisect_left(xs, x), 1), len(xs) - 1)
+    x0, x1, y0, y1 = xs[k - 1], xs[k], ys[k - 1], ys[k]
+    return max(0.0, y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+
+
+def measured_feasible(table: LatencyTable, budgets_s: tuple[float, float], context_tokens: int, query_tokens: int,
+                      tlm_s: float) -> Feasible:
+    """Measured-mode feasibility (§8 as decided for llmaas): the tiny LM's time plus the level's prefill of the
+    kept context and the whole query within the TTFT budget, and the level's TPOT within the TPOT budget."""
+    ttft_budget, tpot_budget = budgets_s
+
+    def feasible(c: Config) -> bool:
+        kept = kept_context_tokens(c.p, context_tokens, query_tokens) + query_tokens
+        return tlm_s + table.ttft_s(c.m, kept) <= ttft_budget and table.tpot_s(c.m) <= tpot_budget
+    return feasible
+
+
+def predicted_ttft_s(table: LatencyTable, c: Config, context_tokens: int, query_tokens: int) -> float:
+    """The table's TTFT of a config, the tiny LM's time excluded."""
+    return table.ttft_s(c.m, kept_context_tokens(c.p, context_tokens, query_tokens) + query_tokens)
 
 
 def write_profile(elastic: ElasticModel, config: LatencyConfig, extra_json: Path | None = None) -> dict:

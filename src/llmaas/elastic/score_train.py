@@ -19,7 +19,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from llmaas.elastic.dual_head import DualHeadTLM, DualHeadTokenizer, build_window, encoder_fingerprint, save_heads
+from llmaas.elastic.dual_head import (
+    DualHeadTLM,
+    DualHeadTokenizer,
+    build_window,
+    default_heads_path,
+    encoder_fingerprint,
+    save_heads,
+)
 from llmaas.elastic.score_labels import Segment, SegmentLabels, label_segments, labels_path, make_segments
 from llmaas.elastic.slo import DECODE_SLOS, PREFILL_SLOS
 from llmaas.model.loader import LoadedModel
@@ -189,11 +196,6 @@ def train_score_branch(model: DualHeadTLM, train: list[Example], config: ScoreTr
                     f"({step_s:.2f} s/step, ETA {step_s * (total - step):.0f} s)")
     model.eval()
     return TrainResult(step, step / steps_per_epoch, time.perf_counter() - started, loss_value)
-
-
-def default_heads_path(directory: Path) -> Path:
-    """Under the LLM's elastic directory: the labels, hence the score head, depend on that LLM."""
-    return directory / "tlm" / "dual_head.safetensors"
 
 
 def build_score_head(loaded: LoadedModel, directory: Path, num_segments: int, config: ScoreTrainConfig,

@@ -114,3 +114,40 @@ def llmpruner_config(slo: Slo) -> Config:
 def layers_kept(slo: Slo, n_layers: int) -> int:
     """LayerReduction, ShortGPT and LaCo keep ⌊r·L⌋ layers (§10.4-6; not the artifact's one fewer)."""
     return baseline_ratio(slo) * n_layers // 10
+
+
+@dataclass(frozen=True)
+class SloRequest:
+    """What a request asks for: TTFT and TPOT as fractions of the full model's on the uncompressed prompt (the
+    paper's form, 1.0 = no constraint) or as absolute targets in milliseconds. Each of the two may be left out."""
+
+    ttft: float | None = None
+    tpot: float | None = None
+    ttft_ms: float | None = None
+    tpot_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("ttft", "tpot"):
+            frac, ms = getattr(self, name), getattr(self, f"{name}_ms")
+            if frac is not None and ms is not None:
+                raise ValueError(f"give {name} as a fraction or as {name}_ms, not both")
+            if frac is not None and not 0 < frac <= 1:
+                raise ValueError(f"slo.{name} is a fraction of the full model's, in (0, 1]; got {frac}")
+            if ms is not None and not ms > 0:
+                raise ValueError(f"slo.{name}_ms must be > 0; got {ms}")
+
+    def budgets_s(self, full_ttft_s: float, full_tpot_s: float) -> tuple[float, float]:
+        """(TTFT budget, TPOT budget) in seconds, given the full model's on this prompt; inf where not set."""
+        def one(frac: float | None, ms: float | None, full: float) -> float:
+            return frac * full if frac is not None else ms / 1e3 if ms is not None else float("inf")
+        return one(self.ttft, self.ttft_ms, full_ttft_s), one(self.tpot, self.tpot_ms, full_tpot_s)
+
+    def tenths(self, full_ttft_s: float, full_tpot_s: float) -> Slo:
+        """The SLO-token pair the tiny LM reads: each budget as a fraction of the full model's, rounded down to
+        tenths (the token never promises more than was asked) and clamped to the trained grid."""
+        ttft, tpot = self.budgets_s(full_ttft_s, full_tpot_s)
+        return Slo(_grid(ttft / full_ttft_s, PREFILL_SLOS), _grid(tpot / full_tpot_s, DECODE_SLOS))
+
+
+def _grid(fraction: float, grid: tuple[int, ...]) -> int:
+    return min(max(int(fraction * 10 + 1e-9), grid[0]), grid[-1]) if fraction != float("inf") else grid[-1]

@@ -1,9 +1,10 @@
 """What a caller asks the engine for and what comes back: call requests, results, timings and events.
 
 Owns plain data only. A call either continues a persistent context (LLMS callLLM: one new user turn), runs a
-stateless conversation sent whole (OpenAI chat completions without a context), or embeds texts with the tiny LM.
+stateless conversation sent whole (OpenAI chat completions without a context; with an SLO it runs elastically),
+picks one of several choices elastically (ElastiLM's multiple-choice form), or embeds texts with the tiny LM.
 Events flow back through a sink: text deltas, then exactly one CallDone or CallFailed; an embedding call sends one
-EmbedDone or CallFailed.
+EmbedDone or CallFailed, a choice call one ChooseDone or CallFailed.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmaas.elastic.slo import SloRequest
 from llmaas.engine.generate import TextDelta
 from llmaas.engine.sampling import SamplingParams
 from llmaas.errors import InvalidRequestError, LlmaasError
@@ -45,6 +47,19 @@ class ChatCall:
     app: App
     messages: tuple[Message, ...]
     params: CallParams
+    slo: SloRequest | None = None  # set: ElastiLM picks the sub-model and compresses the system message
+
+
+@dataclass(frozen=True)
+class ChooseCall:
+    """ElastiLM's multiple-choice request: the refinable context, the question and the choices (concatenated as
+    given, each tokenized on its own), answered by log-likelihood under the sub-model the SLO allows."""
+
+    app: App
+    context: str
+    question: str
+    choices: tuple[str, ...]
+    slo: SloRequest
 
 
 @dataclass(frozen=True)
@@ -57,7 +72,7 @@ class EmbedCall:
     tiny_lm: ResidentTinyLM  # the service's handle: the model loads on the first call that needs it
 
 
-Call = ContextCall | ChatCall | EmbedCall
+Call = ContextCall | ChatCall | ChooseCall | EmbedCall
 
 
 @dataclass(frozen=True)
@@ -79,6 +94,7 @@ class CallResult:
     completion_tokens: int
     context_tokens: int  # the context's length after the call (0 for stateless calls)
     timings: CallTimings
+    elastic: dict | None = None  # with an SLO: what ElastiLM chose and what happened (ElasticPlan.report)
 
 
 @dataclass(frozen=True)
@@ -111,4 +127,19 @@ class EmbedDone:
     result: EmbedResult
 
 
-CallEvent = TextDelta | CallDone | EmbedDone | CallFailed
+@dataclass(frozen=True)
+class ChooseResult:
+    choice: int
+    scores: tuple[float, ...]  # mean token log-probability per choice
+    prompt_tokens: int  # LLM tokens read: the kept context, the question and every choice
+    elastic: dict  # ElasticPlan.report
+    queue_s: float
+    total_s: float
+
+
+@dataclass(frozen=True)
+class ChooseDone:
+    result: ChooseResult
+
+
+CallEvent = TextDelta | CallDone | EmbedDone | ChooseDone | CallFailed

@@ -17,8 +17,10 @@ from llmaas.engine.detokenize import IncrementalDecoder
 from llmaas.engine.sampling import SamplingParams, make_sampler
 from llmaas.errors import ContextLengthError, InvalidRequestError
 from llmaas.kv.dense import DenseKVCache
+from llmaas.model.lora import ModelLora
 from llmaas.model.tokenizer import Tokenizer
 from llmaas.model.transformer import Transformer
+from llmaas.model.widths import ModelWidths
 
 DEFAULT_PREFILL_CHUNK_TOKENS = 512
 
@@ -104,12 +106,15 @@ class _StopScanner:
 
 class Generator:
     def __init__(self, model: Transformer, tokenizer: Tokenizer,
-                 prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS) -> None:
+                 prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS, *, widths: ModelWidths | None = None,
+                 lora: ModelLora | None = None) -> None:
+        """widths and lora select an elastic sub-model of `model` (None: the full model)."""
         if prefill_chunk_tokens < 1:
             raise InvalidRequestError(f"prefill chunk must be >= 1 token; got {prefill_chunk_tokens}")
         self.model = model
         self.tokenizer = tokenizer
         self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.widths, self.lora = widths, lora
 
     def generate(self, request: GenerateRequest, cache: DenseKVCache) -> Finished:
         *_, done = self.stream(request, cache)
@@ -129,7 +134,8 @@ class Generator:
             chunk = ids[start:start + self.prefill_chunk_tokens]
             positions = torch.arange(cache.num_tokens, cache.num_tokens + chunk.numel())
             view = cache.append(chunk.numel())
-            h = self.model.run_layers(self.model.embed(chunk), positions, view, stats=cache.stats_view())
+            h = self.model.run_layers(self.model.embed(chunk), positions, view, widths=self.widths, lora=self.lora,
+                                      stats=cache.stats_view())
         return self.model.logits(h[-1:])[0]
 
     def stream(self, request: GenerateRequest, cache: DenseKVCache) -> Iterator[TextDelta | Finished]:
@@ -162,7 +168,8 @@ class Generator:
                 break
             position = torch.tensor([cache.num_tokens])
             view = cache.append(1)
-            logits = self.model.forward(torch.tensor([token]), position, view, stats=cache.stats_view())[0]
+            logits = self.model.forward(torch.tensor([token]), position, view, widths=self.widths, lora=self.lora,
+                                        stats=cache.stats_view())[0]
         if not scanner.hit:
             tail = scanner.add(decoder.flush()) + scanner.finish()
             if tail:

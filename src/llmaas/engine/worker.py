@@ -17,9 +17,10 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from llmaas.elastic.runtime import ElasticRuntime
 from llmaas.engine.calls import (
     Call,
     CallDone,
@@ -29,6 +30,9 @@ from llmaas.engine.calls import (
     CallResult,
     CallTimings,
     ChatCall,
+    ChooseCall,
+    ChooseDone,
+    ChooseResult,
     ContextCall,
     EmbedCall,
     EmbedDone,
@@ -38,14 +42,21 @@ from llmaas.engine.calls import (
 from llmaas.engine.conversation import Conversation
 from llmaas.engine.generate import Finished, GenerateRequest, Generator, TextDelta
 from llmaas.engine.scheduler import FairQueue
-from llmaas.errors import CallCancelled, ContextLengthError, LlmaasError, NotFoundError, ShuttingDownError
+from llmaas.errors import (
+    CallCancelled,
+    ContextLengthError,
+    ElasticUnavailableError,
+    LlmaasError,
+    NotFoundError,
+    ShuttingDownError,
+)
 from llmaas.kv.codec import ChunkGeometry
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
 from llmaas.memory.policy import POLICIES, MemoryPolicy
 from llmaas.memory.store import ChunkedKVStore, MemoryConfig, Residency
 from llmaas.model.loader import LoadedModel
-from llmaas.records import App, ContextRecord
+from llmaas.records import App, ContextRecord, Message
 from llmaas.restore.profiler import ensure_profile
 from llmaas.storage.catalog import Catalog
 from llmaas.storage.throttle import DiskThrottle
@@ -97,9 +108,15 @@ class EngineConfig:
         return DEFAULT_BUDGET_CONTEXTS * one
 
 
+NO_ELASTIC = ElasticUnavailableError("this service runs without elastic sub-models; its operator starts it with "
+                                     "`llmaas serve --elastic` (after building them with `llmaas elastic prepare`)")
+
+
 class Engine:
-    def __init__(self, loaded: LoadedModel, catalog: Catalog, config: EngineConfig = EngineConfig()) -> None:
-        self.loaded, self.catalog, self.config = loaded, catalog, config
+    def __init__(self, loaded: LoadedModel, catalog: Catalog, config: EngineConfig = EngineConfig(),
+                 elastic: ElasticRuntime | ElasticUnavailableError = NO_ELASTIC) -> None:
+        """`elastic`: the runtime for calls with an SLO (over `loaded`, reordered), or why there is none."""
+        self.loaded, self.catalog, self.config, self.elastic = loaded, catalog, config, elastic
         self.conversation = Conversation(loaded.tokenizer, loaded.chat_template)
         self.generator = Generator(loaded.model, loaded.tokenizer, config.prefill_chunk_tokens)
         self.kv = open_kv_store(loaded, catalog, config)
@@ -197,6 +214,11 @@ class Engine:
                 self._count(ticket, "calls")
                 ticket.sink(EmbedDone(embedded))
                 return
+            if isinstance(ticket.call, ChooseCall):
+                chosen = self._run_choose_call(ticket)
+                self._count(ticket, "calls")
+                ticket.sink(ChooseDone(chosen))
+                return
             run = self._run_context_call if isinstance(ticket.call, ContextCall) else self._run_chat_call
             result = run(ticket)
             self._count(ticket, "calls", "generated_tokens", result.completion_tokens)
@@ -247,11 +269,50 @@ class Engine:
 
     def _run_chat_call(self, ticket: Ticket) -> CallResult:
         call: ChatCall = ticket.call  # type: ignore[assignment]
+        if call.slo is not None:
+            return self._run_elastic_chat(ticket)
         prompt = self.conversation.chat_ids(call.messages)
         max_tokens = self._room(call.app, len(prompt), call.params)
         cache = DenseKVCache(self.kv.spec, len(prompt) + max_tokens)
         done = self._generate(ticket, prompt, max_tokens, cache)
         return self._result(ticket, None, done, len(prompt), 0, 0.0)
+
+    def _runtime(self) -> ElasticRuntime:
+        if isinstance(self.elastic, ElasticUnavailableError):
+            raise self.elastic
+        return self.elastic
+
+    def _run_elastic_chat(self, ticket: Ticket) -> CallResult:
+        """A stateless chat under an SLO: the first system message is the refinable context, the last user message
+        the query the tiny LM reads with it; every other message is read whole."""
+        call: ChatCall = ticket.call  # type: ignore[assignment]
+        runtime = self._runtime()
+        started = time.perf_counter()
+        system = next((i for i, m in enumerate(call.messages) if m.role == "system"), None)
+        context = call.messages[system].content if system is not None else ""
+        query = next((m.content for m in reversed(call.messages) if m.role == "user"), "")
+        whole = self.conversation.chat_ids(call.messages)
+        plan = runtime.plan(context, query, len(whole) - runtime.count_tokens(context), call.slo)  # type: ignore
+        messages = list(call.messages)
+        if system is not None:
+            messages[system] = Message("system", plan.compressed.text)
+        prompt = self.conversation.chat_ids(messages)
+        max_tokens = self._room(call.app, len(prompt), call.params)
+        cache = DenseKVCache(self.kv.spec, len(prompt) + max_tokens)
+        planned_s = time.perf_counter() - started
+        done = self._generate(ticket, prompt, max_tokens, cache,
+                              runtime.generator(plan.config.m, self.config.prefill_chunk_tokens))
+        t = done.timings
+        tpot = t.decode_s / (t.generated_tokens - 1) if t.generated_tokens > 1 else None
+        result = self._result(ticket, None, done, len(prompt), 0, 0.0, planned_s=planned_s)
+        return replace(result, elastic=plan.report(planned_s + t.ttft_s, tpot))
+
+    def _run_choose_call(self, ticket: Ticket) -> ChooseResult:
+        call: ChooseCall = ticket.call  # type: ignore[assignment]
+        out = self._runtime().choose(call.context, call.question, list(call.choices), call.slo)
+        prompt_tokens = out.plan.compressed.tokens + out.plan.query_tokens
+        return ChooseResult(out.choice, tuple(out.scores), prompt_tokens, out.plan.report(out.ttft_s, None),
+                            ticket.started_s - ticket.submitted_s, time.perf_counter() - ticket.submitted_s)
 
     def _run_embed_call(self, ticket: Ticket) -> EmbedResult:
         """Embed the texts with the tiny LM, here on the compute thread (one PyTorch thread pool for both models),
@@ -278,12 +339,13 @@ class Engine:
             )
         return min(params.max_tokens, room)
 
-    def _generate(self, ticket: Ticket, prompt: list[int], max_tokens: int, cache: DenseKVCache) -> Finished:
+    def _generate(self, ticket: Ticket, prompt: list[int], max_tokens: int, cache: DenseKVCache,
+                  generator: Generator | None = None) -> Finished:
         """Run the generation, streaming text to the sink: the first piece at once, then at most one piece per
         STREAM_FLUSH_S (each piece wakes the HTTP thread, which competes with the compute threads for the 2 cores:
         per-token delivery cost ~8% of decode speed, measured)."""
         request = GenerateRequest(tuple(prompt), max_tokens, ticket.call.params.sampling, ticket.call.params.stop)
-        stream = self.generator.stream(request, cache)
+        stream = (generator or self.generator).stream(request, cache)
         pending, flushed_s = "", 0.0
         try:
             for event in stream:
@@ -309,12 +371,14 @@ class Engine:
                                             cache.num_tokens)
 
     def _result(self, ticket: Ticket, context_id: str | None, done: Finished, prompt_tokens: int,
-                context_tokens: int, switch_s: float, context_full: bool = False) -> CallResult:
+                context_tokens: int, switch_s: float, context_full: bool = False, planned_s: float = 0.0) -> CallResult:
         """The call's result; a reply cut because the context ran out of room (not by the caller's max_tokens)
-        finishes with "context_full", which the caller must tell apart: its next call would be refused."""
+        finishes with "context_full", which the caller must tell apart: its next call would be refused. planned_s:
+        an elastic call's decision (tiny LM and compression), which comes before the first token."""
         t = done.timings
         queue_s = ticket.started_s - ticket.submitted_s
-        timings = CallTimings(queue_s, switch_s, t.prefill_s, queue_s + switch_s + t.ttft_s, t.decode_tok_s,
+        timings = CallTimings(queue_s, switch_s, t.prefill_s, queue_s + switch_s + planned_s + t.ttft_s,
+                              t.decode_tok_s,
                               time.perf_counter() - ticket.submitted_s)
         reason = "context_full" if context_full and done.finish_reason == "length" else done.finish_reason
         return CallResult(context_id, done.text, reason, prompt_tokens, len(done.token_ids), context_tokens, timings)

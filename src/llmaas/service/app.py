@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from llmaas.errors import LlmaasError
-from llmaas.service import contexts_api, embeddings_api, openai_api, operator_api
+from llmaas.service import contexts_api, elastic_api, embeddings_api, openai_api, operator_api
 from llmaas.service.errors import error_response, to_response
 from llmaas.service.state import ServiceState
 
@@ -95,6 +95,7 @@ def create_app(state: ServiceState | None) -> FastAPI:
     app.include_router(contexts_api.router)
     app.include_router(openai_api.router)
     app.include_router(embeddings_api.router)
+    app.include_router(elastic_api.router)
     app.include_router(operator_api.router)
 
     @app.get("/health", tags=["service"], summary="Liveness (no key needed)")

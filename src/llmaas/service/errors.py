@@ -12,10 +12,12 @@ from llmaas.engine.scheduler import QueueFullError
 from llmaas.errors import (
     CallCancelled,
     ContextLengthError,
+    ElasticUnavailableError,
     InvalidRequestError,
     LlmaasError,
     NotFoundError,
     ShuttingDownError,
+    SloUnreachableError,
     UnsupportedModelError,
 )
 from llmaas.storage.catalog import QuotaError
@@ -50,6 +52,11 @@ def to_response(exc: LlmaasError) -> JSONResponse:
         return error_response(403, "quota_exceeded_error", str(exc))
     if isinstance(exc, NotFoundError):
         return error_response(404, "not_found_error", str(exc))
+    if isinstance(exc, SloUnreachableError):
+        return error_response(400, "invalid_request_error", str(exc), code="slo_unreachable")
+    if isinstance(exc, ElasticUnavailableError):
+        # a 4xx, not 503: retrying will not help; the operator must build and enable the sub-models
+        return error_response(409, "elastic_unavailable", str(exc))
     if isinstance(exc, ContextLengthError):
         return error_response(400, "invalid_request_error", str(exc), code="context_length_exceeded")
     if isinstance(exc, InvalidRequestError | UnsupportedModelError):

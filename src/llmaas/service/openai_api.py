@@ -4,7 +4,8 @@ the official `openai` client. The models are the resident LLM and, when installe
 
 Owns the translation between OpenAI's request and response shapes and engine calls. Stateless by default (the
 conversation comes whole); with the extension field `llmaas: {"context_id": ...}` the chat runs on a persistent
-context and only the new user message is sent. Ignores generation and storage.
+context and only the new user message is sent; with `llmaas: {"slo": {...}}` a stateless chat runs elastically
+(ElastiLM) and the reply's `llmaas` object says what was chosen. Ignores generation and storage.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
+from llmaas.elastic.slo import SloRequest
 from llmaas.engine.calls import CallDone, CallParams, CallResult, ChatCall, ContextCall
 from llmaas.engine.sampling import SamplingParams
 from llmaas.errors import InvalidRequestError, LlmaasError
@@ -31,6 +33,7 @@ from llmaas.service.schemas import (
     ChatUsage,
     ModelCard,
     ModelList,
+    SloBody,
 )
 from llmaas.service.state import CallStream, ServiceState, authenticate, get_state
 from llmaas.tlm.resident import TINY_LM_ID
@@ -77,17 +80,28 @@ def _call(body: ChatCompletionBody, app: App, state: ServiceState):
     params = CallParams(body.max_completion_tokens or body.max_tokens or DEFAULT_MAX_TOKENS,
                         SamplingParams(temperature, 0, 1.0 if body.top_p is None else float(body.top_p), body.seed),
                         tuple(body.stop or ()))
-    if body.llmaas is None:
-        return ChatCall(app, tuple(Message(m.template_role, m.text) for m in body.messages), params)
+    messages = tuple(Message(m.template_role, m.text) for m in body.messages)
+    if body.llmaas is None or (body.llmaas.context_id is None and body.llmaas.slo is None):
+        return ChatCall(app, messages, params)
+    if body.llmaas.slo is not None:
+        if body.llmaas.context_id is not None:
+            raise InvalidRequestError("an SLO applies to stateless chats only: a persistent context always runs at the "
+                                      "full level, since its stored KV is the full model's; leave out llmaas.slo or "
+                                      "llmaas.context_id")
+        return ChatCall(app, messages, params, slo_request(body.llmaas.slo))
     if len(body.messages) != 1 or body.messages[0].role != "user":
         raise InvalidRequestError("with llmaas.context_id, send only the new user message: the context holds the rest")
     return ContextCall(app, body.llmaas.context_id, body.messages[0].text, params)
 
 
+def slo_request(slo: SloBody) -> SloRequest:
+    return SloRequest(slo.ttft, slo.tpot, slo.ttft_ms, slo.tpot_ms)
+
+
 def _finish(r: CallResult) -> tuple[str, dict]:
     """OpenAI's finish_reason (its clients know only stop and length) and llmaas's extension object, which tells a
     full context apart from max_tokens."""
-    extension: dict = {"context_id": r.context_id, "timings": r.timings.__dict__}
+    extension: dict = {"context_id": r.context_id, "timings": r.timings.__dict__, **(r.elastic or {})}
     if r.finish_reason == "context_full":
         extension.update(finish_detail="context_full", notice=finish_notice(r))
         return "length", extension

@@ -9,7 +9,17 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
 
 MAX_TEXT_CHARS = 200_000
 Number = StrictFloat | StrictInt
@@ -141,11 +151,34 @@ class StreamOptions(_Strict):
     include_usage: StrictBool = False
 
 
-class LlmaasExtension(_Strict):
-    """llmaas's extension: run the chat on a persistent context. Send only the new user message; the service holds
-    the rest (openai client: `extra_body={"llmaas": {"context_id": ...}}`)."""
+class SloBody(_Strict):
+    """A latency SLO (ElastiLM): each of TTFT and TPOT as a fraction of the full model's on the uncompressed prompt
+    (1.0 = no constraint) or as an absolute target in milliseconds. At least one of the four."""
 
-    context_id: StrictStr
+    ttft: Number | None = Field(None, gt=0, le=1, description="time to first token, fraction of the full model's")
+    tpot: Number | None = Field(None, gt=0, le=1, description="time per output token, fraction of the full model's")
+    ttft_ms: Number | None = Field(None, gt=0, le=3_600_000, description="time to first token, milliseconds")
+    tpot_ms: Number | None = Field(None, gt=0, le=3_600_000, description="time per output token, milliseconds")
+
+    @model_validator(mode="after")
+    def _one_form_each(self) -> SloBody:
+        given = [k for k in ("ttft", "tpot", "ttft_ms", "tpot_ms") if getattr(self, k) is not None]
+        if not given:
+            raise ValueError("an SLO needs ttft or ttft_ms, tpot or tpot_ms")
+        for name in ("ttft", "tpot"):
+            if getattr(self, name) is not None and getattr(self, f"{name}_ms") is not None:
+                raise ValueError(f"give {name} as a fraction or as {name}_ms, not both")
+        return self
+
+
+class LlmaasExtension(_Strict):
+    """llmaas's extension (openai client: `extra_body={"llmaas": {...}}`). Either run the chat on a persistent
+    context (send only the new user message; the service holds the rest), or give a latency SLO: the chat then runs
+    on the elastic sub-model ElastiLM picks, with the first system message as the refinable context it may compress
+    and the last user message as the query."""
+
+    context_id: StrictStr | None = None
+    slo: SloBody | None = None
 
 
 class ChatCompletionBody(_Strict):
@@ -290,3 +323,24 @@ class EmbeddingList(BaseModel):
     llmaas: dict = Field(description="timings: queue_s, load_s (the tiny LM's load, on the service's first "
                                      "embedding request only), compute_s (summed over the request's engine calls), "
                                      "total_s; engine_calls: how many parts the texts went in")
+
+
+class ChooseBody(_Strict):
+    """ElastiLM's multiple-choice request. The LLM reads context + question + choice, each tokenized on its own and
+    concatenated as given (put your own separators, e.g. a context ending in a blank line, a question ending in
+    "Answer:" and choices starting with a space). Only the context may be compressed."""
+
+    context: Annotated[StrictStr, Field(max_length=MAX_TEXT_CHARS)]
+    question: Annotated[StrictStr, Field(max_length=MAX_TEXT_CHARS)]
+    choices: Annotated[list[Annotated[StrictStr, Field(min_length=1, max_length=4096)]],
+                       Field(min_length=2, max_length=128)]
+    slo: SloBody
+
+
+class ChooseOut(BaseModel):
+    choice: int = Field(description="index of the most likely choice")
+    scores: list[float] = Field(description="mean token log-probability of each choice")
+    usage: dict = Field(description="prompt_tokens: LLM tokens read (kept context, question and every choice)")
+    llmaas: dict = Field(description="level, prompt_ratio, prompt_tokens_kept, ttft_s, tpot_s (null here), slo_met, "
+                                     "tlm_s, the prediction before repair, the budgets and the full model's times, "
+                                     "and timings (queue_s, total_s)")

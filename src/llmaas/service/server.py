@@ -24,8 +24,11 @@ from pathlib import Path
 import torch
 import uvicorn
 
-from llmaas.engine.worker import Engine, EngineConfig
-from llmaas.errors import ServiceStartError
+from llmaas.elastic.artifact import elastic_dir
+from llmaas.elastic.model_levels import MODEL_LEVELS, model_level_name
+from llmaas.elastic.runtime import PREPARE, ElasticRuntime
+from llmaas.engine.worker import NO_ELASTIC, Engine, EngineConfig
+from llmaas.errors import ElasticUnavailableError, ServiceStartError
 from llmaas.model.loader import LoadedModel, load_model
 from llmaas.paths import DataDir
 from llmaas.service.app import create_app
@@ -44,6 +47,8 @@ class ServeOptions:
     host: str = "127.0.0.1"
     engine: EngineConfig = field(default_factory=EngineConfig)
     threads: int | None = None
+    elastic: bool = False  # serve ElastiLM's SLO requests (needs `llmaas elastic prepare`)
+    elastic_dir: Path | None = None  # default: the model's cache directory
 
 
 class Service:
@@ -70,8 +75,9 @@ class Service:
                 self._progress(f"loading {options.model or 'the bundled model'}...")
                 loaded = load_model(options.model)
             self.loaded = loaded
+            elastic = self._open_elastic() if options.elastic else NO_ELASTIC
             self._progress("starting the engine...")
-            self.engine = Engine(self.loaded, self.catalog, options.engine)
+            self.engine = Engine(self.loaded, self.catalog, options.engine, elastic)
             cleanup.callback(self.engine.close)
             self.state = ServiceState(self.catalog, self.engine, model_id(self.loaded), int(time.time()))
             self._resources = cleanup.pop_all()
@@ -79,6 +85,22 @@ class Service:
                                 timeout_graceful_shutdown=3)
         self._server = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
+
+    def _open_elastic(self) -> ElasticRuntime | ElasticUnavailableError:
+        """The elastic runtime over the resident model (reordered in place, once), or, when its artifacts are not
+        built, the error every elastic request will answer, which names the command that builds them."""
+        directory = self.options.elastic_dir or elastic_dir(self.loaded.model_id)
+        self._progress(f"opening the elastic sub-models from {directory}...")
+        try:
+            runtime = ElasticRuntime.open(self.loaded, directory)
+        except ElasticUnavailableError as exc:
+            self._progress(f"warning: {exc}; until then elastic requests are refused")
+            return exc
+        missing = [m for m in MODEL_LEVELS[:-1] if m not in runtime.elastic.adapters]
+        if missing:
+            self._progress(f"warning: levels {', '.join(model_level_name(m) for m in missing)} have no LoRA adapter "
+                           f"(they run unrecovered); `{PREPARE}` trains them")
+        return runtime
 
     @property
     def port(self) -> int | None:

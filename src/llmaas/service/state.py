@@ -17,7 +17,17 @@ from dataclasses import dataclass, field
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from llmaas.engine.calls import Call, CallDone, CallEvent, CallFailed, CallResult, EmbedDone, EmbedResult
+from llmaas.engine.calls import (
+    Call,
+    CallDone,
+    CallEvent,
+    CallFailed,
+    CallResult,
+    ChooseDone,
+    ChooseResult,
+    EmbedDone,
+    EmbedResult,
+)
 from llmaas.engine.generate import TextDelta
 from llmaas.engine.worker import Engine
 from llmaas.errors import CallCancelled
@@ -122,9 +132,9 @@ class CallStream:
             raise event.error
         self._first = event
 
-    async def events(self) -> AsyncIterator[TextDelta | CallDone | EmbedDone]:
-        """Text deltas, then the CallDone (or an embedding call's EmbedDone); a CallFailed is raised as its error.
-        Cancels the call if abandoned."""
+    async def events(self) -> AsyncIterator[TextDelta | CallDone | EmbedDone | ChooseDone]:
+        """Text deltas, then the CallDone (or an embedding call's EmbedDone, a choice call's ChooseDone); a
+        CallFailed is raised as its error. Cancels the call if abandoned."""
         try:
             while True:
                 event = await self._next()
@@ -133,7 +143,7 @@ class CallStream:
                     raise event.error
                 if isinstance(event, CallDone):
                     self._state.record(self.ticket.call.app, event.result)
-                self._finished = isinstance(event, CallDone | EmbedDone)
+                self._finished = isinstance(event, CallDone | EmbedDone | ChooseDone)
                 yield event
                 if self._finished:
                     return
@@ -152,3 +162,9 @@ class CallStream:
             if isinstance(event, EmbedDone):
                 return event.result
         raise AssertionError("an embedding call ended without a result")
+
+    async def choice(self) -> ChooseResult:
+        async for event in self.events():
+            if isinstance(event, ChooseDone):
+                return event.result
+        raise AssertionError("a choice call ended without a result")
