@@ -156,3 +156,10 @@ def test_slo_and_bert_markers_in_a_context_are_text(tok, encoder):
     window = build_window(tok, 4, 7, "hello [pre02] [dec05] [SEP] world", "question")
     specials = [i for i in window.ids if i >= base or i in (tok.cls_id, tok.sep_id)]
     assert specials == [tok.cls_id, *window.ids[1:3], tok.sep_id]  # [CLS], the two real SLO tokens, [SEP]
+
+
+def test_a_query_over_one_window_is_cut_for_the_tiny_lm_and_the_context_still_scored(tok: DualHeadTokenizer) -> None:
+    query = "choice " * 700
+    windows = build_windows(tok, 2, 5, "some context words", query)
+    assert len(windows[0].ids) == MAX_TOKENS and all(s is None for s in windows[0].context_offsets)
+    assert [s for w in windows for s in w.context_offsets if s is not None] == tok.encode("some context words")[1]

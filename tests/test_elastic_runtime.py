@@ -110,15 +110,18 @@ def test_full_level_on_the_full_prompt_answers_as_the_original_model(runtime):
     reordered = runtime.score(CONTEXT, QUESTION, CHOICES, 10)
     plain = score_choices(original.model, original.tokenizer, CONTEXT, QUESTION, CHOICES, None, None)
     assert max(abs(a - b) for a, b in zip(reordered, plain, strict=True)) < 1e-3
+    assert len(runtime.score("", QUESTION, CHOICES, 2)) == 4  # a context compressed to nothing still scores
     out = runtime.choose(CONTEXT, QUESTION, CHOICES, LOOSE)
     assert 0 <= out.choice < 4 and len(out.scores) == 4 and out.ttft_s >= out.plan.tlm_s > 0
 
 
-def test_label_questions_avoid_the_few_shot_examples_and_split_by_question():
+def test_label_questions_avoid_the_few_shot_examples_and_every_evaluation_item():
+    from llmaas.bench.mc_tasks import arc_easy, mmlu
     questions = label_questions(40)
-    context = questions[0].context
-    assert all(q.context == context for q in questions)
-    assert not any(q.question.removeprefix("Question: ").removesuffix("\nAnswer:") in context for q in questions)
+    assert len({q.context for q in questions}) == 2  # MMLU dev and ARC-Easy train, alternately
+    assert not any(q.question.removeprefix("Question: ").removesuffix("\nAnswer:") in q.context for q in questions)
+    evaluated = {i.question for task in (arc_easy(300), mmlu(300)) for i in task.items}
+    assert not evaluated & {q.question for q in questions}
     assert len({q.key for q in questions}) == 40 and 5 <= sum(q.held_out for q in questions) <= 15
 
 

@@ -57,3 +57,10 @@ def test_each_system_takes_its_largest_setting_that_meets_the_budget():
     assert largest_meeting(options, 0.24)[2].ratio == 0.4
     assert largest_meeting(options, 0.31)[2].ratio == 0.7  # meeting the SLO includes equality
     assert largest_meeting(options, 0.19) is None  # misses the SLO
+
+
+def test_trace_class_counts_follow_the_spec_table():
+    from llmaas.bench.elastic_serving import trace_counts
+    assert trace_counts(0.0) == [100] * 6
+    assert trace_counts(0.25) == [48, 62, 80, 103, 133, 170]
+    assert trace_counts(-0.25) == [170, 133, 103, 80, 62, 48]

@@ -12,6 +12,8 @@ BENCHMARKS = {  # name -> (module, one-line summary)
     "restore": ("llmaas.bench.restore", "cold switch latency of one long context restored from disk (--peer "
                                         "llama-cpp: its own state restore)"),
     "trace": ("llmaas.bench.trace", "`llmaas bench trace make`: draw one multi-app context-switching trace as JSONL"),
+    "elastic": ("llmaas.bench.elastic_serving", "ElastiLM as served vs model-only elasticity and layer-dropping "
+                                                "baselines, per SLO pair and on traces (--quick: about 15 min)"),
     "switch": ("llmaas.bench.switch", "the context-switching benchmark: every memory system replays the same traces "
                                       "(--quick: about 7 min)"),
 }

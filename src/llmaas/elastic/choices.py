@@ -58,12 +58,23 @@ def choice_scores(model: Transformer, cache: DenseKVCache, question: list[int], 
 
 
 @torch.no_grad()
+def prefill_context(model: Transformer, tokenizer: Tokenizer, context: str, widths: ModelWidths | None,
+                    lora: ModelLora | None) -> DenseKVCache:
+    """A fresh fp32 cache holding `context` (with BOS where the model wants one). A context compressed to nothing
+    leaves it empty: the question then comes first."""
+    ids = tokenizer.encode(context)
+    cache = DenseKVCache(KVSpec.from_config(model.config), max(1, len(ids)), dtype=torch.float32)
+    if ids:
+        model.forward(torch.tensor(ids, dtype=torch.int64), torch.arange(len(ids)), cache.append(len(ids)),
+                      widths=widths, lora=lora)
+    return cache
+
+
+@torch.no_grad()
 def score_choices(model: Transformer, tokenizer: Tokenizer, context: str, question: str, choices: list[str],
                   widths: ModelWidths | None, lora: ModelLora | None) -> list[float]:
     """One request: prefill `context` into a fresh cache, then score each choice after `question` (both without
     BOS). An empty question is scored as a single space, since the first choice token needs a row to predict it."""
-    ids = tokenizer.encode(context)
-    cache = DenseKVCache(KVSpec.from_config(model.config), len(ids), dtype=torch.float32)
-    model.forward(torch.tensor(ids), torch.arange(len(ids)), cache.append(len(ids)), widths=widths, lora=lora)
+    cache = prefill_context(model, tokenizer, context, widths, lora)
     q = tokenizer.encode(question or " ", add_bos=False)
     return choice_scores(model, cache, q, [tokenizer.encode(c, add_bos=False) for c in choices], widths, lora)

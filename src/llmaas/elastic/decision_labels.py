@@ -3,10 +3,10 @@ once at each of the 90 (m, p) configs through the runtime's own path (the tiny L
 compressor at p, sub-model m with its LoRA, log-likelihood scoring), and every SLO pair's label is derived from
 those answers by slo.label under the active feasibility rule (the m·p proxy or the measured latency table).
 
-Owns the label questions (MMLU's dev split minus the five few-shot examples, so no question is ever an evaluation
-item, which are drawn from the test split; the few-shot context is the evaluation's MMLU context), their split into
-train and held-out by question, the per-question cache (one JSON line per question, resumable; it is started over
-when the adapters or the score head it was made with change), and the derivation. Ignores training (decision_train.py).
+Owns the label questions (MMLU dev and ARC-Easy train, each minus its five few-shot examples, so no question is ever
+an evaluation item; each with the evaluation's few-shot context), their split into train and held-out by question,
+the per-question cache (one JSON line per question, resumable; it is started over when the adapters or the score
+head it was made with change), and the derivation. Ignores training (decision_train.py).
 """
 
 from __future__ import annotations
@@ -51,28 +51,45 @@ class LabelQuestion:
     held_out: bool
 
 
-def mmlu_context(shots: list[dict]) -> str:
-    """The evaluation's MMLU prompt layout (bench/mc_tasks.py): an instruction, then question/answer examples."""
-    return "Answer the multiple-choice question.\n\n" + "".join(
-        f"{qa_text(r['question'])} {r['choices'][r['answer_index']]}\n\n" for r in shots)
+LABEL_SOURCES = ("mmlu/dev", "arc_easy/train")
+
+
+def few_shot_context(instruction: str, shots: list[dict]) -> str:
+    """The evaluation's prompt layout (bench/mc_tasks.py): an instruction, then question/answer examples."""
+    return instruction + "\n\n" + "".join(f"{qa_text(r['question'])} {r['choices'][r['answer_index']]}\n\n"
+                                          for r in shots)
 
 
 def qa_text(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
-def label_questions(count: int, held_out_fraction: float = 0.25, data_dir: Path = SHARED_DATA_DIR) -> \
-        list[LabelQuestion]:
-    """`count` questions from MMLU dev (seeded), the evaluation's five shots excluded, about held_out_fraction of
-    them held out (split by question)."""
+def _sources(data_dir: Path) -> list[tuple[str, list[dict]]]:
+    """(context, candidate rows) per source, each with the evaluation's own few-shot context. MMLU dev minus its five
+    shots (the evaluation's MMLU items come from test); ARC-Easy train minus its five shots (its items come from
+    validation). ARC-Easy is there because the 135M model is below chance on MMLU (1 of 24 right at the full level):
+    MMLU alone made 89% of the labels fallbacks and taught the head one config."""
     dev = read_jsonl(data_dir / "mmlu" / "dev.jsonl")
     shots = random.Random(SEED).sample(dev, 5)
-    context = mmlu_context(shots)
     shot_ids = {r["id"] for r in shots}
-    rows = [r for r in dev if r["id"] not in shot_ids]
-    random.Random(f"{SEED}/decision").shuffle(rows)
+    mmlu = [r for r in dev if r["id"] not in shot_ids]
+    random.Random(f"{SEED}/decision").shuffle(mmlu)
+    arc = read_jsonl(data_dir / "arc_easy" / "train.jsonl")
+    arc_rows = arc[5:]
+    random.Random(f"{SEED}/decision/arc").shuffle(arc_rows)
+    return [(few_shot_context("Answer the multiple-choice question.", shots), mmlu),
+            (few_shot_context("Answer the science question.", arc[:5]), arc_rows)]
+
+
+def label_questions(count: int, held_out_fraction: float = 0.25, data_dir: Path = SHARED_DATA_DIR) -> \
+        list[LabelQuestion]:
+    """`count` questions taken alternately from the sources (seeded), never an evaluation item; about
+    held_out_fraction of them held out (split by question)."""
+    sources = _sources(data_dir)
     out = []
-    for i, r in enumerate(rows[:count]):
+    for i in range(count):
+        context, rows = sources[i % len(sources)]
+        r = rows[i // len(sources)]
         q, choices = qa_text(r["question"]), tuple(" " + c for c in r["choices"])
         key = hashlib.sha1(repr((context, q, choices, r["answer_index"])).encode()).hexdigest()[:16]
         out.append(LabelQuestion(key, context, q, choices, r["answer_index"], i % round(1 / held_out_fraction) == 0))

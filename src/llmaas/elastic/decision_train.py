@@ -4,7 +4,10 @@ Owns the examples (one per question and SLO pair: the runtime's window `[pre] [d
 choices, with the label's p and m classes), the training loop (CE(p) + CE(m) on the decision layers and both heads;
 the embeddings, the SLO-token rows and the lower layers stay frozen), early stopping on the held-out questions, and
 the report: held-out p, m and joint accuracy beside the majority-class guess, the label distribution and the fallback
-rate. Batches are 32, not the artifact's 128, and an epoch is a fresh random sample of the train examples: with ~50
+rate. By default the head trains only on informative labels: a fallback label (nothing feasible was right, §7's
+rule) is the cheapest config whatever the question, and with a 135M model near chance those were 85% of the labels,
+so training on them taught the majority config and nothing else (held-out accuracy = the majority guess). Batches
+are 32, not the artifact's 128, and an epoch is a fresh random sample of the train examples: with ~50
 train questions x 54 SLO pairs, 128 would leave a handful of optimizer steps in the time 2 cores can spare. Ignores
 where the labels come from (decision_labels.py).
 """
@@ -23,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from llmaas.elastic.decision_labels import (
+    LABEL_SOURCES,
     LabelQuestion,
     answer_questions,
     answers_path,
@@ -42,6 +46,7 @@ from llmaas.elastic.model_levels import MODEL_LEVELS, model_level_name
 from llmaas.elastic.runtime import ElasticRuntime, mc_query_text
 from llmaas.elastic.slo import PROMPT_RATIOS, Config, Slo
 from llmaas.paths import tiny_lm_dir
+from llmaas.tlm.encoder import BertEncoder
 from llmaas.tlm.tokenizer import pad_batch
 
 
@@ -56,6 +61,7 @@ class DecisionTrainConfig:
     batch_size: int = 32
     lr: float = 5e-5
     budget_s: float = 300.0  # wall-time cap on the optimizer loop
+    train_on_fallbacks: bool = False  # a fallback label says "nothing here was right", not which config is
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -197,22 +203,31 @@ def build_decision_head(runtime: ElasticRuntime, directory: Path, config: Decisi
     table = LatencyTable.load(directory) if config.rule == "measured" else None
     labels = derive_labels(rows, config.rule, table)
     by_key = {q.key: q for q in questions}
-    train_labels = [x for x in labels if not by_key[x[0]].held_out]
+    train_labels = [x for x in labels if not by_key[x[0]].held_out and (config.train_on_fallbacks or not x[3])]
     held_labels = [x for x in labels if by_key[x[0]].held_out]
     t = time.perf_counter()
-    train, held = make_examples(runtime, by_key, train_labels), make_examples(runtime, by_key, held_labels)
-    precompute_trunk(runtime.tlm, train + held, log=log)
+    train, held_all = make_examples(runtime, by_key, train_labels), make_examples(runtime, by_key, held_labels)
+    # early stopping reads the same kind of labels as training: the informative ones unless fallbacks are trained on
+    held = [e for e, x in zip(held_all, held_labels, strict=True) if config.train_on_fallbacks or not x[3]]
+    precompute_trunk(runtime.tlm, train + held_all, log=log)
     stages["trunk_s"] = time.perf_counter() - t
+    fresh = DualHeadTLM(BertEncoder.load(tiny_lm_dir()))  # start from the pretrained layers, not an earlier head
+    for name in ("decision_layers", "p_head", "m_head"):
+        getattr(runtime.tlm, name).load_state_dict(getattr(fresh, name).state_dict())
     log(f"decision head: {len(train)} train and {len(held)} held-out examples ({len(questions)} questions x 54 SLO "
         f"pairs, rule {config.rule})")
     trained = train_decision_branch(runtime.tlm, train, held, config, log)
     stages["train_s"] = trained["train_s"]
-    for e in train + held:
+    accuracy_all = accuracy(runtime.tlm, held_all)
+    for e in train + held_all:
         e.hidden = None
     record = {**score_record, "decision_branch": "trained", "decision": {
-        "rule": config.rule, "questions": len(questions), "held_out_questions": sum(q.held_out for q in questions),
+        "rule": config.rule, "sources": list(LABEL_SOURCES), "questions": len(questions),
+        "held_out_questions": sum(q.held_out for q in questions),
         "train_examples": len(train), "held_out_examples": len(held),
-        "held_out_accuracy": accuracy_from(trained), "majority_accuracy": majority_accuracy(train, held),
+        "train_on_fallbacks": config.train_on_fallbacks, "held_out_accuracy": accuracy_from(trained),
+        "majority_accuracy": majority_accuracy(train, held), "held_out_accuracy_all_labels": accuracy_all,
+        "majority_accuracy_all_labels": majority_accuracy(train, held_all),
         "labels": distribution(labels), "questions_correct_at_full": sum(r["correct"]["10,10"] for r in rows.values()),
         "epochs": config.epochs, "examples_per_epoch": config.examples_per_epoch, "batch_size": config.batch_size,
         "lr": config.lr, **trained, "stages_s": stages,

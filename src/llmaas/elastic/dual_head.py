@@ -154,7 +154,8 @@ class WindowInput:
 
 def build_window(tok: DualHeadTokenizer, prefill: int, decode: int, context: str, query: str = "") -> WindowInput:
     """The layout of §7: `[pre] [dec] ` + context + query in one window of at most 512 tokens. When it does not
-    fit, the context is cut from its end (at a token boundary); the SLO tokens and the query are never cut."""
+    fit, the context is cut from its end (at a token boundary); the SLO tokens and the query are never cut, unless
+    the query alone is over a window: then its end is cut (here only; the LLM always reads the whole query)."""
     return build_windows(tok, prefill, decode, context, query)[0]
 
 
@@ -165,12 +166,10 @@ def build_windows(tok: DualHeadTokenizer, prefill: int, decode: int, context: st
     pre_ids, _ = tok.encode(f"{prefill_token(prefill)} {decode_token(decode)} ", markup=True)
     ctx_ids, ctx_offsets = tok.encode(context)
     q_ids, _ = tok.encode(query) if query else ([], [])
-    room = MAX_TOKENS - 2 - len(pre_ids) - len(q_ids)  # 2: [CLS] and [SEP]
-    if room < 0:
-        raise InvalidRequestError(f"the query alone is {len(q_ids)} encoder tokens, over one {MAX_TOKENS}-token "
-                                  "window")
+    step = MAX_TOKENS - 2 - len(pre_ids)  # 2: [CLS] and [SEP]
+    q_ids = q_ids[:step]  # a query over one window is cut at its end for the tiny LM only: the LLM reads it whole
+    room = step - len(q_ids)
     windows = [_window(tok, pre_ids, ctx_ids[:room], ctx_offsets[:room], q_ids)]
-    step = MAX_TOKENS - 2 - len(pre_ids)
     for start in range(room, len(ctx_ids), step):
         windows.append(_window(tok, pre_ids, ctx_ids[start:start + step], ctx_offsets[start:start + step], []))
     return windows

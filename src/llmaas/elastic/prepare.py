@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from llmaas.elastic.artifact import ARTIFACT_FILE, elastic_dir
+from llmaas.elastic.decision_labels import LABEL_SOURCES
 from llmaas.elastic.decision_train import DecisionTrainConfig
 from llmaas.elastic.dual_head import default_heads_path, heads_record
 from llmaas.elastic.latency import LatencyTable
@@ -35,12 +36,14 @@ class PrepareRecipe:
 
 
 RECIPES = {
-    "fast": PrepareRecipe("fast", 30, 600, 2, 180.0, DecisionTrainConfig(questions=64, epochs=4, budget_s=240.0),
-                          {"artifact": 50, "lora": 900, "profile": 90, "score_head": 600, "decision_head": 900}),
+    # Stage times measured here (AMD EPYC Zen 4, 2 cores): LoRA ~80-110 s a level at 30 steps, score-head labels
+    # ~0.7 s a segment, decision-head questions ~38 s each (90 configs, each a prefill and a scoring pass).
+    "fast": PrepareRecipe("fast", 30, 600, 2, 150.0, DecisionTrainConfig(questions=16, epochs=4, budget_s=180.0),
+                          {"artifact": 50, "lora": 900, "profile": 125, "score_head": 600, "decision_head": 850}),
     "quality": PrepareRecipe("quality", 100, 2000, 3, 360.0,
                              DecisionTrainConfig(questions=200, epochs=8, budget_s=900.0),
-                             {"artifact": 50, "lora": 2900, "profile": 90, "score_head": 1800,
-                              "decision_head": 3000}),
+                             {"artifact": 50, "lora": 2900, "profile": 125, "score_head": 1800,
+                              "decision_head": 7000}),
 }
 STAGES = ("artifact", "lora", "profile", "score_head", "decision_head")
 
@@ -128,7 +131,9 @@ def _score_head(loaded: LoadedModel, directory: Path, recipe: PrepareRecipe, log
 def _decided(directory: Path, recipe: PrepareRecipe) -> bool:
     record = heads_record(default_heads_path(directory))
     return record is not None and record.get("decision_branch") == "trained" \
-        and record["decision"]["questions"] >= recipe.decision.questions
+        and record["decision"]["questions"] >= recipe.decision.questions \
+        and record["decision"].get("sources") == list(LABEL_SOURCES) \
+        and record["decision"].get("train_on_fallbacks") == recipe.decision.train_on_fallbacks
 
 
 def _decision_head(loaded: LoadedModel, directory: Path, recipe: PrepareRecipe, log: Callable[[str], None]) -> None:

@@ -32,7 +32,16 @@ from llmaas.elastic.dual_head import (
 from llmaas.elastic.latency import LatencyTable, measured_feasible, predicted_ttft_s
 from llmaas.elastic.model import ElasticModel, SubModel
 from llmaas.elastic.model_levels import MODEL_LEVELS, model_level_name
-from llmaas.elastic.slo import ALL_CONFIGS, PROMPT_RATIOS, Config, Slo, SloRequest, kept_context_tokens, repair
+from llmaas.elastic.slo import (
+    ALL_CONFIGS,
+    PROMPT_RATIOS,
+    Config,
+    Slo,
+    SloRequest,
+    kept_context_tokens,
+    proxy_feasible,
+    repair,
+)
 from llmaas.engine.generate import Generator
 from llmaas.errors import ElasticUnavailableError, SloUnreachableError
 from llmaas.model.loader import LoadedModel
@@ -132,17 +141,21 @@ class ElasticRuntime:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_bos=False)) if text else 0
 
-    def plan(self, context: str, query_text: str, query_tokens: int, slo: SloRequest) -> ElasticPlan:
+    def plan(self, context: str, query_text: str, query_tokens: int, slo: SloRequest, *, proxy: bool = False,
+             refuse: bool = True) -> ElasticPlan:
         """Decide one request: `context` is the refinable part, `query_text` what the tiny LM reads after it, and
-        `query_tokens` how many LLM tokens are read besides the context (never compressed)."""
+        `query_tokens` how many LLM tokens are read besides the context (never compressed). Feasibility is the
+        measured table's, or the paper's m·p proxy (evaluation only). When no config is feasible the request is
+        refused (SloUnreachableError, the service) or runs the cheapest config as a counted miss (evaluation)."""
         context_tokens = self.count_tokens(context)
         full = (self.table.ttft_s(10, context_tokens + query_tokens), self.table.tpot_s(10))
         budgets, tenths = slo.budgets_s(*full), slo.tenths(*full)
         started = time.perf_counter()
         out = run_dual_head(self.tlm, self.tok, tenths.prefill, tenths.decode, context, query_text)
         tlm_s = time.perf_counter() - started
-        feasible = measured_feasible(self.table, budgets, context_tokens, query_tokens, tlm_s)
-        if not any(feasible(c) for c in ALL_CONFIGS):
+        feasible = proxy_feasible(tenths) if proxy else \
+            measured_feasible(self.table, budgets, context_tokens, query_tokens, tlm_s)
+        if refuse and not any(feasible(c) for c in ALL_CONFIGS):
             raise self._unreachable(budgets, full, context_tokens, query_tokens, tlm_s)
         predicted = Config(MODEL_LEVELS[int(out.m_logits.argmax())], PROMPT_RATIOS[int(out.p_logits.argmax())])
         config, _ = repair(predicted, feasible)
