@@ -71,3 +71,14 @@ def test_context_ratio_spares_the_query():
 def test_baseline_settings_by_slo(slo, pruner, layers):
     assert llmpruner_config(slo) == pruner
     assert layers_kept(slo, 30) == layers
+
+
+def test_latency_table_interpolates_and_never_lets_a_longer_prompt_look_cheaper():
+    from llmaas.elastic.latency import LatencyTable
+    from llmaas.elastic.model_levels import MODEL_LEVELS, model_level_name
+    levels = {model_level_name(m): {"tpot_s": m / 1000, "ttft_s": {"128": 0.1, "256": 0.3, "512": 0.25}}
+              for m in MODEL_LEVELS}
+    table = LatencyTable({"levels": levels, "tlm_s": {"128": 0.01, "512": 0.04}})
+    assert table.ttft_s(10, 192) == pytest.approx(0.2)
+    assert table.ttft_s(10, 512) == pytest.approx(0.3)  # the noisy 0.25 is lifted to the 256-token time
+    assert table.tlm_s(1024 + 128) == pytest.approx(2 * 0.04 + 0.01)  # two full windows and a partial one

@@ -14,6 +14,7 @@ import statistics
 import time
 from bisect import bisect_left
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -142,8 +143,9 @@ class LatencyTable:
         try:
             levels = profile["levels"]
             self._lengths = sorted(int(n) for n in levels[model_level_name(10)]["ttft_s"])
-            self._ttft = {m: [levels[model_level_name(m)]["ttft_s"][str(n)] for n in self._lengths]
-                          for m in MODEL_LEVELS}
+            # non-decreasing in length (a running maximum): one noisy point must not make a longer prompt look cheaper
+            self._ttft = {m: list(accumulate((levels[model_level_name(m)]["ttft_s"][str(n)] for n in self._lengths),
+                                             max)) for m in MODEL_LEVELS}
             self._tpot = {m: levels[model_level_name(m)]["tpot_s"] for m in MODEL_LEVELS}
             tlm = profile["tlm_s"]
         except KeyError as exc:
