@@ -111,10 +111,10 @@ class Scorer:
     @torch.no_grad()
     def run(self, item: MCItem, context: str, setting: str) -> tuple[bool, float]:
         kv_key = (setting, hashlib.sha1(context.encode()).hexdigest())
-        widths, lora = self._sub_model(setting)
         if (item.key, kv_key) in self._memo:
             correct, choices_s, prefill_s = self._memo[(item.key, kv_key)]
             return correct, prefill_s + choices_s
+        widths, lora = self._sub_model(setting)
         if kv_key not in self._kv:
             t0 = time.perf_counter()
             entry = (prefill_context(self.model, self.tokenizer, context, widths, lora), time.perf_counter() - t0)
@@ -159,7 +159,7 @@ class Systems:
     def run(self, system: str, mode: str, task: MCTask, item: MCItem, slo: Slo) -> Outcome:
         rt, table = self.rt, self.rt.table
         lc = rt.count_tokens(task.context)
-        lq = rt.count_tokens(item.question) + sum(rt.count_tokens(c) for c in item.choices)
+        lq = rt.choice_query_tokens(item.question, list(item.choices))
         full = (table.ttft_s(10, lc + lq), table.tpot_s(10))
         budgets = (slo.prefill / 10 * full[0], slo.decode / 10 * full[1])
         if system == "full":
@@ -176,8 +176,9 @@ class Systems:
             if mode == "proxy":
                 r = baseline_ratio(slo)
             else:
-                fits = [m for m in MODEL_LEVELS if self.fractions[f"{system}@{m / 10:.1f}"][0] <= slo.prefill / 10
-                        and self.fractions[f"{system}@{m / 10:.1f}"][1] <= slo.decode / 10]
+                fraction = {m: self.fractions[f"{system}@{m / 10:.1f}"] for m in MODEL_LEVELS}
+                fits = [m for m, (ttft, tpot) in fraction.items()
+                        if ttft <= slo.prefill / 10 and tpot <= slo.decode / 10]
                 r = max(fits) if fits else MODEL_LEVELS[0]
             return self._score(item, task.context, f"{system}@{r / 10:.1f}", 0.0)
         # ElastiLM: the runtime's own plan (one tiny-LM pass, the mode's feasibility, repair, compression)

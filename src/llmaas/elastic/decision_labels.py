@@ -115,7 +115,7 @@ def answer_all_configs(runtime: ElasticRuntime, q: LabelQuestion) -> dict:
     word scores come from one tiny-LM pass (with the loosest SLO tokens: the score branch was trained to ignore
     them), as at run time."""
     choices = list(q.choices)
-    query_tokens = runtime.count_tokens(q.question) + sum(runtime.count_tokens(c) for c in choices)
+    query_tokens = runtime.choice_query_tokens(q.question, choices)
     context_tokens = runtime.count_tokens(q.context)
     query = mc_query_text(q.question, choices)
     out = run_dual_head(runtime.tlm, runtime.tok, 10, 10, q.context, query)

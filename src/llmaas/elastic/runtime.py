@@ -141,6 +141,10 @@ class ElasticRuntime:
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_bos=False)) if text else 0
 
+    def choice_query_tokens(self, question: str, choices: list[str]) -> int:
+        """LLM tokens of a multiple-choice query as scored (the question, a space if empty, and every choice)."""
+        return self.count_tokens(question or " ") + sum(self.count_tokens(c) for c in choices)
+
     def plan(self, context: str, query_text: str, query_tokens: int, slo: SloRequest, *, proxy: bool = False,
              refuse: bool = True) -> ElasticPlan:
         """Decide one request: `context` is the refinable part, `query_text` what the tiny LM reads after it, and
@@ -185,8 +189,7 @@ class ElasticRuntime:
         """A multiple-choice request: the question and every choice are read whole; the answer is the choice with
         the highest mean token log-probability under the chosen sub-model."""
         started = time.perf_counter()
-        query_tokens = self.count_tokens(question or " ") + sum(self.count_tokens(c) for c in choices)
-        plan = self.plan(context, mc_query_text(question, choices), query_tokens, slo)
+        plan = self.plan(context, mc_query_text(question, choices), self.choice_query_tokens(question, choices), slo)
         scores = self.score(plan.compressed.text, question, choices, plan.config.m)
         best = max(range(len(scores)), key=scores.__getitem__)
         return ChooseOutcome(best, scores, plan, time.perf_counter() - started)
