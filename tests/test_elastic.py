@@ -67,7 +67,7 @@ def test_reordered_smollm_matches_on_the_calibration_text(smollm_dense):
     reordered = load_model(use_kernels=False)
     batch = calibration_batch(reordered.tokenizer, CalibrationConfig(num_samples=2, num_tokens=32))
     reorder_(reordered.config, reordered.model.weights, _orders(reordered, batch))
-    weights = df.DenseWeights.views
+    weights = df.DenseWeights.expanded
     with torch.no_grad():
         a = df.logits(smollm_dense.model, weights(smollm_dense.config, smollm_dense.model.weights), batch)
         b = df.logits(reordered.model, weights(reordered.config, reordered.model.weights), batch)
@@ -99,14 +99,15 @@ def test_levels_are_nested_and_anchors_stay_full(smollm_dense):
 def _pruned_reference(loaded, orders, widths: ModelWidths, ids: torch.Tensor) -> torch.Tensor:
     """Logits of a physically pruned copy of the ORIGINAL weights: the kept units gathered by original index."""
     c, w = loaded.config, loaded.model.weights
-    h = w.embedding[ids][None]
+    h = w.embedding.lookup(ids)[None]
     positions = torch.arange(ids.numel())
     for i, (lw, lwid) in enumerate(zip(w.layers, widths.layers, strict=True)):
         heads = [int(orders[i].heads[g * c.heads_per_group + j]) for g, k in enumerate(lwid.q_heads) for j in range(k)]
         neurons = orders[i].neurons[:lwid.ffn]
         rows = torch.cat([torch.arange(hh * c.head_dim, (hh + 1) * c.head_dim) for hh in heads])
-        wq, wo = lw.qkv.dense[:c.q_dim][rows].clone(), lw.o.dense[:, rows].clone()
-        wk, wv = lw.qkv.dense[c.q_dim:c.q_dim + c.kv_dim], lw.qkv.dense[c.q_dim + c.kv_dim:]
+        qkv = lw.qkv.dequantized()
+        wq, wo = qkv[:c.q_dim][rows], lw.o.dequantized()[:, rows]
+        wk, wv = qkv[c.q_dim:c.q_dim + c.kv_dim], qkv[c.q_dim + c.kv_dim:]
         x = F.rms_norm(h, (c.d_model,), lw.attn_norm, c.norm_eps)
         k = loaded.model.rope.rotated((x @ wk.t()).view(1, -1, c.n_kv_heads, c.head_dim).transpose(1, 2), positions)
         v = (x @ wv.t()).view(1, -1, c.n_kv_heads, c.head_dim).transpose(1, 2)
@@ -115,8 +116,9 @@ def _pruned_reference(loaded, orders, widths: ModelWidths, ids: torch.Tensor) ->
         attn = F.scaled_dot_product_attention(q, k[:, group], v[:, group], is_causal=True)
         h = h + attn.transpose(1, 2).reshape(1, -1, len(heads) * c.head_dim) @ wo.t()
         x = F.rms_norm(h, (c.d_model,), lw.ffn_norm, c.norm_eps)
-        gate, up = lw.gate_up.dense[:c.ffn_dim][neurons], lw.gate_up.dense[c.ffn_dim:][neurons]
-        h = h + (F.silu(x @ gate.t()) * (x @ up.t())) @ lw.down.dense[:, neurons].t()
+        gate_up = lw.gate_up.dequantized()
+        gate, up = gate_up[:c.ffn_dim][neurons], gate_up[c.ffn_dim:][neurons]
+        h = h + (F.silu(x @ gate.t()) * (x @ up.t())) @ lw.down.dequantized()[:, neurons].t()
     return loaded.model.logits(h[0])
 
 
@@ -142,7 +144,8 @@ def test_switching_levels_allocates_nothing(tiny_path, tmp_path):
     elastic = _tiny_elastic(tiny_path, tmp_path)
     w = elastic.loaded.model.weights
     tensors = [t for lw in w.layers for lin in (lw.qkv, lw.o, lw.gate_up, lw.down) for t in
-               (lin.dense, *(vars(lin.blocks).values() if lin.blocks is not None else ()))]
+               (*((lin.dense,) if lin.dense is not None else ()),
+                *(vars(lin.blocks).values() if lin.blocks is not None else ()))]
     pointers = [t.data_ptr() for t in tensors]
     assert elastic.view(4) is elastic.view(4)
     for m in MODEL_LEVELS:  # run every level, decode and prefill paths
@@ -163,7 +166,7 @@ def _merged(weights: ModelWeights, lora: ModelLora, widths: ModelWidths, c) -> M
     """A copy with every adapter folded into the active rows/columns of its weight (dense only)."""
     layers = []
     for lw, la, wd in zip(weights.layers, lora.layers, widths.layers, strict=True):
-        qkv, o, gu, down = (lin.dense.clone() for lin in (lw.qkv, lw.o, lw.gate_up, lw.down))
+        qkv, o, gu, down = (lin.dequantized() for lin in (lw.qkv, lw.o, lw.gate_up, lw.down))
         group = c.heads_per_group * c.head_dim
         q_rows = torch.cat([torch.arange(g * group, g * group + k * c.head_dim) for g, k in enumerate(wd.q_heads)])
         d = {n: lora.scale * p.b @ p.a for n, p in la.pairs.items()}
@@ -174,8 +177,8 @@ def _merged(weights: ModelWeights, lora: ModelLora, widths: ModelWidths, c) -> M
         gu[:wd.ffn] += d["gate"]
         gu[c.ffn_dim:c.ffn_dim + wd.ffn] += d["up"]
         down[:, :wd.ffn] += d["down"]
-        layers.append(LayerWeights(lw.attn_norm, Linear(qkv, None, None), Linear(o, None, None), lw.ffn_norm,
-                                   Linear(gu, None, None), Linear(down, None, None)))
+        layers.append(LayerWeights(lw.attn_norm, Linear(qkv, None), Linear(o, None), lw.ffn_norm,
+                                   Linear(gu, None), Linear(down, None)))
     return ModelWeights(weights.embedding, tuple(layers), weights.final_norm, weights.lm_head, None)
 
 
@@ -225,7 +228,7 @@ def test_training_forward_equals_the_product_forward(tiny_path):
     widths = ModelWidths((LayerWidths((2, 1), 96), LayerWidths((1, 0), 0)))
     lora = _random_lora(loaded.config, widths)
     with torch.no_grad():
-        a = df.logits(loaded.model, df.DenseWeights.views(loaded.config, loaded.model.weights), IDS[None],
+        a = df.logits(loaded.model, df.DenseWeights.expanded(loaded.config, loaded.model.weights), IDS[None],
                       widths=widths, lora=lora)[0]
     assert (a - _logits(loaded, IDS, widths=widths, lora=lora)).abs().max().item() <= 1e-4
 

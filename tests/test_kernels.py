@@ -9,15 +9,16 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QType
 
+from llmaas.model.gguf_file import TensorInfo
 from llmaas.model.weights import Q4Blocks, read_blocks
 from tiny_gguf import _random_blocks
 
 
 class _Tensor:
-    """The bits of gguf.ReaderTensor that read_blocks uses."""
+    """A quantised matrix as the loader sees it: its header description and its bytes."""
 
     def __init__(self, qtype: QType, data: np.ndarray, rows: int, cols: int) -> None:
-        self.tensor_type, self.data, self.shape, self.name = qtype, data, np.array([cols, rows]), "t"
+        self.info, self.data = TensorInfo("t", (cols, rows), qtype, 0, data.nbytes), data
 
 
 def _make(qtype: QType, rows: int = 96, cols: int = 512, seed: int = 0) -> tuple[_Tensor, torch.Tensor]:
@@ -32,21 +33,21 @@ def _make(qtype: QType, rows: int = 96, cols: int = 512, seed: int = 0) -> tuple
 @pytest.mark.parametrize("qtype", [QType.Q4_0, QType.Q4_1, QType.Q4_K, QType.Q8_0])
 def test_block_layout_holds_gguf_weights_exactly(qtype):
     t, dense = _make(qtype)
-    blocks = read_blocks(t)
+    blocks = read_blocks(t.info, t.data)
     assert blocks is not None
     assert torch.equal(blocks.dequantize(), dense)
 
 
 def test_types_without_an_exact_block_layout_have_none():
     t, _ = _make(QType.Q6_K)
-    assert read_blocks(t) is None
+    assert read_blocks(t.info, t.data) is None
 
 
 @pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q4_K, QType.Q8_0])
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_block_matmul_matches_dense_on_ranges(kernels, qtype, m):
     t, dense = _make(qtype)
-    b = read_blocks(t)
+    b = read_blocks(t.info, t.data)
     x = torch.randn(m, 512)
     for r0, r1, c0, c1 in [(0, 96, 0, 512), (10, 70, 64, 448), (0, 33, 32, 80), (5, 6, 0, 17)]:
         y = torch.full((m, r1 - r0), 7.0)
@@ -67,7 +68,7 @@ def test_block_matmul_matches_dense_on_ranges(kernels, qtype, m):
 def test_block_matmul_on_several_ranges_matches_dense(kernels, qtype, m):
     """Several row and column ranges in one call: full-width buffers, absolute indices, untouched outside."""
     t, dense = _make(qtype)
-    b = read_blocks(t)
+    b = read_blocks(t.info, t.data)
     x = torch.randn(m, 512)
     rows, cols = [(0, 10), (32, 70), (90, 96)], [(0, 64), (128, 200), (256, 512)]
     args = (b.qs, b.scales, b.mins) if isinstance(b, Q4Blocks) else (b.qs, b.scales)

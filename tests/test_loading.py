@@ -10,6 +10,7 @@ from gguf import GGMLQuantizationType as QType
 
 from conftest import fp32_cache
 from llmaas.errors import ModelFileError, UnsupportedModelError
+from llmaas.model.gguf_file import GGUFFile
 from llmaas.model.loader import load_model
 from llmaas.model.weights import Q4Blocks, Q8Blocks
 from llmaas.paths import default_model_path
@@ -27,12 +28,16 @@ def test_every_weight_type_loads_and_both_paths_agree(tmp_path, kernels, qtype):
     expected = next(t for t in q_weight if t.name == "blk.0.attn_q.weight")
     assert torch.equal(dense.model.weights.layers[0].qkv.dense[:256],
                        torch.from_numpy(np.array(gguf.quants.dequantize(expected.data, qtype)).reshape(256, 256)))
-    blocks = fast.model.weights.layers[0].qkv.blocks
-    assert (type(blocks) if blocks is not None else None) is TYPES[qtype]
-    for rows in (torch.tensor([5, 6, 7, 200, 100, 1, 2, 3, 4, 9]), torch.tensor([5, 6])):  # dense, kernel paths
-        a, b = (m.model.forward(rows, torch.arange(rows.numel()), fp32_cache(m, 16).append(rows.numel()))
-                for m in (fast, dense))
-        assert (a - b).abs().max().item() <= 1e-3 * (b.abs().max().item() + 1)
+    qkv = fast.model.weights.layers[0].qkv
+    assert (type(qkv.blocks) if qkv.blocks is not None else None) is TYPES[qtype]
+    assert (qkv.dense is None) == (qkv.blocks is not None)  # one resident copy of each matrix
+    # GEMM path: the blocks expanded tile by tile give the dense copy's exact values, so the logits are the same bits
+    rows = torch.tensor([5, 6, 7, 200, 100, 1, 2, 3, 4, 9])
+    a, b = (m.model.forward(rows, torch.arange(10), fp32_cache(m, 16).append(10)) for m in (fast, dense))
+    assert torch.equal(a, b)
+    rows = rows[:2]  # kernel path: activations rounded to 16 bits per block
+    a, b = (m.model.forward(rows, torch.arange(2), fp32_cache(m, 16).append(2)) for m in (fast, dense))
+    assert (a - b).abs().max().item() <= 1e-3 * (b.abs().max().item() + 1)
 
 
 def test_default_model_is_found_inside_its_package():
@@ -109,3 +114,20 @@ def test_tensor_shapes_must_match_the_metadata(tmp_path):
     path = write_tiny_llama(tmp_path / "bad.gguf", extra_metadata={"llama.feed_forward_length": 256})
     with pytest.raises(ModelFileError, match=r"ffn_gate.weight\+blk.0.ffn_up.weight has shape \(1024, 256\)"):
         load_model(path)
+
+
+def test_header_parser_agrees_with_the_gguf_package():
+    """Our GGUF parser (lean: no numpy view per vocabulary string) reads what the gguf package's reader reads."""
+    path = default_model_path()
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+    fields = {name: f for name, f in theirs.fields.items() if not name.startswith("GGUF.")}
+    assert set(ours.fields) == set(fields)
+    for name, field in fields.items():
+        assert ours.get(name) == field.contents(), name
+    assert [t.name for t in theirs.tensors] == list(ours.tensors)
+    for t in theirs.tensors:
+        info = ours.tensor(t.name)
+        assert (info.offset, info.n_bytes, info.tensor_type) == (t.data_offset, t.n_bytes, t.tensor_type)
+        assert info.shape == tuple(int(d) for d in t.shape)
+    for t in theirs.tensors[:4] + [t for t in theirs.tensors if t.name == "token_embd.weight"]:
+        assert np.array_equal(ours.read(ours.tensor(t.name)).reshape(-1), np.asarray(t.data).view(np.uint8).reshape(-1))

@@ -69,14 +69,14 @@ def _masked_weights(weights: ModelWeights, widths: ModelWidths, group: int, head
     """A physical copy where dropped query heads' output columns and dropped FFN neurons' down columns are zero."""
     layers = []
     for lw, w in zip(weights.layers, widths.layers, strict=True):
-        o, down = lw.o.dense.clone(), lw.down.dense.clone()
+        o, down = lw.o.dequantized(), lw.down.dequantized()
         for g, kept in enumerate(w.q_heads):
             o[:, (g * group + kept) * head_dim:(g + 1) * group * head_dim] = 0.0
         down[:, w.ffn:] = 0.0
-        layers.append(LayerWeights(lw.attn_norm, Linear(lw.qkv.dense, None, None), Linear(o, None, None),
-                                   lw.ffn_norm, Linear(lw.gate_up.dense, None, None), Linear(down, None, None)))
-    return ModelWeights(weights.embedding, tuple(layers), weights.final_norm, Linear(weights.lm_head.dense, None,
-                                                                                     None), None)
+        layers.append(LayerWeights(lw.attn_norm, Linear(lw.qkv.dequantized(), None), Linear(o, None),
+                                   lw.ffn_norm, Linear(lw.gate_up.dequantized(), None), Linear(down, None)))
+    head = Linear(weights.lm_head.dequantized(), None)
+    return ModelWeights(head, tuple(layers), weights.final_norm, head, None)
 
 
 def test_sliced_widths_equal_a_masked_copy(tmp_path, kernels):
@@ -110,4 +110,4 @@ def test_column_slices_do_not_copy_weights(smollm_dense):
         down.apply(x, out, cols=(0, 384))
     allocated = sum(e.cpu_memory_usage for e in prof.key_averages() if e.cpu_memory_usage > 0)
     assert allocated < down.out_features * 384 * 4 // 4, f"{allocated} bytes allocated: the slice was copied"
-    assert torch.allclose(out, x @ down.dense[:, :384].T, atol=1e-4)
+    assert torch.allclose(out, x @ down.dequantized()[:, :384].T, atol=1e-4)

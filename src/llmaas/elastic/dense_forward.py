@@ -44,13 +44,17 @@ class DenseWeights:
     lm_head: torch.Tensor
 
     @classmethod
-    def views(cls, config: ModelConfig, w: ModelWeights) -> DenseWeights:
-        """Views of the model's dense copies (no memory; frozen base for LoRA training)."""
+    def expanded(cls, config: ModelConfig, w: ModelWeights) -> DenseWeights:
+        """fp32 copies of the model's weights (the frozen base for LoRA training and importance scores). Offline only:
+        about 4x the resident blocks' bytes, freed with this object."""
         q, kv, f = config.q_dim, config.kv_dim, config.ffn_dim
-        layers = tuple(DenseLayer(lw.attn_norm, lw.qkv.dense[:q], lw.qkv.dense[q:q + kv], lw.qkv.dense[q + kv:],
-                                  lw.o.dense, lw.ffn_norm, lw.gate_up.dense[:f], lw.gate_up.dense[f:], lw.down.dense)
-                       for lw in w.layers)
-        return cls(layers, w.embedding, w.final_norm, w.lm_head.dense)
+        layers = []
+        for lw in w.layers:
+            qkv, gate_up = lw.qkv.dequantized(), lw.gate_up.dequantized()
+            layers.append(DenseLayer(lw.attn_norm, qkv[:q], qkv[q:q + kv], qkv[q + kv:], lw.o.dequantized(),
+                                     lw.ffn_norm, gate_up[:f], gate_up[f:], lw.down.dequantized()))
+        head = w.lm_head.dequantized()
+        return cls(tuple(layers), head if w.embedding is w.lm_head else w.embedding.dequantized(), w.final_norm, head)
 
     def to(self, device: torch.device) -> DenseWeights:
         if device.type == "cpu":

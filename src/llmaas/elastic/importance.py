@@ -23,7 +23,7 @@ class Importance:
 
 def taylor_importance(model: Transformer, batch: torch.Tensor) -> Importance:
     c = model.config
-    weights = DenseWeights.views(c, model.weights).trainable_layers()
+    weights = DenseWeights.expanded(c, model.weights).trainable_layers()
     loss = causal_lm_loss(model, weights, batch)
     loss.backward()
     heads, neurons = [], []

@@ -49,7 +49,7 @@ def skipped(model: Transformer, layers: set[int], *, attention: set[int] = froze
 
 @torch.no_grad()
 def measure_layer_scores(model: Transformer, batch: torch.Tensor, progress=None) -> LayerScores:
-    weights = DenseWeights.views(model.config, model.weights)
+    weights = DenseWeights.expanded(model.config, model.weights)
     n = model.config.n_layers
     bi, ai = [0.0] * n, [0.0] * n
 

@@ -69,7 +69,7 @@ class LevelTrainer:
                  checkpoint: Path) -> None:
         self.loaded, self.widths, self.split, self.config, self.checkpoint = loaded, widths, split, config, checkpoint
         device = torch.device(config.device)
-        self.weights = DenseWeights.views(loaded.config, loaded.model.weights).to(device)
+        self.weights = DenseWeights.expanded(loaded.config, loaded.model.weights).to(device)
         self.lora = ModelLora.init(loaded.config, widths, config.rank, config.alpha,
                                    torch.Generator().manual_seed(config.seed)).to(device)
         self.params = list(self.lora.tensors().values())

@@ -85,24 +85,29 @@ def _kernels() -> ModuleType | None:
 
 def _linear(f: GGUFFile, names: list[str], out_features: int, in_features: int,
             kernels: ModuleType | None) -> Linear:
-    """The named matrices stacked row-wise into one Linear, checked against the shape the metadata implies."""
+    """The named matrices stacked row-wise into one Linear, checked against the shape the metadata implies. Held as
+    blocks when every part has a block format and the kernels are there (the one resident copy), else dense fp32."""
     tensors = [f.tensor(n) for n in names]
-    parts = [read_blocks(t) for t in tensors]
-    dense = torch.cat([read_dense(t, b) for t, b in zip(tensors, parts, strict=True)])
-    _expect_shape(f, "+".join(names), dense, (out_features, in_features))
-    return Linear(dense, concat_blocks(parts), kernels)
+    raws = [f.read(t) for t in tensors]
+    parts = [read_blocks(t, raw) for t, raw in zip(tensors, raws, strict=True)]
+    blocks = concat_blocks(parts) if kernels is not None else None
+    lin = Linear(blocks if blocks is not None else torch.cat([read_dense(t, raw, b) for t, raw, b in zip(
+        tensors, raws, parts, strict=True)]), kernels)
+    _expect_shape(f, "+".join(names), (lin.out_features, lin.in_features), (out_features, in_features))
+    return lin
 
 
 def _vector(f: GGUFFile, name: str, size: int) -> torch.Tensor:
-    v = read_dense(f.tensor(name))
-    _expect_shape(f, name, v, (size,))
+    t = f.tensor(name)
+    v = read_dense(t, f.read(t))
+    _expect_shape(f, name, tuple(v.shape), (size,))
     return v
 
 
-def _expect_shape(f: GGUFFile, name: str, t: torch.Tensor, shape: tuple[int, ...]) -> None:
-    if tuple(t.shape) != shape:
+def _expect_shape(f: GGUFFile, name: str, got: tuple[int, ...], shape: tuple[int, ...]) -> None:
+    if got != shape:
         raise ModelFileError(
-            f"{f.path.name}: {name} has shape {tuple(t.shape)} but the metadata implies {shape}; the file is "
+            f"{f.path.name}: {name} has shape {got} but the metadata implies {shape}; the file is "
             "inconsistent or not a standard llama GGUF"
         )
 
@@ -121,12 +126,9 @@ def _read_weights(f: GGUFFile, c: ModelConfig, kernels: ModuleType | None) -> Mo
             down=_linear(f, [b + "ffn_down.weight"], c.d_model, c.ffn_dim, kernels),
         ))
     if c.tied_embeddings:
-        lm_head = _linear(f, ["token_embd.weight"], c.vocab_size, c.d_model, kernels)
-        embedding = lm_head.dense
+        lm_head = embedding = _linear(f, ["token_embd.weight"], c.vocab_size, c.d_model, kernels)
     else:
         lm_head = _linear(f, ["output.weight"], c.vocab_size, c.d_model, kernels)
-        embed = f.tensor("token_embd.weight")
-        embedding = read_dense(embed, read_blocks(embed))
-        _expect_shape(f, "token_embd.weight", embedding, (c.vocab_size, c.d_model))
+        embedding = _linear(f, ["token_embd.weight"], c.vocab_size, c.d_model, kernels)
     freq_factors = _vector(f, "rope_freqs.weight", c.head_dim // 2) if "rope_freqs.weight" in f.tensors else None
     return ModelWeights(embedding, tuple(layers), _vector(f, "output_norm.weight", c.d_model), lm_head, freq_factors)

@@ -43,10 +43,10 @@ class LayerWeights:
 
 @dataclass(frozen=True, eq=False)
 class ModelWeights:
-    embedding: torch.Tensor  # [vocab, d_model] fp32
+    embedding: Linear  # [vocab, d_model], looked up by row; the same object as lm_head when the model ties them
     layers: tuple[LayerWeights, ...]
     final_norm: torch.Tensor  # [d_model]
-    lm_head: Linear  # [vocab, d_model]; shares `embedding` as its dense copy when the model ties them
+    lm_head: Linear  # [vocab, d_model]
     rope_freq_factors: torch.Tensor | None
 
     @property
@@ -54,7 +54,7 @@ class ModelWeights:
         linears = [self.lm_head] + [lin for lw in self.layers for lin in (lw.qkv, lw.o, lw.gate_up, lw.down)]
         total = sum(lin.nbytes for lin in linears) + self.final_norm.nbytes
         total += sum(lw.attn_norm.nbytes + lw.ffn_norm.nbytes for lw in self.layers)
-        if self.embedding.data_ptr() != self.lm_head.dense.data_ptr():
+        if self.embedding is not self.lm_head:
             total += self.embedding.nbytes
         return total
 
@@ -117,7 +117,7 @@ class Transformer:
             raise InvalidRequestError(f"token_ids must be 1-D, got shape {tuple(token_ids.shape)}")
         if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= self.config.vocab_size):
             raise InvalidRequestError(f"token ids must lie in 0..{self.config.vocab_size - 1}")
-        return self.weights.embedding[token_ids]
+        return self.weights.embedding.lookup(token_ids)
 
     def run_layers(self, h: torch.Tensor, positions: torch.Tensor, kv: KVView, start: int = 0,
                    stop: int | None = None, *, widths: ModelWidths | None = None, lora: ModelLora | None = None,

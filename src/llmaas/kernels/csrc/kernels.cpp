@@ -277,6 +277,65 @@ void matmul_ranges(const RangeArgs& a, const W* qs, const S* scales, const S* mi
   });
 }
 
+// Expansion of blocks to fp32, for the GEMM path (prefill): w = scale * q (+ min),
+// multiplied and added as two roundings, exactly as weights.py's dequantize() does, so the values are the same bits.
+// The multiply and the add are kept apart on purpose: fused into one FMA they would round once and differ.
+inline __m256 mul_add_unfused(__m256 q, __m256 s, __m256 m) {
+  __m256 p = _mm256_mul_ps(q, s);
+  __asm__("" : "+x"(p));  // an opaque step between the two, so the compiler cannot contract them into an FMA
+  return _mm256_add_ps(p, m);
+}
+
+inline void expand_block(float* out, const uint8_t* q4, float scale, float min) {
+  const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(q4));
+  const __m128i low_mask = _mm_set1_epi8(0x0F);
+  const __m128i lo = _mm_and_si128(raw, low_mask), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low_mask);
+  const __m256 s = _mm256_set1_ps(scale), m = _mm256_set1_ps(min);
+  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
+  for (int i = 0; i < 4; ++i) {
+    const __m256 q = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i]));
+    _mm256_storeu_ps(out + 8 * i, mul_add_unfused(q, s, m));
+  }
+}
+
+inline void expand_block(float* out, const int8_t* q8, float scale, float) {
+  const __m256 s = _mm256_set1_ps(scale);
+  for (int i = 0; i < 4; ++i) {
+    const __m128i raw = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(q8 + 8 * i));
+    _mm256_storeu_ps(out + 8 * i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(raw)), s));
+  }
+}
+
+// out[i, :] = W[r0 + i, c0:c1] for i in [0, n), or, with `col_ids`, out[i, j] = W[r0 + i, col_ids[j]] for j in
+// [0, n_ids): a column order that splits blocks (reordered FFN neurons) read from the blocks in their stored order,
+// each row expanded whole into a small buffer and then gathered.
+template <typename W, typename S>
+void expand_rows(float* out, int64_t out_stride, int64_t r0, int64_t n, const W* qs, const S* scales, const S* mins,
+                 int64_t K, int64_t c0, int64_t c1, const int64_t* col_ids, int64_t n_ids) {
+  const int64_t row_bytes = K / kBlock * block_bytes(qs), KB = K / kBlock;
+  const int64_t b0 = col_ids != nullptr ? 0 : c0 / kBlock, b1 = col_ids != nullptr ? KB : c1 / kBlock;
+  at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> whole(col_ids != nullptr ? K : 0);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r = r0 + i;
+      float* o = col_ids != nullptr ? whole.data() : out + i * out_stride;
+      for (int64_t b = b0; b < b1; ++b) {
+        expand_block(o + (b - b0) * kBlock, qs + r * row_bytes + b * block_bytes(qs), load_scale(scales + r * KB + b),
+                     mins != nullptr ? load_scale(mins + r * KB + b) : 0.0f);
+      }
+      if (col_ids != nullptr) {
+        float* dst = out + i * out_stride;
+        for (int64_t j = 0; j < n_ids; ++j) dst[j] = o[col_ids[j]];
+      }
+    }
+  });
+}
+
+void check_columns(int64_t K, int64_t c0, int64_t c1) {
+  check(0 <= c0 && c0 < c1 && c1 <= K && c0 % kBlock == 0 && c1 % kBlock == 0,
+        "columns must be a non-empty range of whole 32-column blocks");
+}
+
 }  // namespace
 
 // y[M, r1-r0] (+)= x[M, c1-c0] @ W[r0:r1, c0:c1]^T, W stored as Q4 blocks: w = d * q + m, q in 0..15.
@@ -732,6 +791,56 @@ void decode_kv_chunks(const std::vector<at::Tensor>& payloads, const std::vector
   });
 }
 
+// Optional column ids of an expansion (an empty tensor: none), checked against the matrix width K.
+const int64_t* column_ids(const at::Tensor& ids, int64_t K) {
+  if (ids.numel() == 0) return nullptr;
+  check(ids.scalar_type() == at::kLong && ids.dim() == 1 && ids.is_contiguous(), "column ids must be int64 [n]");
+  const int64_t* p = ids.data_ptr<int64_t>();
+  for (int64_t j = 0; j < ids.numel(); ++j) check(0 <= p[j] && p[j] < K, "column id out of bounds");
+  return p;
+}
+
+void check_expand_out(const at::Tensor& out, int64_t rows, int64_t cols) {
+  check(out.scalar_type() == at::kFloat && out.dim() == 2 && out.stride(1) == 1, "out must be fp32 [rows, cols]");
+  check(out.size(0) == rows && out.size(1) == cols, "out has the wrong shape for the rows and columns asked");
+}
+
+// out = W[r0:r1, c0:c1] (or W[r0:r1, col_ids] when col_ids is not empty) as fp32, W as Q4 blocks (see q4_matmul);
+// bit-identical to Q4Blocks.dequantize. c0 and c1 lie on 32-column blocks.
+void q4_expand(at::Tensor out, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& mn, int64_t r0, int64_t r1,
+               int64_t c0, int64_t c1, const at::Tensor& col_ids) {
+  check(qs.scalar_type() == at::kByte && qs.is_contiguous(), "qs must be contiguous uint8");
+  check(d.scalar_type() == mn.scalar_type() && d.is_contiguous() && mn.is_contiguous(),
+        "scales and mins must be contiguous and of one dtype");
+  const int64_t K = qs.size(1) * 2;
+  check(0 <= r0 && r0 <= r1 && r1 <= qs.size(0), "rows out of bounds");
+  const int64_t* ids = column_ids(col_ids, K);
+  if (ids == nullptr) check_columns(K, c0, c1);
+  check_expand_out(out, r1 - r0, ids != nullptr ? col_ids.numel() : c1 - c0);
+  if (d.scalar_type() == at::kHalf) {
+    expand_rows(out.data_ptr<float>(), out.stride(0), r0, r1 - r0, qs.data_ptr<uint8_t>(), d.data_ptr<at::Half>(),
+                mn.data_ptr<at::Half>(), K, c0, c1, ids, col_ids.numel());
+  } else {
+    check(d.scalar_type() == at::kFloat, "scales must be float16 or float32");
+    expand_rows(out.data_ptr<float>(), out.stride(0), r0, r1 - r0, qs.data_ptr<uint8_t>(), d.data_ptr<float>(),
+                mn.data_ptr<float>(), K, c0, c1, ids, col_ids.numel());
+  }
+}
+
+// As q4_expand, for Q8 blocks (see q8_matmul).
+void q8_expand(at::Tensor out, const at::Tensor& qs, const at::Tensor& d, int64_t r0, int64_t r1, int64_t c0,
+               int64_t c1, const at::Tensor& col_ids) {
+  check(qs.scalar_type() == at::kChar && qs.is_contiguous(), "qs must be contiguous int8");
+  check(d.scalar_type() == at::kHalf && d.is_contiguous(), "scales must be contiguous float16");
+  const int64_t K = qs.size(1);
+  check(0 <= r0 && r0 <= r1 && r1 <= qs.size(0), "rows out of bounds");
+  const int64_t* ids = column_ids(col_ids, K);
+  if (ids == nullptr) check_columns(K, c0, c1);
+  check_expand_out(out, r1 - r0, ids != nullptr ? col_ids.numel() : c1 - c0);
+  expand_rows<int8_t, at::Half>(out.data_ptr<float>(), out.stride(0), r0, r1 - r0, qs.data_ptr<int8_t>(),
+                                d.data_ptr<at::Half>(), nullptr, K, c0, c1, ids, col_ids.numel());
+}
+
 // The GIL is released while a kernel runs (as PyTorch's own ops do): the service's HTTP thread keeps serving while
 // the compute thread multiplies. Kernels touch only tensor memory, never Python objects.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -740,6 +849,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_matmul", &q8_matmul, release());
   m.def("q4_matmul_ranges", &q4_matmul_ranges, release());
   m.def("q8_matmul_ranges", &q8_matmul_ranges, release());
+  m.def("q4_expand", &q4_expand, release());
+  m.def("q8_expand", &q8_expand, release());
   m.def("lora_add", &lora_add, release());
   m.def("rms_norm", &rms_norm, release());
   m.def("rope_", &rope_, release());
