@@ -25,7 +25,7 @@ from llmaas.elastic.model import ElasticModel
 from llmaas.elastic.model_levels import MODEL_LEVELS, kept_counts, level_widths, parse_model_level
 from llmaas.elastic.reorder import layer_order, reorder_
 from llmaas.errors import InvalidRequestError
-from llmaas.model.linear import Linear
+from llmaas.model.linear import FP32, Linear
 from llmaas.model.loader import load_model
 from llmaas.model.lora import ModelLora
 from llmaas.model.transformer import LayerWeights, ModelWeights, Transformer
@@ -51,7 +51,7 @@ def _orders(loaded, batch):
 
 
 def test_reordered_full_model_gives_the_original_logits(tiny_path, kernels):
-    original, reordered = load_model(tiny_path), load_model(tiny_path)
+    original, reordered = load_model(tiny_path, gemm=FP32), load_model(tiny_path, gemm=FP32)
     orders = _orders(original, torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0)))
     assert any(not torch.equal(o.neurons, torch.arange(o.neurons.numel())) for o in orders.values())
     reorder_(reordered.config, reordered.model.weights, orders)

@@ -37,6 +37,7 @@ from llmaas.elastic.runtime import ElasticRuntime
 from llmaas.elastic.slo import ALL_CONFIGS, Config, SloRequest
 from llmaas.engine.worker import EngineConfig
 from llmaas.errors import SloUnreachableError
+from llmaas.model.linear import BF16
 from llmaas.model.loader import load_model
 from llmaas.paths import DataDir, tiny_lm_dir
 from llmaas.service.server import ServeOptions, Service
@@ -109,7 +110,9 @@ def test_full_level_on_the_full_prompt_answers_as_the_original_model(runtime):
     original = load_model()
     reordered = runtime.score(CONTEXT, QUESTION, CHOICES, 10)
     plain = score_choices(original.model, original.tokenizer, CONTEXT, QUESTION, CHOICES, None, None)
-    assert max(abs(a - b) for a, b in zip(reordered, plain, strict=True)) < 1e-3
+    # bf16 prefill: the reordered down sums its rounded products in another order (measured 7e-3)
+    tol = 3e-2 if original.gemm == BF16 else 1e-3
+    assert max(abs(a - b) for a, b in zip(reordered, plain, strict=True)) < tol
     assert len(runtime.score("", QUESTION, CHOICES, 2)) == 4  # a context compressed to nothing still scores
     out = runtime.choose(CONTEXT, QUESTION, CHOICES, LOOSE)
     assert 0 <= out.choice < 4 and len(out.scores) == 4 and out.ttft_s >= out.plan.tlm_s > 0

@@ -8,13 +8,24 @@ import pytest
 import torch
 
 from conftest import fp32_cache
+from llmaas.model.linear import BF16
 from llmaas.model.widths import LayerWidths, ModelWidths
 
 PROMPT = ("The quick brown fox jumps over the lazy dog. In 1905, Albert Einstein published four papers that changed "
           "physics: on the photoelectric effect, Brownian motion, special relativity and mass-energy equivalence.")
 # Logit tolerances, about 10x / 3x what was measured on the reference prompt: dense path only (fp32 GEMM in another
-# blocking order) max 9e-5; kernel path (activations rounded to 16 bits per 32-value block) max 1.0e-2.
-DENSE_ATOL, KERNEL_ATOL = 1e-3, 3e-2
+# blocking order) max 9e-5; kernel path (activations rounded to 16 bits per 32-value block) max 1.0e-2; the bf16
+# prefill path (activations and weights rounded to 8-bit mantissas, logits of magnitude ~15) max 0.40 against either.
+# The bf16 path's quality is held by perplexity instead (test_reference: within 0.1% of the fp32 reference).
+DENSE_ATOL, KERNEL_ATOL, BF16_ATOL = 1e-3, 3e-2, 1.2
+MODELS = ["smollm_fp32", "smollm"]  # the exact prefill path, and the product's (bf16 where the CPU has it)
+
+
+def atol(loaded, kernel_rows: bool) -> float:
+    """The tolerance for comparing rows computed on the GEMM path with rows computed on it or (kernel_rows) by the
+    small-batch kernels."""
+    gemm = BF16_ATOL if loaded.gemm == BF16 else DENSE_ATOL
+    return max(gemm, KERNEL_ATOL) if kernel_rows else gemm
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +38,8 @@ def one_shot(loaded, ids):
     return loaded.model.forward(ids, torch.arange(ids.numel()), cache.append(ids.numel())), cache
 
 
-@pytest.mark.parametrize("which,atol", [("smollm_dense", DENSE_ATOL), ("smollm", KERNEL_ATOL)])
-def test_incremental_decode_equals_one_shot(which, atol, ids, request):
+@pytest.mark.parametrize("which", ["smollm_dense", *MODELS])
+def test_incremental_decode_equals_one_shot(which, ids, request):
     loaded = request.getfixturevalue(which)
     full, _ = one_shot(loaded, ids)
     cache = fp32_cache(loaded)
@@ -37,38 +48,42 @@ def test_incremental_decode_equals_one_shot(which, atol, ids, request):
         steps.append(loaded.model.forward(ids[pos:pos + 1], torch.tensor([pos]), cache.append(1)))
     incremental = torch.cat(steps)
     assert torch.equal(incremental.argmax(-1), full.argmax(-1))
-    assert (incremental - full).abs().max().item() < atol
+    assert (incremental - full).abs().max().item() < (DENSE_ATOL if which == "smollm_dense" else atol(loaded, True))
 
 
+@pytest.mark.parametrize("which", MODELS)
 @pytest.mark.parametrize("chunk", [5, 16])
-def test_chunked_prefill_equals_one_shot(smollm, ids, chunk):
+def test_chunked_prefill_equals_one_shot(which, ids, chunk, request):
+    smollm = request.getfixturevalue(which)
     full, full_cache = one_shot(smollm, ids)
     cache = fp32_cache(smollm)
     parts = []
     for start in range(0, ids.numel(), chunk):
         part = ids[start:start + chunk]
         parts.append(smollm.model.forward(part, torch.arange(start, start + part.numel()), cache.append(part.numel())))
-    atol = KERNEL_ATOL if chunk <= 8 else DENSE_ATOL
-    assert (torch.cat(parts) - full).abs().max().item() < atol
+    tol = atol(smollm, chunk <= 8)
+    assert (torch.cat(parts) - full).abs().max().item() < tol
     n = ids.numel()
     for layer in (0, 29):
-        assert (cache.kv[layer][:, :, :n] - full_cache.kv[layer][:, :, :n]).abs().max().item() < atol
+        assert (cache.kv[layer][:, :, :n] - full_cache.kv[layer][:, :, :n]).abs().max().item() < tol
 
 
+@pytest.mark.parametrize("which", MODELS)
 @pytest.mark.parametrize("missing", [[3, 4, 10, 11], list(range(8, 16)) + list(range(24, 32)) + [40]])
-def test_recompute_of_non_contiguous_tokens_reproduces_kv_and_logits(smollm, ids, missing):
+def test_recompute_of_non_contiguous_tokens_reproduces_kv_and_logits(which, ids, missing, request):
     """Tokens cut out of a cached context (with later tokens still present) are recomputed at their true positions
     against the rest of the KV and come back with the same K/V and logits (paper Fig. 7)."""
+    smollm = request.getfixturevalue(which)
     full, cache = one_shot(smollm, ids)
     slots = torch.tensor(missing)
     for layer in range(smollm.config.n_layers):
         cache.kv[layer][:, :, slots] = 0.0
     _, reference_cache = one_shot(smollm, ids)
     logits = smollm.model.forward(ids[slots], slots, cache.rewrite(slots))
-    atol = KERNEL_ATOL if len(missing) <= 8 else DENSE_ATOL
-    assert (logits - full[slots]).abs().max().item() < atol
+    tol = atol(smollm, len(missing) <= 8)
+    assert (logits - full[slots]).abs().max().item() < tol
     for layer in range(smollm.config.n_layers):  # keys and values
-        assert (cache.kv[layer][:, :, slots] - reference_cache.kv[layer][:, :, slots]).abs().max().item() < atol
+        assert (cache.kv[layer][:, :, slots] - reference_cache.kv[layer][:, :, slots]).abs().max().item() < tol
 
 
 @pytest.mark.parametrize("rows", [3, 20])

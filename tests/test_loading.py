@@ -8,9 +8,10 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as QType
 
-from conftest import fp32_cache
-from llmaas.errors import ModelFileError, UnsupportedModelError
+from conftest import fp32_cache, has_bf16
+from llmaas.errors import InvalidRequestError, ModelFileError, UnsupportedModelError
 from llmaas.model.gguf_file import GGUFFile
+from llmaas.model.linear import BF16, FP32
 from llmaas.model.loader import load_model
 from llmaas.model.weights import Q4Blocks, Q8Blocks
 from llmaas.paths import default_model_path
@@ -23,7 +24,7 @@ TYPES = {QType.F32: None, QType.F16: None, QType.BF16: None, QType.Q4_0: Q4Block
 @pytest.mark.parametrize("qtype", list(TYPES), ids=lambda q: q.name)
 def test_every_weight_type_loads_and_both_paths_agree(tmp_path, kernels, qtype):
     path = write_tiny_llama(tmp_path / "m.gguf", qtype)
-    fast, dense = load_model(path), load_model(path, use_kernels=False)
+    fast, dense = load_model(path, gemm=FP32), load_model(path, use_kernels=False)
     q_weight = gguf.GGUFReader(path).tensors
     expected = next(t for t in q_weight if t.name == "blk.0.attn_q.weight")
     assert torch.equal(dense.model.weights.layers[0].qkv.dense[:256],
@@ -31,13 +32,41 @@ def test_every_weight_type_loads_and_both_paths_agree(tmp_path, kernels, qtype):
     qkv = fast.model.weights.layers[0].qkv
     assert (type(qkv.blocks) if qkv.blocks is not None else None) is TYPES[qtype]
     assert (qkv.dense is None) == (qkv.blocks is not None)  # one resident copy of each matrix
-    # GEMM path: the blocks expanded tile by tile give the dense copy's exact values, so the logits are the same bits
-    rows = torch.tensor([5, 6, 7, 200, 100, 1, 2, 3, 4, 9])
-    a, b = (m.model.forward(rows, torch.arange(10), fp32_cache(m, 16).append(10)) for m in (fast, dense))
-    assert torch.equal(a, b)
-    rows = rows[:2]  # kernel path: activations rounded to 16 bits per block
-    a, b = (m.model.forward(rows, torch.arange(2), fp32_cache(m, 16).append(2)) for m in (fast, dense))
-    assert (a - b).abs().max().item() <= 1e-3 * (b.abs().max().item() + 1)
+
+    def logits(m, n: int) -> torch.Tensor:
+        rows = torch.tensor([5, 6, 7, 200, 100, 1, 2, 3, 4, 9])[:n]
+        return m.model.forward(rows, torch.arange(n), fp32_cache(m, 16).append(n))
+
+    # fp32 GEMM path: the blocks expanded tile by tile give the dense copy's exact values, so the logits are the same
+    # bits; kernel path (2 rows): activations rounded to 16 bits per block
+    assert torch.equal(logits(fast, 10), logits(dense, 10))
+    b = logits(dense, 2)
+    assert (logits(fast, 2) - b).abs().max().item() <= 1e-3 * (b.abs().max().item() + 1)
+
+
+@pytest.mark.skipif(not has_bf16(), reason="this CPU has no AVX-512 BF16 (the bf16 GEMM path is not offered here)")
+@pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q8_0, QType.Q4_K], ids=lambda q: q.name)
+def test_bf16_gemm_path_agrees_with_fp32_within_bf16_rounding(tmp_path, qtype):
+    path = write_tiny_llama(tmp_path / "m.gguf", qtype)
+    fast, exact = load_model(path, gemm=BF16), load_model(path, gemm=FP32)
+    assert (fast.gemm, exact.gemm) == (BF16, FP32)
+    rows = torch.tensor([5, 6, 7, 200, 100, 1, 2, 3, 4, 9, 11, 250])
+    a, b = (m.model.forward(rows, torch.arange(12), fp32_cache(m, 16).append(12)) for m in (fast, exact))
+    # activations and weights rounded to 8-bit mantissas (relative 2^-9), sums in fp32
+    assert (a - b).abs().max().item() <= 2e-2 * b.abs().max().item()
+    # each row is computed alone: a prefix of the batch gives the same bits (chunked == one-shot on this path)
+    c = fast.model.forward(rows[:9], torch.arange(9), fp32_cache(fast, 16).append(9))
+    assert torch.equal(c, a[:9])
+
+
+def test_the_bf16_path_is_refused_where_the_cpu_lacks_it_and_auto_picks_by_cpu(tmp_path):
+    path = write_tiny_llama(tmp_path / "m.gguf", QType.Q4_1)
+    assert load_model(path).gemm == (BF16 if has_bf16() else FP32)
+    assert load_model(path, use_kernels=False).gemm == FP32
+    with pytest.raises(InvalidRequestError, match="bf16 GEMM path needs"):
+        load_model(path, use_kernels=False, gemm=BF16)
+    with pytest.raises(InvalidRequestError, match="gemm must be one of"):
+        load_model(path, gemm="int8")
 
 
 def test_default_model_is_found_inside_its_package():

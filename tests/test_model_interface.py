@@ -7,7 +7,7 @@ import torch
 from gguf import GGMLQuantizationType as QType
 
 from conftest import fp32_cache
-from llmaas.model.linear import Linear
+from llmaas.model.linear import FP32, Linear
 from llmaas.model.loader import load_model
 from llmaas.model.stats import AttentionStats
 from llmaas.model.transformer import LayerWeights, ModelWeights, Transformer
@@ -35,7 +35,8 @@ def _check_stats(stats: AttentionStats, positions: torch.Tensor, key_positions: 
     assert torch.equal(stats.row_count, visible * heads)
 
 
-def test_attention_stats_on_both_paths(smollm, smollm_dense):
+def test_attention_stats_on_both_paths(smollm_fp32, smollm_dense):
+    smollm = smollm_fp32
     ids = torch.tensor(smollm.tokenizer.encode(TEXT))
     n, c = ids.numel(), smollm.config
     per_model = []
@@ -80,7 +81,7 @@ def _masked_weights(weights: ModelWeights, widths: ModelWidths, group: int, head
 
 
 def test_sliced_widths_equal_a_masked_copy(tmp_path, kernels):
-    loaded = load_model(write_tiny_llama(tmp_path / "tiny.gguf", QType.Q4_1))
+    loaded = load_model(write_tiny_llama(tmp_path / "tiny.gguf", QType.Q4_1), gemm=FP32)
     c = loaded.config
     widths = ModelWidths((LayerWidths((1, 2), 200), LayerWidths((0, 1), 37)))
     masked = Transformer(c, _masked_weights(loaded.model.weights, widths, c.heads_per_group, c.head_dim), None)

@@ -21,7 +21,7 @@ def test_reference_is_for_this_model_file(smollm, reference):
     assert digest == reference["model_sha256"], "the bundled model changed: rerun scripts/make_reference.py"
 
 
-@pytest.mark.parametrize("which", ["smollm", "smollm_dense"])
+@pytest.mark.parametrize("which", ["smollm_fp32", "smollm_dense"])
 def test_logits_match_reference(which, reference, request):
     loaded = request.getfixturevalue(which)
     ids = torch.tensor(reference["prompt_ids"])
@@ -50,8 +50,11 @@ def test_decode_path_logits_match_reference(smollm, reference):
         assert torch.allclose(ours[row["top_ids"]], torch.tensor(row["top_logits"]).double(), atol=0.03)
 
 
-def test_perplexity_within_one_percent_of_reference(smollm, reference):
-    """WikiText-2 (../shared/data), first 2048 tokens in four 512-token windows, against HF on the same windows."""
+@pytest.mark.parametrize("which", ["smollm_fp32", "smollm"])
+def test_perplexity_within_a_tenth_of_a_percent_of_reference(which, reference, request):
+    """WikiText-2 (../shared/data), first 2048 tokens in four 512-token windows, against HF on the same windows, on the
+    exact prefill path and on the product's (bf16 where the CPU has AVX-512 BF16: measured +0.05% here)."""
+    smollm = request.getfixturevalue(which)
     ppl_ref = reference["ppl"]
     text = (SHARED_DATA / "wikitext2" / "test.raw.txt").read_text(encoding="utf-8")[:40000]
     ids = torch.tensor(smollm.tokenizer.encode(text)[:len(ppl_ref["token_ids"])])
@@ -65,4 +68,4 @@ def test_perplexity_within_one_percent_of_reference(smollm, reference):
         nll += torch.nn.functional.cross_entropy(logits[:-1].double(), chunk[1:], reduction="sum").item()
         count += chunk.numel() - 1
     ppl = math.exp(nll / count)
-    assert abs(ppl / ppl_ref["value"] - 1) < 0.01, f"perplexity {ppl:.4f} vs reference {ppl_ref['value']:.4f}"
+    assert abs(ppl / ppl_ref["value"] - 1) < 0.001, f"perplexity {ppl:.4f} vs reference {ppl_ref['value']:.4f}"

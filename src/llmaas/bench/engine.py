@@ -39,11 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run_worker(engine: str, args: argparse.Namespace, model: Path, ids_file: Path) -> dict:
+def run_worker(engine: str, args: argparse.Namespace, model: Path, ids_file: Path, gemm: str = "auto") -> dict:
     cmd = [sys.executable, "-m", "llmaas.bench.engine_worker", engine, "--model", str(model), "--ids", str(ids_file),
            "--threads", str(args.threads), "--repeats", str(args.repeats), "--decode-tokens",
-           str(args.decode_tokens)]
-    print(f"measuring {engine} ...", file=sys.stderr, flush=True)
+           str(args.decode_tokens), "--gemm", gemm]
+    print(f"measuring {engine}{f' (gemm {gemm})' if gemm != 'auto' else ''} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its progress lines go straight to our stderr
     if out.returncode != 0:
@@ -63,7 +63,7 @@ def ratios(ours: dict, peer: dict) -> dict:
 
 
 def table(result: dict) -> str:
-    engines = {"ours": result["ours"], **result["peers"]}
+    engines = {f"ours ({result['ours']['gemm']})": result["ours"], **result["paths"], **result["peers"]}
     cols = ["prefill@128", "prefill@512", "prefill@2048", "decode@512", "decode@2048", "load s", "peak RSS MB"]
     lines = [f"{'engine':<14}" + "".join(f"{c:>14}" for c in cols)]
     for name, r in engines.items():
@@ -76,7 +76,8 @@ def table(result: dict) -> str:
                                                                              ("512", "2048")]
         cells += [rr["load_s"], rr["peak_rss_mb"]]
         lines.append(f"{'x vs ' + name:<14}" + "".join(f"{c:>14.2f}" for c in cells))
-    lines.append("(tok/s; ratios are ours/peer for speed and peer/ours for load time and RSS: above 1 = ours better)")
+    lines.append("(tok/s; ratios are ours/peer for speed and peer/ours for load time and RSS: above 1 = ours better; "
+                 "ours = the prefill path this CPU picks, the other rows force one)")
     return "\n".join(lines)
 
 
@@ -84,7 +85,7 @@ def plot(result: dict, path: Path) -> bool:
     plt = pyplot()
     if plt is None:
         return False
-    engines = {"ours": result["ours"], **result["peers"]}
+    engines = {f"ours ({result['ours']['gemm']})": result["ours"], **result["paths"], **result["peers"]}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, key, sizes, title in ((axes[0], "prefill_tok_s", ("128", "512", "2048"), "prefill (tokens)"),
                                   (axes[1], "decode_tok_s", ("512", "2048"), "decode (context tokens)")):
@@ -111,12 +112,14 @@ def main(argv: list[str]) -> int:
     result: dict = {"config": {"model": config.name, "model_path": str(gguf_file.path), "threads": args.threads,
                                "repeats": args.repeats, "decode_tokens": args.decode_tokens,
                                "text": str(args.text)},
-                    "machine": machine(), "peers": {}, "ratios": {}, "missing_peers": {}}
+                    "machine": machine(), "peers": {}, "ratios": {}, "missing_peers": {}, "paths": {}}
     with tempfile.TemporaryDirectory() as tmp:
         ids_file = Path(tmp) / "ids.json"
         ids_file.write_text(json.dumps(ids[:2048 + args.decode_tokens]))
         model = Path(result["config"]["model_path"])
         result["ours"] = run_worker("ours", args, model, ids_file)
+        if result["ours"]["gemm"] != "fp32":  # the exact path too, side by side: what the CPU's choice gains
+            result["paths"]["ours (fp32)"] = run_worker("ours", args, model, ids_file, "fp32")
         for peer in args.peer:
             module, key = PEERS[peer]
             if importlib.util.find_spec(module) is None:

@@ -28,7 +28,7 @@ class EngineAdapter(Protocol):
 class OursAdapter:
     name = "ours"
 
-    def __init__(self, model_path: Path, threads: int, *, stats: bool = False) -> None:
+    def __init__(self, model_path: Path, threads: int, *, stats: bool = False, gemm: str = "auto") -> None:
         import torch
 
         from llmaas.engine.generate import Generator
@@ -36,7 +36,7 @@ class OursAdapter:
 
         torch.set_num_threads(threads)
         self._torch = torch
-        self.loaded = load_model(model_path)
+        self.loaded = load_model(model_path, gemm=gemm)
         self._generator = Generator(self.loaded.model, self.loaded.tokenizer)
         self.stats = stats
 

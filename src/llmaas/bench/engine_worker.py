@@ -56,13 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decode", type=int, nargs="+", default=[512, 2048])
     p.add_argument("--decode-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--gemm", default="auto", help="ours: the prefill matmul path (auto, fp32, bf16)")
     args = p.parse_args(argv)
     ids = json.loads(args.ids.read_text())
     from llmaas.bench import engine_adapters as ea
 
     t0 = time.perf_counter()
     if args.engine == "ours":
-        adapter = ea.OursAdapter(args.model, args.threads)
+        adapter = ea.OursAdapter(args.model, args.threads, gemm=args.gemm)
     elif args.engine == "llama_cpp":
         adapter = ea.LlamaCppAdapter(args.model, args.threads, n_ctx=max(args.decode + args.prefill) +
                                      args.decode_tokens)
@@ -72,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"load_s": load_s, **measure(adapter, ids, args.prefill, args.decode, args.decode_tokens,
                                           args.repeats)}
     if args.engine == "ours":
+        result["gemm"] = adapter.loaded.gemm
         # the same prefill and decode with attention statistics on: explicit softmax instead of fused attention
         adapter.stats = True
         with_stats = measure(adapter, ids, [512], [512], args.decode_tokens, args.repeats, "with statistics: ")

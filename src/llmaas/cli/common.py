@@ -1,10 +1,11 @@
-"""Options every model-using subcommand shares (--model, --threads, --no-kernels) and applying them."""
+"""Options every model-using subcommand shares (--model, --threads, --no-kernels, --gemm) and applying them."""
 
 from __future__ import annotations
 
 import argparse
 
-from llmaas.model.loader import LoadedModel, load_model
+from llmaas.model.linear import GEMM_PATHS
+from llmaas.model.loader import AUTO, LoadedModel, load_model
 
 
 def add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -14,6 +15,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
                         help="CPU threads for compute (default: PyTorch's choice, one per core)")
     parser.add_argument("--no-kernels", action="store_true",
                         help="use only the dense PyTorch path (no native kernels; slower decode)")
+    parser.add_argument("--gemm", choices=(AUTO, *GEMM_PATHS), default=AUTO,
+                        help="prefill matmul path: bf16 (CPUs with AVX-512 BF16, ~2x faster, perplexity +0.05%%), "
+                             "fp32 (exact), or auto: the fastest this CPU has (default; `llmaas info` shows it)")
 
 
 def positive_int(text: str) -> int:
@@ -28,4 +32,4 @@ def positive_int(text: str) -> int:
 
 
 def load_from_args(args: argparse.Namespace) -> LoadedModel:
-    return load_model(args.model, use_kernels=not args.no_kernels, threads=args.threads)
+    return load_model(args.model, use_kernels=not args.no_kernels, threads=args.threads, gemm=args.gemm)

@@ -10,6 +10,7 @@ import argparse
 import json
 
 from llmaas.cli.common import add_model_options, load_from_args
+from llmaas.kernels import cpu_features
 from llmaas.kv.spec import BITS_PER_VALUE, KVSpec
 from llmaas.model.loader import LoadedModel
 from llmaas.service.server import model_id
@@ -30,6 +31,9 @@ def describe(loaded: LoadedModel) -> dict:
                    "total": per_layer * c.n_layers + embedding + head + c.d_model},
         "weights": {"gguf_tensor_types": loaded.tensor_types, "resident_bytes": w.nbytes,
                     "native_kernels": loaded.model.kernels is not None},
+        "paths": {"prefill_gemm": loaded.gemm,
+                  "decode": "block kernels (AVX2)" if loaded.model.kernels is not None else "dense fp32 (PyTorch)",
+                  "cpu_features": cpu_features()},
         "kv_bytes_per_token": {p: spec.bytes_per_token(p) for p in BITS_PER_VALUE},
         "kv_bytes_full_context_fp16": spec.bytes_per_token("fp16") * c.context_length,
         "special_tokens": {"bos": loaded.tokenizer.special.bos_id, "eos": loaded.tokenizer.special.eos_id,
@@ -60,7 +64,11 @@ def main(argv: list[str]) -> int:
           f"{params['embedding'] / 1e6:.1f} M embedding)")
     w = info["weights"]
     print(f"  GGUF tensor types: {w['gguf_tensor_types']}; resident weights {w['resident_bytes'] / 2**20:.0f} MiB "
-          f"(dense fp32 + block copies); native kernels: {'yes' if w['native_kernels'] else 'no'}")
+          f"(one copy: 4/8-bit blocks where the type allows, else fp32); native kernels: "
+          f"{'yes' if w['native_kernels'] else 'no'}")
+    paths = info["paths"]
+    have = ", ".join(f for f, on in paths["cpu_features"].items() if on) or "none of the named ones"
+    print(f"  paths: prefill GEMM {paths['prefill_gemm']} (--gemm), decode {paths['decode']}; CPU has {have}")
     kv = ", ".join(f"{p} {b:,} B" for p, b in info["kv_bytes_per_token"].items())
     print(f"  KV bytes per token (payload): {kv}")
     print(f"  KV for a full {c['context_length']}-token context at fp16: "

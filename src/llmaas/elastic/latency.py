@@ -110,6 +110,7 @@ def profile_levels(elastic: ElasticModel, config: LatencyConfig | None = None, l
     median_ttft = statistics.median(t for r in rows.values() for t in r["ttft_s"].values())
     return {"levels": rows, "tlm_s": tlm, "switch_s": switch, "switch_fraction_of_median_ttft": switch / median_ttft,
             "protocol": {"runs": config.runs, "decode_prompt_tokens": DECODE_PROMPT_TOKENS,
+                         "gemm": elastic.loaded.gemm,
                          "decode_steps": config.decode_steps, "kv": "fp16", "threads": torch.get_num_threads()}}
 
 
@@ -158,11 +159,18 @@ class LatencyTable:
                              "again with `llmaas elastic profile`")
 
     @classmethod
-    def load(cls, directory: Path) -> LatencyTable:
+    def load(cls, directory: Path, gemm: str | None = None) -> LatencyTable:
+        """The table in `directory`; with `gemm`, refused (ValueError) when it was measured on another prefill path
+        (tables from before the path was recorded were measured on fp32)."""
         path = directory / "latency.json"
         if not path.exists():
             raise FileNotFoundError(f"{path} is missing: run `llmaas elastic profile`")
-        return cls(json.loads(path.read_text()))
+        record = json.loads(path.read_text())
+        measured = record.get("protocol", {}).get("gemm", "fp32")
+        if gemm is not None and measured != gemm:
+            raise ValueError(f"{path} was measured on the {measured} prefill path and the model now runs {gemm}: "
+                             "measure it again with `llmaas elastic profile`")
+        return cls(record)
 
     def ttft_s(self, m: int, tokens: int) -> float:
         return _interpolate(self._lengths, self._ttft[m], tokens)

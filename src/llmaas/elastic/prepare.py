@@ -63,7 +63,8 @@ def prepare(recipe: PrepareRecipe, model_path: str | None = None, directory: Pat
     steps: dict[str, tuple[Callable[[], bool], Callable[[], None]]] = {
         "artifact": (lambda: (directory / ARTIFACT_FILE).exists(), lambda: _artifact(probe, directory, log)),
         "lora": (lambda: _lora_done(directory, recipe), lambda: _lora(load(), directory, recipe, log)),
-        "profile": (lambda: _profiled(directory), lambda: _profile(model_path, directory, threads, use_kernels)),
+        "profile": (lambda: _profiled(directory, probe.gemm),
+                    lambda: _profile(model_path, directory, threads, use_kernels)),
         "score_head": (lambda: heads_record(default_heads_path(directory)) is not None,
                        lambda: _score_head(load(), directory, recipe, log)),
         "decision_head": (lambda: _decided(directory, recipe), lambda: _decision_head(load(), directory, recipe, log)),
@@ -106,9 +107,9 @@ def _lora(loaded: LoadedModel, directory: Path, recipe: PrepareRecipe, log: Call
                           directory)
 
 
-def _profiled(directory: Path) -> bool:
+def _profiled(directory: Path, gemm: str) -> bool:
     try:
-        LatencyTable.load(directory)
+        LatencyTable.load(directory, gemm)
     except (FileNotFoundError, ValueError):
         return False
     return True

@@ -100,26 +100,27 @@ class ElasticRuntime:
         self._generators: dict[int, Generator] = {}
 
     @staticmethod
-    def missing(directory: Path, require_decision: bool = True) -> list[str]:
+    def missing(directory: Path, require_decision: bool = True, gemm: str | None = None) -> list[str]:
         """The artifacts a runtime needs that are not built yet (empty when it can open). LoRA adapters are not
         among them: a level without one runs unrecovered (the service warns). Without require_decision an untrained
-        decision branch is accepted (what labelling it needs)."""
+        decision branch is accepted (what labelling it needs). With `gemm`, a latency table measured on another prefill
+        path counts as missing."""
         from llmaas.elastic.artifact import ARTIFACT_FILE
         out = [] if (directory / ARTIFACT_FILE).exists() else ["the reordering artifact"]
         record = heads_record(default_heads_path(directory))
         out += ["the tiny LM's heads"] if record is None else \
             ["the tiny LM's decision head"] if require_decision and record.get("decision_branch") == "untrained" else []
         try:
-            LatencyTable.load(directory)
+            LatencyTable.load(directory, gemm)
         except (FileNotFoundError, ValueError):
-            out.append("the latency table")
+            out.append(f"the latency table{f' measured on the {gemm} prefill path' if gemm else ''}")
         return out
 
     @classmethod
     def open(cls, loaded: LoadedModel, directory: Path, require_decision: bool = True) -> ElasticRuntime:
         """The runtime over the service's own resident model: it is reordered in place once (the full level stays
         the same function, ELASTIC.md), so one copy of the weights serves every level."""
-        missing = cls.missing(directory, require_decision)
+        missing = cls.missing(directory, require_decision, loaded.gemm)
         if missing:
             raise ElasticUnavailableError(f"elastic requests need {', '.join(missing)} (in {directory}); build them "
                                           f"all with `{PREPARE}`")
@@ -136,7 +137,8 @@ class ElasticRuntime:
         tlm = DualHeadTLM(BertEncoder.load(folder))
         load_heads(tlm, default_heads_path(directory), encoder_fingerprint(folder))
         tok = DualHeadTokenizer(folder / "tokenizer.json", tlm.base_vocab_size)
-        return cls(ElasticModel(loaded, artifact, adapters, directory, records), tlm, tok, LatencyTable.load(directory))
+        return cls(ElasticModel(loaded, artifact, adapters, directory, records), tlm, tok,
+                   LatencyTable.load(directory, loaded.gemm))
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text, add_bos=False)) if text else 0

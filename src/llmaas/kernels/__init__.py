@@ -42,6 +42,17 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+# The vector units the engine's paths care about, as /proc/cpuinfo names them (shown by `llmaas info`).
+NAMED_CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+                      "amx_int8")
+
+
+def cpu_features() -> dict[str, bool]:
+    """Which of NAMED_CPU_FEATURES this CPU has."""
+    flags = _cpu_flags()
+    return {f: f in flags for f in NAMED_CPU_FEATURES}
+
+
 def build_inputs() -> dict[str, str]:
     """What a build depends on. torch's cpp_extension writes build.ninja from the torch installation's include and
     library directories, the Python headers, the compiler and the source's absolute path, and ninja rebuilds

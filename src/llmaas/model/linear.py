@@ -30,6 +30,12 @@ Range = tuple[int, int]
 
 _scratch = threading.local()
 _NO_IDS = torch.empty(0, dtype=torch.int64)
+_NO_MINS = torch.empty(0, dtype=torch.float16)
+# The large-batch (prefill) paths for block-stored weights: FP32 expands the blocks exactly and runs BLAS's fp32 GEMM;
+# BF16 (CPUs with AVX-512 BF16) rounds activations and weights to bf16 and sums products in fp32 in the native kernel,
+# about 2x faster on Zen 4 (kernels.cpp: gemm_bf16). Decode (small batches) is the same on both.
+FP32, BF16 = "fp32", "bf16"
+GEMM_PATHS = (FP32, BF16)
 
 
 def flat(ranges: list[Range]) -> list[int]:
@@ -51,7 +57,10 @@ class Linear:
     """A weight matrix stored once: as blocks (`blocks`, read by the kernels or expanded for the GEMM) when its GGUF
     type allows it exactly and the kernels are there, else dense fp32 (`dense`)."""
 
-    def __init__(self, stored: torch.Tensor | Blocks, kernels: ModuleType | None) -> None:
+    def __init__(self, stored: torch.Tensor | Blocks, kernels: ModuleType | None, gemm: str = FP32) -> None:
+        """`gemm` is the large-batch path for block-stored weights (GEMM_PATHS; the loader picks it per CPU)."""
+        if gemm not in GEMM_PATHS:
+            raise ValueError(f"gemm must be one of {GEMM_PATHS}; got {gemm!r}")
         if isinstance(stored, torch.Tensor):
             assert stored.dim() == 2 and stored.dtype == torch.float32
             self.dense: torch.Tensor | None = stored.contiguous()
@@ -59,6 +68,7 @@ class Linear:
         else:
             self.dense, self.blocks = None, stored
         self._kernels = kernels
+        self.gemm = gemm if kernels is not None else FP32
         # Set by gather_columns_: the exact blocks in their stored column order, and W's columns as indices into them.
         self._source: Blocks | None = None
         self._cols: torch.Tensor | None = None
@@ -154,6 +164,12 @@ class Linear:
         if self.dense is not None:
             # A [rows, cols] slice of the row-major dense copy has strides (in, 1): BLAS takes it as is, no copy.
             return _mm(x, self.dense[r0:r1, c0:c1].t(), out, accumulate)
+        if self.gemm == BF16:
+            src, ids = (self._source, self._cols[c0:c1]) if self._cols is not None else (self.blocks, _NO_IDS)
+            assert src is not None and self._kernels is not None
+            mins = src.mins if isinstance(src, Q4Blocks) else _NO_MINS
+            self._kernels.blocks_gemm_bf16(out, x, src.qs, src.scales, mins, r0, r1, c0, c1, ids, accumulate)
+            return out
         b0, b1 = self._expansion_bounds(c0, c1)
         width = b1 - b0
         step = max(1, TILE_VALUES // width)

@@ -309,24 +309,132 @@ inline void expand_block(float* out, const int8_t* q8, float scale, float) {
 // out[i, :] = W[r0 + i, c0:c1] for i in [0, n), or, with `col_ids`, out[i, j] = W[r0 + i, col_ids[j]] for j in
 // [0, n_ids): a column order that splits blocks (reordered FFN neurons) read from the blocks in their stored order,
 // each row expanded whole into a small buffer and then gathered.
+// Rows [begin, end) of an expansion, on the calling thread (`whole`: a K-value buffer when col_ids is set).
+template <typename W, typename S>
+void expand_rows_serial(float* out, int64_t out_stride, int64_t r0, int64_t n, const W* qs, const S* scales,
+                        const S* mins, int64_t K, int64_t c0, int64_t c1, const int64_t* col_ids, int64_t n_ids) {
+  const int64_t row_bytes = K / kBlock * block_bytes(qs), KB = K / kBlock;
+  const int64_t b0 = col_ids != nullptr ? 0 : c0 / kBlock, b1 = col_ids != nullptr ? KB : c1 / kBlock;
+  std::vector<float> whole(col_ids != nullptr ? K : 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t r = r0 + i;
+    float* o = col_ids != nullptr ? whole.data() : out + i * out_stride;
+    for (int64_t b = b0; b < b1; ++b) {
+      expand_block(o + (b - b0) * kBlock, qs + r * row_bytes + b * block_bytes(qs), load_scale(scales + r * KB + b),
+                   mins != nullptr ? load_scale(mins + r * KB + b) : 0.0f);
+    }
+    if (col_ids != nullptr) {
+      float* dst = out + i * out_stride;
+      for (int64_t j = 0; j < n_ids; ++j) dst[j] = o[col_ids[j]];
+    }
+  }
+}
+
+// out[i, :] = W[r0 + i, c0:c1] for i in [0, n), or, with `col_ids`, out[i, j] = W[r0 + i, col_ids[j]] for j in
+// [0, n_ids): a column order that splits blocks (reordered FFN neurons) read from the blocks in their stored order,
+// each row expanded whole into a small buffer and then gathered. Rows in parallel.
 template <typename W, typename S>
 void expand_rows(float* out, int64_t out_stride, int64_t r0, int64_t n, const W* qs, const S* scales, const S* mins,
                  int64_t K, int64_t c0, int64_t c1, const int64_t* col_ids, int64_t n_ids) {
-  const int64_t row_bytes = K / kBlock * block_bytes(qs), KB = K / kBlock;
-  const int64_t b0 = col_ids != nullptr ? 0 : c0 / kBlock, b1 = col_ids != nullptr ? KB : c1 / kBlock;
   at::parallel_for(0, n, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> whole(col_ids != nullptr ? K : 0);
-    for (int64_t i = begin; i < end; ++i) {
-      const int64_t r = r0 + i;
-      float* o = col_ids != nullptr ? whole.data() : out + i * out_stride;
-      for (int64_t b = b0; b < b1; ++b) {
-        expand_block(o + (b - b0) * kBlock, qs + r * row_bytes + b * block_bytes(qs), load_scale(scales + r * KB + b),
-                     mins != nullptr ? load_scale(mins + r * KB + b) : 0.0f);
+    expand_rows_serial(out + begin * out_stride, out_stride, r0 + begin, end - begin, qs, scales, mins, K, c0, c1,
+                       col_ids, n_ids);
+  });
+}
+
+// ---- bf16 GEMM for the prefill path, on CPUs with AVX-512 BF16 (chosen at run time: the rest of this file is AVX2) ----
+// y[M, rows] (+)= x[M, K] @ W[rows, K]^T with bf16 inputs and fp32 products and sums (vdpbf16ps): activations and
+// weights are rounded to bf16 (8-bit mantissa), outputs stay fp32. Each output row is computed the same way whatever
+// M is and however many threads run (K is summed in one fixed order per output), so chunked prefill equals one-shot
+// and recompute equals the original within this path. Weights are expanded from their blocks a panel of kPanel rows at
+// a time into a thread-local VNNI buffer [K/2][kPanel][2] that stays in L1/L2.
+constexpr int64_t kPanel = 32;
+constexpr int kMR = 8;
+
+#define LLMAAS_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")))
+
+template <int MR>
+LLMAAS_BF16 void bf16_tile(const uint16_t* a, int64_t lda, const uint16_t* panel, int64_t kp, float* y, int64_t ldy,
+                           int64_t nn, bool accumulate) {
+  __m512 acc[MR][2];
+  for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < kp; ++k) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + k * 2 * kPanel);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + k * 2 * kPanel + 32);
+    for (int r = 0; r < MR; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, a + r * lda + 2 * k, 4);
+      const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, b1);
+    }
+  }
+  const __mmask16 m0 = nn >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nn) - 1);
+  const __mmask16 m1 = nn >= 32 ? 0xFFFF : nn <= 16 ? 0 : static_cast<__mmask16>((1u << (nn - 16)) - 1);
+  for (int r = 0; r < MR; ++r) {
+    float* out = y + r * ldy;
+    __m512 v0 = acc[r][0], v1 = acc[r][1];
+    if (accumulate) {
+      v0 = _mm512_add_ps(v0, _mm512_maskz_loadu_ps(m0, out));
+      v1 = _mm512_add_ps(v1, _mm512_maskz_loadu_ps(m1, out + 16));
+    }
+    _mm512_mask_storeu_ps(out, m0, v0);
+    _mm512_mask_storeu_ps(out + 16, m1, v1);
+  }
+}
+
+// One row of x, fp32 [cols] -> bf16 [kpad], the columns placed from `shift` on, zeros elsewhere.
+LLMAAS_BF16 void to_bf16_row(const float* xr, int64_t cols, int64_t shift, int64_t kpad, uint16_t* o) {
+  std::memset(o, 0, kpad * sizeof(uint16_t));
+  int64_t j = 0;
+  for (; j + 16 <= cols; j += 16) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + shift + j), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(xr + j)));
+  }
+  if (j < cols) {
+    const __mmask16 mk = static_cast<__mmask16>((1u << (cols - j)) - 1);
+    _mm256_mask_storeu_epi16(o + shift + j, mk, (__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, xr + j)));
+  }
+}
+
+// x [M, cols] fp32 (row stride ldx) -> bf16 [M, kpad] (see to_bf16_row); rows in parallel. (Lambdas do not inherit
+// a function's target attribute, so the AVX-512 work sits in the named functions they call.)
+void to_bf16_rows(const float* x, int64_t ldx, int64_t M, int64_t cols, int64_t shift, int64_t kpad, uint16_t* out) {
+  at::parallel_for(0, M, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) to_bf16_row(x + m * ldx, cols, shift, kpad, out + m * kpad);
+  });
+}
+
+// fp32 rows [nn][kpad] -> bf16 VNNI panel [kpad/2][kPanel][2] (rows past nn zero).
+LLMAAS_BF16 void pack_panel(const float* w, int64_t nn, int64_t kpad, uint16_t* panel) {
+  for (int64_t k = 0; k < kpad; k += 2) {
+    uint16_t* dst = panel + k * kPanel;
+    for (int64_t n = 0; n < kPanel; ++n) {
+      if (n < nn) {
+        const __m128bh pair = _mm_cvtneps_pbh(_mm_setr_ps(w[n * kpad + k], w[n * kpad + k + 1], 0.0f, 0.0f));
+        std::memcpy(dst + 2 * n, &pair, 4);
+      } else {
+        dst[2 * n] = dst[2 * n + 1] = 0;
       }
-      if (col_ids != nullptr) {
-        float* dst = out + i * out_stride;
-        for (int64_t j = 0; j < n_ids; ++j) dst[j] = o[col_ids[j]];
+    }
+  }
+}
+
+template <typename Expand>
+void gemm_bf16(float* y, int64_t ldy, const uint16_t* xb, int64_t M, int64_t kpad, int64_t n_rows,
+                           Expand expand, bool accumulate) {
+  const int64_t panels = (n_rows + kPanel - 1) / kPanel;
+  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> rows(kPanel * kpad);
+    std::vector<uint16_t> panel(kPanel * kpad);
+    for (int64_t p = begin; p < end; ++p) {
+      const int64_t n0 = p * kPanel, nn = std::min(kPanel, n_rows - n0);
+      expand(rows.data(), n0, nn);
+      pack_panel(rows.data(), nn, kpad, panel.data());
+      int64_t m = 0;
+      for (; m + kMR <= M; m += kMR) {
+        bf16_tile<kMR>(xb + m * kpad, kpad, panel.data(), kpad / 2, y + m * ldy + n0, ldy, nn, accumulate);
       }
+      for (; m < M; ++m) bf16_tile<1>(xb + m * kpad, kpad, panel.data(), kpad / 2, y + m * ldy + n0, ldy, nn, accumulate);
     }
   });
 }
@@ -841,6 +949,48 @@ void q8_expand(at::Tensor out, const at::Tensor& qs, const at::Tensor& d, int64_
                                 d.data_ptr<at::Half>(), nullptr, K, c0, c1, ids, col_ids.numel());
 }
 
+bool has_bf16() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl");
+}
+
+// y[M, r1-r0] (+)= x[M, c1-c0] @ W[r0:r1, c0:c1]^T in bf16 (see gemm_bf16), W as Q4 or Q8 blocks; with `col_ids`,
+// W's columns are read through them (as in q4_expand). Needs AVX-512 BF16 (has_bf16()).
+void blocks_gemm_bf16(at::Tensor y, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
+                      const at::Tensor& mn, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+                      const at::Tensor& col_ids, bool accumulate) {
+  check(has_bf16(), "this CPU has no AVX-512 BF16");
+  check(x.scalar_type() == at::kFloat && x.dim() == 2 && x.stride(1) == 1, "x must be fp32 [M, cols] rows");
+  check(y.scalar_type() == at::kFloat && y.dim() == 2 && y.stride(1) == 1, "y must be fp32 [M, rows] rows");
+  const bool q4 = qs.scalar_type() == at::kByte;
+  const int64_t K = q4 ? qs.size(1) * 2 : qs.size(1), M = x.size(0);
+  check(0 <= r0 && r0 <= r1 && r1 <= qs.size(0) && y.size(0) == M && y.size(1) == r1 - r0, "rows out of bounds");
+  const int64_t* ids = column_ids(col_ids, K);
+  const int64_t b0 = ids != nullptr ? 0 : c0 / kBlock * kBlock;
+  const int64_t b1 = ids != nullptr ? col_ids.numel() : (c1 + kBlock - 1) / kBlock * kBlock;
+  check(ids != nullptr || (0 <= c0 && c0 < c1 && c1 <= K), "columns out of bounds");
+  check(x.size(1) == (ids != nullptr ? col_ids.numel() : c1 - c0), "x must have one column per weight column");
+  const int64_t kpad = (b1 - b0 + 1) / 2 * 2;
+  std::vector<uint16_t> xb(M * kpad);
+  to_bf16_rows(x.data_ptr<float>(), x.stride(0), M, x.size(1), ids != nullptr ? 0 : c0 - b0, kpad, xb.data());
+  const auto run = [&](auto* qp, auto* sp, auto* mp) {
+    const auto expand = [&](float* out, int64_t n0, int64_t nn) {
+      if (kpad != b1 - b0) std::fill(out, out + nn * kpad, 0.0f);
+      expand_rows_serial(out, kpad, r0 + n0, nn, qp, sp, mp, K, b0, b1, ids, ids != nullptr ? b1 : 0);
+    };
+    gemm_bf16(y.data_ptr<float>(), y.stride(0), xb.data(), M, kpad, r1 - r0, expand, accumulate);
+  };
+  if (!q4) {
+    check(d.scalar_type() == at::kHalf, "Q8 scales must be float16");
+    run(qs.data_ptr<int8_t>(), d.data_ptr<at::Half>(), static_cast<const at::Half*>(nullptr));
+  } else if (d.scalar_type() == at::kHalf) {
+    run(qs.data_ptr<uint8_t>(), d.data_ptr<at::Half>(), mn.data_ptr<at::Half>());
+  } else {
+    run(qs.data_ptr<uint8_t>(), d.data_ptr<float>(), mn.data_ptr<float>());
+  }
+}
+
 // The GIL is released while a kernel runs (as PyTorch's own ops do): the service's HTTP thread keeps serving while
 // the compute thread multiplies. Kernels touch only tensor memory, never Python objects.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -851,6 +1001,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("q8_matmul_ranges", &q8_matmul_ranges, release());
   m.def("q4_expand", &q4_expand, release());
   m.def("q8_expand", &q8_expand, release());
+  m.def("has_bf16", &has_bf16);
+  m.def("blocks_gemm_bf16", &blocks_gemm_bf16, release());
   m.def("lora_add", &lora_add, release());
   m.def("rms_norm", &rms_norm, release());
   m.def("rope_", &rope_, release());
