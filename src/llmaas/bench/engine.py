@@ -36,14 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="threads for every engine (default: 2)")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats per point, median reported (default: 3)")
     p.add_argument("--decode-tokens", type=int, default=64, help="tokens per decode measurement (default: 64)")
+    p.add_argument("--contention", action="store_true",
+                   help="instead: prefill@512 and decode@512, quiet and beside one competing busy process, for ours "
+                        "with --threads auto (the service's default), ours with --threads fixed, and each peer")
     return p
 
 
-def run_worker(engine: str, args: argparse.Namespace, model: Path, ids_file: Path, gemm: str = "auto") -> dict:
+def run_worker(engine: str, args: argparse.Namespace, model: Path, ids_file: Path, gemm: str = "auto",
+               threads: str | None = None, extra: tuple[str, ...] = ()) -> dict:
     cmd = [sys.executable, "-m", "llmaas.bench.engine_worker", engine, "--model", str(model), "--ids", str(ids_file),
-           "--threads", str(args.threads), "--repeats", str(args.repeats), "--decode-tokens",
-           str(args.decode_tokens), "--gemm", gemm]
-    print(f"measuring {engine}{f' (gemm {gemm})' if gemm != 'auto' else ''} ...", file=sys.stderr, flush=True)
+           "--threads", threads or str(args.threads), "--repeats", str(args.repeats), "--decode-tokens",
+           str(args.decode_tokens), "--gemm", gemm, *extra]
+    print(f"measuring {engine}{f' (gemm {gemm})' if gemm != 'auto' else ''} {' '.join(extra)} ...", file=sys.stderr,
+          flush=True)
     t0 = time.perf_counter()
     out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # its progress lines go straight to our stderr
     if out.returncode != 0:
@@ -78,6 +83,37 @@ def table(result: dict) -> str:
         lines.append(f"{'x vs ' + name:<14}" + "".join(f"{c:>14.2f}" for c in cells))
     lines.append("(tok/s; ratios are ours/peer for speed and peer/ours for load time and RSS: above 1 = ours better; "
                  "ours = the prefill path this CPU picks, the other rows force one)")
+    return "\n".join(lines)
+
+
+CONTENTION_SIZES = ("--prefill", "512", "--decode", "512")
+
+
+def contention(args: argparse.Namespace, model: Path, ids_file: Path) -> dict:
+    """Each engine quiet and beside one busy process, one after another (never two measurements at once)."""
+    engines = [("ours, threads auto", "ours", "auto"), (f"ours, {args.threads} threads", "ours", str(args.threads))]
+    engines += [(f"{PEERS[p][1]}, {args.threads} threads", PEERS[p][1], str(args.threads)) for p in args.peer
+                if importlib.util.find_spec(PEERS[p][0]) is not None]
+    rows = {}
+    for label, engine, threads in engines:
+        quiet = run_worker(engine, args, model, ids_file, threads=threads, extra=CONTENTION_SIZES)
+        busy = run_worker(engine, args, model, ids_file, threads=threads, extra=(*CONTENTION_SIZES, "--busy"))
+        rows[label] = {"quiet": quiet, "busy": busy,
+                       "kept": {"prefill_512": busy["prefill_tok_s"]["512"] / quiet["prefill_tok_s"]["512"],
+                                "decode_512": busy["decode_tok_s"]["512"] / quiet["decode_tok_s"]["512"]}}
+    return rows
+
+
+def contention_table(rows: dict) -> str:
+    head = ["prefill quiet", "prefill busy", "kept", "decode quiet", "decode busy", "kept"]
+    lines = [f"{'engine':<24}" + "".join(f"{c:>14}" for c in head)]
+    for label, r in rows.items():
+        q, b, k = r["quiet"], r["busy"], r["kept"]
+        cells = [q["prefill_tok_s"]["512"], b["prefill_tok_s"]["512"], k["prefill_512"],
+                 q["decode_tok_s"]["512"], b["decode_tok_s"]["512"], k["decode_512"]]
+        lines.append(f"{label:<24}" + "".join(f"{c:>14.2f}" if i in (2, 5) else f"{c:>14.1f}"
+                                               for i, c in enumerate(cells)))
+    lines.append("(tok/s at 512 tokens; busy = beside one CPU-bound process; kept = busy / quiet)")
     return "\n".join(lines)
 
 
@@ -117,6 +153,12 @@ def main(argv: list[str]) -> int:
         ids_file = Path(tmp) / "ids.json"
         ids_file.write_text(json.dumps(ids[:2048 + args.decode_tokens]))
         model = Path(result["config"]["model_path"])
+        if args.contention:
+            result["contention"] = contention(args, model, ids_file)
+            print(contention_table(result["contention"]))
+            if args.json:
+                write_json(result, args.json)
+            return 0
         result["ours"] = run_worker("ours", args, model, ids_file)
         if result["ours"]["gemm"] != "fp32":  # the exact path too, side by side: what the CPU's choice gains
             result["paths"]["ours (fp32)"] = run_worker("ours", args, model, ids_file, "fp32")

@@ -28,13 +28,16 @@ class EngineAdapter(Protocol):
 class OursAdapter:
     name = "ours"
 
-    def __init__(self, model_path: Path, threads: int, *, stats: bool = False, gemm: str = "auto") -> None:
+    def __init__(self, model_path: Path, threads: int | str, *, stats: bool = False, gemm: str = "auto") -> None:
+        """`threads`: a count, or "auto" (the service's governor, engine/cpu_governor.py)."""
         import torch
 
+        from llmaas.engine import cpu_governor
         from llmaas.engine.generate import Generator
         from llmaas.model.loader import load_model
 
-        torch.set_num_threads(threads)
+        cpu_governor.apply_threads(threads)
+        self._tick = cpu_governor.tick
         self._torch = torch
         self.loaded = load_model(model_path, gemm=gemm)
         self._generator = Generator(self.loaded.model, self.loaded.tokenizer)
@@ -71,6 +74,7 @@ class OursAdapter:
         logits = self._generator.prefill(ids, cache)
         t0 = time.perf_counter()
         for _ in range(n):
+            self._tick()  # as the engine's generator does between tokens
             logits = self._forward([int(logits.argmax())], cache)
         return time.perf_counter() - t0
 

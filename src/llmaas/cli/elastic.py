@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from llmaas.cli.common import add_model_options, load_from_args, positive_int
+from llmaas.engine.cpu_governor import apply_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,7 +71,8 @@ def main(argv: list[str]) -> int:
         recipe = RECIPES[args.recipe]
         if args.questions:
             recipe = replace(recipe, decision=replace(recipe.decision, questions=args.questions))
-        prepare(recipe, args.model, args.elastic_dir, args.threads, not args.no_kernels)
+        apply_threads(args.threads)
+        prepare(recipe, args.model, args.elastic_dir, not args.no_kernels)
         return 0
     if args.step == "build":
         import shutil
@@ -97,7 +99,8 @@ def main(argv: list[str]) -> int:
         return _score_head(args)
     from llmaas.elastic.latency import LatencyConfig, write_profile
     from llmaas.elastic.model import ElasticModel
-    elastic = ElasticModel.open(args.model, args.elastic_dir, use_kernels=not args.no_kernels, threads=args.threads)
+    apply_threads(args.threads)
+    elastic = ElasticModel.open(args.model, args.elastic_dir, use_kernels=not args.no_kernels)
     write_profile(elastic, LatencyConfig(runs=args.runs), args.json)
     return 0
 

@@ -9,6 +9,7 @@ from llmaas.bench import eval_elastic
 from llmaas.bench.eval_elastic import EvalElasticConfig
 from llmaas.cli.common import add_model_options, positive_int
 from llmaas.elastic.model import ElasticModel
+from llmaas.engine.cpu_governor import apply_threads
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     cfg = EvalElasticConfig(items=args.items, agent_items=args.agent_items)
-    elastic = ElasticModel.open(args.model, args.elastic_dir, use_kernels=not args.no_kernels, threads=args.threads)
+    apply_threads(args.threads)
+    elastic = ElasticModel.open(args.model, args.elastic_dir, use_kernels=not args.no_kernels)
     eval_elastic.run(elastic, cfg, args.json, args.png, args.phase)
     return 0

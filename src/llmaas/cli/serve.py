@@ -7,6 +7,7 @@ import ipaddress
 import sys
 from pathlib import Path
 
+from llmaas.engine.cpu_governor import AUTO, threads_arg
 from llmaas.engine.worker import EngineConfig
 from llmaas.memory.policy import POLICIES
 from llmaas.paths import DataDir
@@ -32,7 +33,9 @@ def main(argv: list[str]) -> int:
                    help="SIMULATION: limit KV disk reads and writes to this many MB/s, to study slower flash "
                         "(default: off)")
     p.add_argument("--max-queue", type=int, default=64, help="calls that may wait before 429 (default: 64)")
-    p.add_argument("--threads", type=int, help="compute threads (default: one per core)")
+    p.add_argument("--threads", type=threads_arg, default=AUTO, metavar="N|auto",
+                   help="compute threads, or auto: the cores other processes leave idle, re-decided while serving, "
+                        "so a busy device slows the service down instead of stalling it (default: auto)")
     p.add_argument("--quiet", action="store_true", help="log to the data directory only, not stderr")
     p.add_argument("--elastic", action="store_true",
                    help="serve requests with an SLO on elastic sub-models (ElastiLM); build them first with "

@@ -46,8 +46,8 @@ class ElasticModel:
 
     @classmethod
     def open(cls, model_path: str | Path | None = None, directory: Path | None = None, *, use_kernels: bool = True,
-             with_lora: bool = True, threads: int | None = None) -> ElasticModel:
-        loaded = load_model(model_path, use_kernels=use_kernels, threads=threads)
+             with_lora: bool = True) -> ElasticModel:
+        loaded = load_model(model_path, use_kernels=use_kernels)
         directory = directory if directory is not None else elastic_dir(loaded.model_id)
         artifact = ElasticArtifact.load(directory, loaded.model_id)
         adapters, records = {}, {}

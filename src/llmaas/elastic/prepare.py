@@ -49,12 +49,12 @@ STAGES = ("artifact", "lora", "profile", "score_head", "decision_head")
 
 
 def prepare(recipe: PrepareRecipe, model_path: str | None = None, directory: Path | None = None,
-            threads: int | None = None, use_kernels: bool = True, log: Callable[[str], None] = print) -> dict:
+            use_kernels: bool = True, log: Callable[[str], None] = print) -> dict:
     """Run every stage that is not done yet; returns (and writes to prepare.json) what ran and how long it took."""
     started = time.perf_counter()
 
     def load() -> LoadedModel:
-        return load_model(model_path, use_kernels=use_kernels, threads=threads)
+        return load_model(model_path, use_kernels=use_kernels)
 
     probe = load()
     directory = directory or elastic_dir(probe.model_id)
@@ -64,7 +64,7 @@ def prepare(recipe: PrepareRecipe, model_path: str | None = None, directory: Pat
         "artifact": (lambda: (directory / ARTIFACT_FILE).exists(), lambda: _artifact(probe, directory, log)),
         "lora": (lambda: _lora_done(directory, recipe), lambda: _lora(load(), directory, recipe, log)),
         "profile": (lambda: _profiled(directory, probe.gemm),
-                    lambda: _profile(model_path, directory, threads, use_kernels)),
+                    lambda: _profile(model_path, directory, use_kernels)),
         "score_head": (lambda: heads_record(default_heads_path(directory)) is not None,
                        lambda: _score_head(load(), directory, recipe, log)),
         "decision_head": (lambda: _decided(directory, recipe), lambda: _decision_head(load(), directory, recipe, log)),
@@ -115,10 +115,10 @@ def _profiled(directory: Path, gemm: str) -> bool:
     return True
 
 
-def _profile(model_path: str | None, directory: Path, threads: int | None, use_kernels: bool) -> None:
+def _profile(model_path: str | None, directory: Path, use_kernels: bool) -> None:
     from llmaas.elastic.latency import LatencyConfig, write_profile
     from llmaas.elastic.model import ElasticModel
-    write_profile(ElasticModel.open(model_path, directory, use_kernels=use_kernels, threads=threads),
+    write_profile(ElasticModel.open(model_path, directory, use_kernels=use_kernels),
                   LatencyConfig())
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from llmaas.engine import cpu_governor
 from llmaas.engine.detokenize import IncrementalDecoder
 from llmaas.engine.sampling import SamplingParams, make_sampler
 from llmaas.errors import ContextLengthError, InvalidRequestError
@@ -131,6 +132,7 @@ class Generator:
         ids = torch.tensor(token_ids, dtype=torch.int64)
         h = None
         for start in range(0, len(token_ids), self.prefill_chunk_tokens):
+            cpu_governor.tick()
             chunk = ids[start:start + self.prefill_chunk_tokens]
             positions = torch.arange(cache.num_tokens, cache.num_tokens + chunk.numel())
             view = cache.append(chunk.numel())
@@ -166,6 +168,7 @@ class Generator:
             yield TextDelta(delta, token)
             if len(generated) == request.max_tokens or cache.num_tokens >= cache.capacity_tokens:
                 break
+            cpu_governor.tick()
             position = torch.tensor([cache.num_tokens])
             view = cache.append(1)
             logits = self.model.forward(torch.tensor([token]), position, view, widths=self.widths, lora=self.lora,

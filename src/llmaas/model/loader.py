@@ -58,15 +58,10 @@ class LoadedModel:
         return f"{self.path.stem}:{h.hexdigest()}"
 
 
-def load_model(path: str | Path | None = None, *, use_kernels: bool = True, threads: int | None = None,
-               gemm: str = AUTO) -> LoadedModel:
+def load_model(path: str | Path | None = None, *, use_kernels: bool = True, gemm: str = AUTO) -> LoadedModel:
     """Load `path` (default: the bundled SmolLM2-135M-Instruct). `use_kernels=False` forces the dense PyTorch path;
-    `threads` sets this process's compute threads (default: PyTorch's choice, one per core); `gemm` picks the prefill
-    matmul path (AUTO: the fastest this CPU has, see choose_gemm)."""
-    if threads is not None:
-        if threads < 1:
-            raise InvalidRequestError(f"threads must be >= 1; got {threads}")
-        torch.set_num_threads(threads)
+    `gemm` picks the prefill matmul path (AUTO: the fastest this CPU has, see choose_gemm). Compute threads are the
+    process's (engine.cpu_governor.apply_threads)."""
     t0 = time.perf_counter()
     f = GGUFFile(path if path is not None else default_model_path())
     config = ModelConfig.from_gguf(f)

@@ -21,12 +21,12 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import uvicorn
 
 from llmaas.elastic.artifact import elastic_dir
 from llmaas.elastic.model_levels import MODEL_LEVELS, model_level_name
 from llmaas.elastic.runtime import PREPARE, ElasticRuntime
+from llmaas.engine.cpu_governor import apply_threads
 from llmaas.engine.worker import NO_ELASTIC, Engine, EngineConfig
 from llmaas.errors import ElasticUnavailableError, ServiceStartError
 from llmaas.model.loader import LoadedModel, load_model
@@ -46,7 +46,7 @@ class ServeOptions:
     port: int | None = None
     host: str = "127.0.0.1"
     engine: EngineConfig = field(default_factory=EngineConfig)
-    threads: int | None = None
+    threads: int | str | None = None  # a count, cpu_governor.AUTO, or None: torch's default (one per core)
     elastic: bool = False  # serve ElastiLM's SLO requests (needs `llmaas elastic prepare`)
     elastic_dir: Path | None = None  # default: the model's cache directory
 
@@ -67,8 +67,7 @@ class Service:
             if options.port is not None:
                 self.sockets.append(cleanup.enter_context(_tcp_socket(options.host, options.port)))
             self._progress(f"listening on {self._addresses()}; calls wait until the model is ready")
-            if options.threads is not None:
-                torch.set_num_threads(options.threads)
+            apply_threads(options.threads)
             self.catalog = Catalog(self.home.catalog)
             cleanup.callback(self.catalog.close)
             if loaded is None:
