@@ -3,6 +3,9 @@ fp16 KV, partial heads and statistics, and the element-wise ops."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import gguf
 import numpy as np
 import pytest
@@ -165,3 +168,16 @@ def test_elementwise_kernels(kernels):
     kernels.rope_(a, pos, table.cos, table.sin)
     table.apply_(b, pos)
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_a_build_left_half_done_by_a_killed_process_does_not_hang_the_next_start(kernels):
+    """torch's build baton is a plain file that a killed build leaves behind; every later start then waited on it
+    forever. Under llmaas's own OS lock a baton can only be a leftover, so it is removed."""
+    from llmaas.kernels import build_name
+    from llmaas.paths import cache_dir
+    baton = cache_dir() / "kernels" / build_name() / "lock"
+    baton.touch()
+    out = subprocess.run([sys.executable, "-c", "from llmaas.kernels import load_kernels; load_kernels()"],
+                         capture_output=True, text=True, timeout=60)  # before the fix: forever
+    assert out.returncode == 0, out.stderr
+    assert not baton.exists() and "interrupted" in out.stderr

@@ -8,6 +8,8 @@ the kernels are used; callers that cannot get them fall back to the dense PyTorc
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import json
@@ -16,6 +18,7 @@ import platform
 import subprocess
 import sys
 import sysconfig
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -97,11 +100,37 @@ def load_kernels() -> ModuleType:
     missing = [f for f in REQUIRED_CPU_FLAGS if f not in _cpu_flags()]
     if missing:
         raise KernelBuildError(f"native kernels need CPU features {missing}, which this CPU lacks")
-    from torch.utils import cpp_extension
-
     name = build_name()
     build_dir = cache_dir() / "kernels" / name
     build_dir.mkdir(parents=True, exist_ok=True)
+    with _builder_lock(build_dir):
+        return _build_and_import(name, build_dir)
+
+
+@contextlib.contextmanager
+def _builder_lock(build_dir: Path) -> Iterator[None]:
+    """One builder per build directory at a time, by an OS lock that dies with its process. torch's own baton is a
+    plain `lock` file that a killed build (Ctrl-C during the first start's compile) leaves behind, after which every
+    later start waited for it forever, silently (met here). Under this lock no other builder can be running, so a
+    baton found here is such a leftover and is removed."""
+    with open(build_dir / "llmaas.lock", "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"llmaas: waiting for another process that is building the native kernels in {build_dir}...",
+                  file=sys.stderr, flush=True)
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        baton = build_dir / "lock"
+        if baton.exists():
+            print(f"llmaas: removing {baton}, left by a kernel build that was interrupted", file=sys.stderr,
+                  flush=True)
+            baton.unlink(missing_ok=True)
+        yield  # the OS releases the lock when the file closes or the process dies
+
+
+def _build_and_import(name: str, build_dir: Path) -> ModuleType:
+    from torch.utils import cpp_extension
+
     if not (build_dir / f"{name}.so").exists():
         print(f"llmaas: compiling native kernels into {build_dir} (once per source and torch installation; about a "
               "minute on two cores)...", file=sys.stderr, flush=True)
