@@ -84,3 +84,34 @@ def test_pressure_is_reported_and_a_run_without_it_is_flagged():
     rows = main_rows({"systems": {"calm": {**base, "pressure": pressure(calm)},
                                   "busy": {**base, "pressure": p}, "old": base}})
     assert [row[-1] for row in rows] == ["none: uninformative", "2/4 restored, 3 evicted", "—"]
+
+
+def test_warm_up_calls_run_unmeasured_and_the_trace_after_them_is_unchanged(smollm, tmp_path):
+    conversation = Conversation(smollm.tokenizer, smollm.chat_template)
+    warm = make_trace(TraceConfig("random", 4, seed=10, max_calls=5, warmup_calls=3), conversation)
+    assert len(warm.calls) == 8 and [c.warmup for c in warm.calls] == [True] * 3 + [False] * 5
+    plain = make_trace(TraceConfig("random", 4, seed=10, max_calls=8), conversation)
+    assert [c.user for c in warm.calls] == [c.user for c in plain.calls]  # the same calls, only marked
+    warm.save(tmp_path / "t.jsonl")
+    assert warm.load(tmp_path / "t.jsonl") == warm
+    run = replay(smollm, warm, SystemSetting(POLICIES["vllm-s"], 10**10, 1024), tmp_path)
+    measured = [c for c in warm.calls[3:] if c.task != "xsum"]  # XSum cannot be sent at 1024
+    assert run["calls"] == len(measured) and [r["context"] for r in run["records"]] == [c.context for c in measured]
+
+
+def test_seed_spread_gives_ratios_only_where_the_compared_system_was_under_pressure():
+    from llmaas.bench.switch import seed_spread
+
+    def system(mean_s: float, informative: bool) -> dict:
+        return {"switch_s": {"mean": mean_s}, "pressure": {"informative": informative, "restored_fraction": 0.5}}
+
+    loaded = {"llms": system(0.002, True), "lmk": system(0.2, True), "swapping": system(0.03, False)}
+    calm = {"llms": system(0.002, False), "lmk": system(0.002, False), "vllm-s": system(0.03, True)}
+    spread = seed_spread({42: {"systems": loaded, "sweeps": {}}, 7: {"systems": calm, "sweeps": {}}})
+    lmk = spread["points"]["lmk @ main"]["by_seed"]
+    assert lmk["42"]["ratio"] == pytest.approx(100.0) and lmk["42"]["both_under_pressure"]
+    assert lmk["7"]["ratio"] is None and not lmk["7"]["informative"]
+    vllm = spread["points"]["vllm-s @ main"]["by_seed"]["7"]  # llms kept everything resident, vllm-s did not
+    assert vllm["ratio"] == pytest.approx(15.0) and not vllm["both_under_pressure"]
+    assert spread["points"]["swapping @ main"]["by_seed"]["42"]["ratio"] is None  # its own run saw no pressure
+    assert spread["points"]["vllm-sq @ 1x/8"]["by_seed"]["42"] == {"ratio": None, "why": "not run"}

@@ -2,10 +2,11 @@
 
 Owns a replay: every call of the trace, in order, runs through a fresh ChunkedKVStore with the given policy, budget,
 chunk size and throttle, exactly as the service runs a context call. The steps are: acquire the context (the switch),
-generate greedily up to the call's cap, close the turn and release. Calls run back to back on a simulated clock.
-Before each call the runner waits for the background writer, but no longer than the call's virtual gap, so
-ahead-of-time write-back finishes whenever the real gap would have allowed it. A call that would overflow the maximum
-context length starts the context afresh (the app opens a new conversation); these are counted as resets.
+generate greedily up to the call's cap, close the turn and release. Calls run back to back on a simulated clock; the
+trace's warm-up calls run but are not measured. Before each call the runner waits for the background writer, but no
+longer than the call's virtual gap, so ahead-of-time write-back finishes whenever the real gap would have allowed it.
+A call that would overflow the maximum context length starts the context afresh (the app opens a new conversation);
+these are counted as resets.
 
 Measured per call:
 - switch: arrival until the KV is resident. The new prompt's prefill is excluded, and so is that of the previous
@@ -161,11 +162,13 @@ def _run(loaded: LoadedModel, conversation: Conversation, store: ChunkedKVStore,
                                                    done.text, cache.num_tokens)
         store.release(ctx.kv_id, new_ids[:covered])
         call_s = time.perf_counter() - t0
-        records.append(CallRecord(call.context, call.task, bool(ctx.ids), switch.hot, switch.switch_s,
-                                  acquired_s + done.timings.ttft_s, call_s,
-                                  store.counters["bytes_read"] - read_before,
-                                  store.counters["recomputed_tokens"] - recomputed_before, done.text,
-                                  score(TASKS[call.task], done.text, call.gold), _evictions(store) - evicted_before))
+        if not call.warmup:
+            records.append(CallRecord(call.context, call.task, bool(ctx.ids), switch.hot, switch.switch_s,
+                                      acquired_s + done.timings.ttft_s, call_s,
+                                      store.counters["bytes_read"] - read_before,
+                                      store.counters["recomputed_tokens"] - recomputed_before, done.text,
+                                      score(TASKS[call.task], done.text, call.gold),
+                                      _evictions(store) - evicted_before))
         ctx.history += [Message("user", call.user), Message("assistant", done.text)]
         ctx.ids = new_ids
         store.check_budget()

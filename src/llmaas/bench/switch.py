@@ -79,6 +79,7 @@ class Plan:
     max_lengths: tuple[int, ...]
     chunk_sizes: tuple[int, ...]
     throttle_mbps: float | None  # None: no throttle sweep
+    warmup_per_context: int = 2  # unmeasured calls per active context before the measured ones (TraceConfig)
 
     def runs(self) -> list[Run]:
         runs = [Run("main", s) for s in MAIN_SYSTEMS]
@@ -121,7 +122,8 @@ def execute(loaded, plan: Plan, seed: int, work_dir: Path | None, peer: bool = F
     for i, run in enumerate(runs):
         tkey = (run.pattern, run.contexts)
         if tkey not in traces:
-            traces[tkey] = make_trace(TraceConfig(run.pattern, run.contexts, seed, max_calls=plan.calls), conversation)
+            traces[tkey] = make_trace(TraceConfig(run.pattern, run.contexts, seed, max_calls=plan.calls,
+                                                  warmup_calls=plan.warmup_per_context * run.contexts), conversation)
         same = next((r for r in runs[:i] if _same_replay(r, run) and r.key() in results), None)
         if same is not None:  # e.g. the main run's llms is also the contexts sweep's llms at 8 contexts, markov
             results[run.key()] = results[same.key()]
@@ -243,7 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "(default: 2,4,8,16; --quick: 2,4,8)")
     p.add_argument("--max-lengths", help="maximum context lengths of that sweep, e.g. 256,512,1024 (default: 512,1024,"
                                          "2048; none with --quick)")
-    p.add_argument("--seed", type=int, default=42, help="trace seed (default: 42)")
+    p.add_argument("--seed", type=_seeds, default=(42,), metavar="N[,N...]",
+                   help="trace seed, or several (e.g. 42,7,1): the plan runs once per seed, each written with a "
+                        "_seedN suffix, and a table of the spread across seeds follows (default: 42)")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT,
                    help=f"where to write bench_switch.json, RESULTS.md and the PNGs in switch/ (names end in _quick "
                         f"with --quick; default: ./{DEFAULT_OUT}/). `--out docs` in the repository updates its "
@@ -257,11 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     from llmaas.bench.results import machine
-    from llmaas.bench.switch_report import print_table, write_plots, write_results_md
+    from llmaas.bench.switch_report import print_seed_table, print_table, write_plots, write_results_md
     from llmaas.model.loader import load_model
 
     plan = QUICK if args.quick else FULL
-    json_path, results_md, plots_dir = output_paths(args.out, args.quick)
     changes: dict = {}
     if args.calls is not None:
         changes["calls"] = args.calls
@@ -274,25 +277,80 @@ def main(argv: list[str]) -> int:
                 raise SystemExit(f"{flag} takes integers separated by commas; got {text!r}") from None
     plan = Plan(**{**asdict(plan), **changes})
     loaded = load_model()
-    raw = execute(loaded, plan, args.seed, args.work_dir, peer="llama-cpp" in args.peer)
-    result = {"config": {"mode": "quick" if args.quick else "full", "plan": asdict(plan), "seed": args.seed,
-                         "main": asdict(Run("main", "llms")), "budget_1x_bytes": budget_bytes(loaded, 16, 2048, 1.0),
-                         "reference": REFERENCE, "machine": machine(), "commit": _commit(),
-                         "wall_s": raw["wall_s"], "traces": raw["traces"]},
-              **shape(raw)}
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
-    print_table(result)
-    plots = write_plots(result, plots_dir)
-    write_results_md(result, results_md, json_path, plots)
-    print(f"wrote {json_path}, {results_md} and {len(plots)} plots in {plots_dir} ({raw['wall_s']:.0f} s)")
+    by_seed = {}
+    for seed in args.seed:
+        tag = f"_seed{seed}" if len(args.seed) > 1 else ""
+        json_path, results_md, plots_dir = output_paths(args.out, args.quick, tag)
+        raw = execute(loaded, plan, seed, args.work_dir, peer="llama-cpp" in args.peer)
+        result = {"config": {"mode": "quick" if args.quick else "full", "plan": asdict(plan), "seed": seed,
+                             "main": asdict(Run("main", "llms")),
+                             "budget_1x_bytes": budget_bytes(loaded, 16, 2048, 1.0), "reference": REFERENCE,
+                             "machine": machine(), "commit": _commit(), "wall_s": raw["wall_s"],
+                             "traces": raw["traces"]},
+                  **shape(raw)}
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+        print_table(result)
+        plots = write_plots(result, plots_dir)
+        write_results_md(result, results_md, json_path, plots)
+        print(f"wrote {json_path}, {results_md} and {len(plots)} plots in {plots_dir} ({raw['wall_s']:.0f} s)")
+        by_seed[seed] = result
+    if len(by_seed) > 1:
+        spread = seed_spread(by_seed)
+        path = args.out / f"bench_switch{'_quick' if args.quick else ''}_seeds.json"
+        path.write_text(json.dumps(spread, indent=1) + "\n")
+        print_seed_table(spread)
+        print(f"wrote {path}")
     return 0
 
 
-def output_paths(out: Path, quick: bool) -> tuple[Path, Path, Path]:
+def _seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds are integers separated by commas; got {text!r}") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"a seed is repeated in {text!r}")
+    return seeds
+
+
+# The comparisons the issue holds each seed to: (system, its setting, the paper's factor over llms, or None).
+# The paper's factors (spec §12): Swapping 10-100x, VLLM-S and VLLM-SQ 9.7x on average; LMK "up to 100x" (no mean).
+SEED_POINTS = (("lmk", "main", None), ("swapping", "main", 10.0), ("vllm-s", "main", 9.7),
+               ("vllm-sq", "main", None), ("vllm-sq", "1x/8", 9.7))
+
+
+def seed_spread(by_seed: dict[int, dict]) -> dict:
+    """Per seed, each compared system's mean switch latency over llms' in the same setting (main: 8 contexts at 2x;
+    1x/8: the budget sweep at 1x), with both runs' pressure. A ratio is given only where the compared system was
+    under pressure (some switch restored KV): without it the point measured nothing. llms itself may restore nothing
+    where the other did, which is compression keeping every context resident; `both_under_pressure` says which."""
+    out: dict = {"seeds": list(by_seed), "points": {}}
+    for system, where, factor in SEED_POINTS:
+        key = f"{system} @ {where}"
+        out["points"][key] = {"paper_factor": factor, "by_seed": {}}
+        for seed, result in by_seed.items():
+            runs = result["systems"] if where == "main" else result["sweeps"].get("budget", {}).get(where, {})
+            ours, theirs = runs.get("llms"), runs.get(system)
+            if not ours or not theirs or "error" in ours or "error" in theirs:
+                out["points"][key]["by_seed"][str(seed)] = {"ratio": None, "why": "not run"}
+                continue
+            a, b = ours["switch_s"]["mean"], theirs["switch_s"]["mean"]
+            informative = theirs["pressure"]["informative"]
+            out["points"][key]["by_seed"][str(seed)] = {
+                "llms_ms": None if a is None else a * 1e3, "system_ms": None if b is None else b * 1e3,
+                "ratio": b / a if informative and a and b else None,
+                "llms_restored_fraction": ours["pressure"]["restored_fraction"],
+                "system_restored_fraction": theirs["pressure"]["restored_fraction"],
+                "informative": informative,
+                "both_under_pressure": informative and ours["pressure"]["informative"]}
+    return out
+
+
+def output_paths(out: Path, quick: bool, tag: str = "") -> tuple[Path, Path, Path]:
     """(results JSON, report, PNG directory) under `out`. The names are those the repository keeps in docs/, so
-    `--out docs` refreshes them, and a quick run never overwrites a full one."""
-    suffix = "_quick" if quick else ""
+    `--out docs` refreshes them, and a quick run never overwrites a full one; `tag` marks one seed of several."""
+    suffix = ("_quick" if quick else "") + tag
     return out / f"bench_switch{suffix}.json", out / f"RESULTS{suffix}.md", out / f"switch{suffix}"
 
 

@@ -140,8 +140,10 @@ def run_in_process(model_path: Path, trace: Trace, budget_bytes: int, max_contex
                                                    llm.n_tokens)
         state.history += [Message("user", call.user), Message("assistant", text)]
         state.ids = new_ids
-        records.append(CallRecord(call.context, call.task, had_kv, hot, switch_s, ttft_s, time.perf_counter() - t0,
-                                  bytes_read - read_before, 0, text, score(TASKS[call.task], text, call.gold)))
+        if not call.warmup:  # the trace's unmeasured warm-up
+            records.append(CallRecord(call.context, call.task, had_kv, hot, switch_s, ttft_s,
+                                      time.perf_counter() - t0, bytes_read - read_before, 0, text,
+                                      score(TASKS[call.task], text, call.gold)))
     for kv_id in list(on_disk):
         forget(kv_id)
     return summarize(records) | {

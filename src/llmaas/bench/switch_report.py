@@ -81,6 +81,25 @@ def print_table(result: dict) -> None:
               + "  (within 10 ms / 25 ms)")
 
 
+def print_seed_table(spread: dict) -> None:
+    """Each comparison's ratio over llms per seed (a dash where a run was under no pressure or did not run)."""
+    seeds = [str(s) for s in spread["seeds"]]
+    header = ["system @ setting", *[f"seed {s}" for s in seeds], "paper"]
+    rows = []
+    for key, point in spread["points"].items():
+        cells = []
+        for s in seeds:
+            p = point["by_seed"][s]
+            cells.append("—" if p.get("ratio") is None else
+                         f"{p['ratio']:.1f}x ({p['llms_restored_fraction']:.2f}/{p['system_restored_fraction']:.2f})")
+        factor = point["paper_factor"]
+        rows.append([key, *cells, "—" if factor is None else f">= {factor:g}x"])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows, strict=False)]
+    print("\nmean switch latency over llms' per seed (restored fraction of switches: llms / the system)")
+    for row in [header, *rows]:
+        print("  ".join(str(x).rjust(w) for x, w in zip(row, widths, strict=False)))
+
+
 def _contexts(entry: dict, limit: str) -> str:
     """'5.3', '≥ 8' (never over the limit up to the largest count measured) or '—' (over it already at the smallest)."""
     value = entry.get(limit)

@@ -51,8 +51,11 @@ class TraceConfig:
     seed: int = 42
     mean_gap_s: float = 300.0  # one call per 5 minutes
     duration_s: float = 72 * 3600.0
-    max_calls: int | None = None  # stop earlier (quick runs)
+    max_calls: int | None = None  # stop earlier (quick runs); counts measured calls, after the warm-up
     markov_theta: float = 0.5
+    # Calls at the start that bring the contexts to a steady state (history, KV, a full budget) and are not measured:
+    # a short trace from empty contexts often never puts the budget under pressure, so it measures nothing.
+    warmup_calls: int = 0
 
     def __post_init__(self) -> None:
         if self.pattern not in PATTERNS:
@@ -61,6 +64,8 @@ class TraceConfig:
             raise InvalidRequestError("contexts >= 1, mean_gap_s > 0 and duration_s > 0 are required")
         if self.max_calls is not None and self.max_calls < 1:
             raise InvalidRequestError("max_calls must be >= 1")
+        if self.warmup_calls < 0:
+            raise InvalidRequestError("warmup_calls must be >= 0")
         if not 0 < self.markov_theta < 1:
             raise InvalidRequestError("markov_theta must lie in (0, 1)")
 
@@ -78,6 +83,7 @@ class TraceCall:
     max_new_tokens: int
     delta_tokens: int  # the user turn's tokens (as the first turn of a context) plus max_new_tokens
     depth: int  # the context's depth in the recency stack before this call (-1: never called)
+    warmup: bool = False  # part of the unmeasured warm-up (TraceConfig.warmup_calls)
 
 
 @dataclass(frozen=True)
@@ -113,9 +119,10 @@ def make_trace(config: TraceConfig, conversation: Conversation, data_dir: Path =
     rng = random.Random(config.seed)
     names = [context_name(j) for j in range(config.contexts)]
     times, t = [], 0.0
+    cap = None if config.max_calls is None else config.warmup_calls + config.max_calls
     while True:
         t += rng.expovariate(1 / config.mean_gap_s)
-        if t > config.duration_s or (config.max_calls is not None and len(times) == config.max_calls):
+        if t > config.duration_s or (cap is not None and len(times) == cap):
             break
         times.append(t)
     pools = {task: _pool(config.seed, task, conversation, data_dir) for task in {task_of(j)
@@ -142,7 +149,7 @@ def make_trace(config: TraceConfig, conversation: Conversation, data_dir: Path =
         entry_id, user, gold, delta = pools[task].get(taken[task])
         taken[task] += 1
         calls.append(TraceCall(i, t, t - previous, names[j], task, entry_id, user, gold, TASKS[task].max_new_tokens,
-                               delta, depth))
+                               delta, depth, i < config.warmup_calls))
         previous = t
     return Trace(config, tuple(calls))
 
