@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import fp32_cache
-from llmaas.engine.cpu_governor import AUTO, CpuSample, ThreadGovernor, read_sample, threads_arg
+from llmaas.cli.common import threads_arg
+from llmaas.engine.cpu_governor import AUTO, CpuSample, ThreadGovernor, read_sample
 
 
 class _FakeCpu:

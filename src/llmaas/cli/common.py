@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from llmaas.engine.cpu_governor import apply_threads, threads_arg
+from llmaas.engine.cpu_governor import AUTO as THREADS_AUTO
+from llmaas.engine.cpu_governor import apply_threads
 from llmaas.model.linear import GEMM_PATHS
 from llmaas.model.loader import AUTO, LoadedModel, load_model
 
@@ -31,6 +32,11 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1; got {value}")
     return value
+
+
+def threads_arg(text: str) -> int | str:
+    """An argparse type for --threads: `auto` (engine.cpu_governor) or a positive_int."""
+    return THREADS_AUTO if text == THREADS_AUTO else positive_int(text)
 
 
 def load_from_args(args: argparse.Namespace) -> LoadedModel:

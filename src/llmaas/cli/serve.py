@@ -7,7 +7,8 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from llmaas.engine.cpu_governor import AUTO, threads_arg
+from llmaas.cli.common import threads_arg
+from llmaas.engine.cpu_governor import AUTO
 from llmaas.engine.worker import EngineConfig
 from llmaas.memory.policy import POLICIES
 from llmaas.paths import DataDir

@@ -97,16 +97,3 @@ def apply_threads(threads: int | str | None) -> None:
         install(None)
         torch.set_num_threads(int(threads))
 
-
-def threads_arg(text: str) -> int | str:
-    """An argparse type for --threads: `auto` or an integer >= 1."""
-    import argparse
-    if text == AUTO:
-        return AUTO
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is neither `auto` nor an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1 or `auto`; got {value}")
-    return value
