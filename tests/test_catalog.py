@@ -82,15 +82,20 @@ def test_fair_queue_round_robins_apps_and_bounds_each_apps_backlog():
 
 
 def test_an_old_catalogue_is_migrated(tmp_path):
-    """A version-1 catalogue (before per-app queue bounds) opens, keeps its apps and keys, and gains the column."""
+    """A version-1 catalogue (before per-app queue bounds and context windows) opens, keeps its apps, keys and
+    contexts, and gains the columns: its contexts slide their window past the limit, like new ones."""
     path = tmp_path / "old.sqlite3"
     catalog = Catalog(path)
     app, key = catalog.add_app("old")
+    ctx = catalog.create_context(app, "sys")
     catalog.close()
     db = sqlite3.connect(path)
-    db.executescript("ALTER TABLE apps DROP COLUMN max_pending; UPDATE meta SET value='1' WHERE key='schema_version';")
+    db.executescript("ALTER TABLE apps DROP COLUMN max_pending; ALTER TABLE contexts DROP COLUMN overflow; "
+                     "ALTER TABLE contexts DROP COLUMN dropped_tokens; "
+                     "UPDATE meta SET value='1' WHERE key='schema_version';")
     db.close()
     catalog = Catalog(path)
     assert catalog.app_for_key(key) == app and app.max_pending is None
     assert catalog.add_app("new", max_pending=3)[0].max_pending == 3
+    assert catalog.get_context(app.id, ctx.id) == ctx and ctx.overflow == "window" and ctx.dropped_tokens == 0
     catalog.close()

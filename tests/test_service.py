@@ -160,7 +160,7 @@ def test_bad_input_gets_a_4xx_with_an_error_body_and_loses_nothing(service):
     gone = h.post("/v1/contexts", json={}).json()["id"]
     h.delete(f"/v1/contexts/{gone}")
     tiny = http(service, new_app(service, max_context_tokens=64))
-    tiny_ctx = tiny.post("/v1/contexts", json={}).json()["id"]
+    tiny_ctx = tiny.post("/v1/contexts", json={"overflow": "error"}).json()["id"]
     model = h.get("/v1/models").json()["data"][0]["id"]
     for name, method, path, kwargs, status in _bad_requests(ctx, gone, model, tiny_ctx):
         client = tiny if tiny_ctx in path else h
@@ -354,8 +354,8 @@ def test_one_apps_burst_never_refuses_another_app(tmp_path_factory, smollm):
 
 def test_a_full_context_says_so_and_what_to_do(service):
     c = Client(new_app(service, max_context_tokens=64), socket=service.home.socket)
-    ctx = c.new_context()
-    assert c.get(ctx)["max_tokens"] == 64
+    ctx = c.new_context(overflow="error")
+    assert c.get(ctx)["max_tokens"] == 64 and c.get(ctx)["overflow"] == "error"
     capped = c.call(ctx, "Hi", max_tokens=2)
     assert capped.finish_reason == "length" and capped.notice is None  # max_tokens, not the context
     full = c.call(ctx, "Write a very long story about a dragon.", max_tokens=500)
@@ -363,6 +363,31 @@ def test_a_full_context_says_so_and_what_to_do(service):
     with pytest.raises(ServiceError) as err:
         c.call(ctx, "More?")
     assert err.value.status == 400 and "new context" in str(err.value)
+
+
+def test_a_conversation_passes_the_maximum_length_and_reports_what_left_the_window(service):
+    """The default overflow: a context at its limit keeps its first tokens and its latest ones and goes on; a prompt
+    longer than the whole window is cut from the start, and the reply says so (also through the OpenAI route)."""
+    key = new_app(service, max_context_tokens=128)
+    c = Client(key, socket=service.home.socket)
+    ctx = c.new_context("You are terse.")
+    replies = [c.call(ctx, f"Remember the number {i}. Now tell me a short fact about the sea.", max_tokens=24)
+               for i in range(8)]
+    assert all(r.finish_reason in ("stop", "length") for r in replies)
+    slid = [r.window for r in replies if r.window is not None]
+    assert slid and all(w["dropped_tokens"] > 0 and w["truncated_prompt_tokens"] == 0 for w in slid)
+    state = c.get(ctx)
+    assert state["num_tokens"] <= 128 and state["dropped_tokens"] == slid[-1]["total_dropped_tokens"]
+    assert len(state["messages"]) == 1 + 2 * len(replies)  # the text of every turn stays
+    long = c.call(ctx, "Summarise this: " + "the tide comes in and goes out " * 60, max_tokens=8)
+    assert long.window["truncated_prompt_tokens"] > 0 and "left out" in long.notice
+    assert c.get(ctx)["num_tokens"] <= 128
+    ai = OpenAI(api_key=key, base_url=f"http://127.0.0.1:{service.port}/v1")
+    reply = ai.chat.completions.create(model=ai.models.list().data[0].id, max_tokens=8,
+                                       messages=[{"role": "user", "content": "And the moon? " * 40}],
+                                       extra_body={"llmaas": {"context_id": ctx}})
+    extension = reply.model_extra["llmaas"]
+    assert extension["window"]["dropped_tokens"] > 0 and extension["context_id"] == ctx
 
 
 def test_stats_show_an_app_its_own_figures_and_the_operator_everything(service):

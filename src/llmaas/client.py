@@ -33,7 +33,8 @@ class CallReply:
     finish_reason: str
     usage: dict[str, int]
     timings: dict[str, float]
-    notice: str | None = None  # set when the caller must act, e.g. finish_reason "context_full"
+    window: dict[str, int] | None = None  # set when the context's window slid: what left it (WindowOut)
+    notice: str | None = None  # set when the caller must act or should know, e.g. finish_reason "context_full"
 
 
 class Client:
@@ -71,9 +72,11 @@ class Client:
 
     # -- the LLMS API --------------------------------------------------------------------------------------------
 
-    def new_context(self, system_prompt: str | None = None) -> str:
-        """Create a context; returns its id."""
-        return self._request("POST", "/v1/contexts", json={"system_prompt": system_prompt})["id"]
+    def new_context(self, system_prompt: str | None = None, overflow: str = "window") -> str:
+        """Create a context; returns its id. overflow: past the maximum length, "window" keeps the first and the
+        most recent tokens and goes on, "error" refuses further calls."""
+        body = {"system_prompt": system_prompt, "overflow": overflow}
+        return self._request("POST", "/v1/contexts", json=body)["id"]
 
     def call(self, context_id: str, prompt: str, **generation: Any) -> CallReply:
         """Append `prompt` as a user turn and return the reply (generation: max_tokens, temperature, top_p, top_k,

@@ -86,6 +86,16 @@ class CallTimings:
 
 
 @dataclass(frozen=True)
+class WindowReport:
+    """A call whose context passed its limit and slid its attention-sink window (engine/window.py). The retained ids
+    were re-prefilled at their new positions during the switch."""
+
+    dropped_tokens: int  # ids that left the window in this call (the text stays in the context's messages)
+    truncated_prompt_tokens: int  # of those, ids from the start of this call's prompt (0 unless it alone overflowed)
+    total_dropped_tokens: int  # over the context's life
+
+
+@dataclass(frozen=True)
 class CallResult:
     context_id: str | None
     reply: str
@@ -95,6 +105,7 @@ class CallResult:
     context_tokens: int  # the context's length after the call (0 for stateless calls)
     timings: CallTimings
     elastic: dict | None = None  # with an SLO: what ElastiLM chose and what happened (ElasticPlan.report)
+    window: WindowReport | None = None  # set when the context's window slid in this call
 
 
 @dataclass(frozen=True)

@@ -38,10 +38,12 @@ from llmaas.engine.calls import (
     EmbedDone,
     EmbedResult,
     EmbedTimings,
+    WindowReport,
 )
-from llmaas.engine.conversation import Conversation
+from llmaas.engine.conversation import Conversation, common_prefix
 from llmaas.engine.generate import Finished, GenerateRequest, Generator, TextDelta
 from llmaas.engine.scheduler import FairQueue
+from llmaas.engine.window import Window, fit
 from llmaas.errors import (
     CallCancelled,
     ContextLengthError,
@@ -250,22 +252,35 @@ class Engine:
         base = list(ctx.token_ids)
         prompt = self.conversation.prompt_ids(ctx.messages, call.prompt, starts_context=not base)
         closing_reserve = len(self.conversation.closing_ids(ctx.messages, call.prompt, ""))
-        max_tokens = self._room(call.app, len(base) + len(prompt) + closing_reserve, call.params)
+        w = Window(base, prompt, 0, 0)
+        if ctx.overflow == "window":
+            w = fit(base, prompt, self.context_limit(call.app), call.params.max_tokens, closing_reserve,
+                    self.kv.policy.chunk_tokens)
+        max_tokens = self._room(call.app, w.retained_tokens + closing_reserve, call.params)
         try:
-            cache = self.kv.acquire(ctx.id, base, len(base) + len(prompt) + max_tokens + closing_reserve)
+            cache = self.kv.acquire(ctx.id, w.held, w.retained_tokens + max_tokens + closing_reserve)
             switch_s = time.perf_counter() - started
-            done = self._generate(ticket, prompt, max_tokens, cache)
-            new_ids, covered = self._close_turn(ctx, call.prompt, base, prompt, done, cache)
-            committed = self.catalog.commit_turn(call.app.id, ctx.id, len(base), call.prompt, done.text, new_ids)
+            done = self._generate(ticket, w.prompt, max_tokens, cache)
+            new_ids, covered = self._close_turn(ctx, call.prompt, w.held, w.prompt, done, cache)
+            committed = self.catalog.commit_turn(call.app.id, ctx.id, len(base), call.prompt, done.text, new_ids,
+                                                 w.dropped_tokens)
         except BaseException:
-            self.kv.release(ctx.id, base)  # roll the KV back to the committed context
+            # Roll the KV back to the committed context: what the working KV holds of it (after a slide, the sinks
+            # and whatever else both windows share).
+            self.kv.release(ctx.id, base[:common_prefix(base, w.held)])
             raise
         if not committed:
             self.kv.drop(ctx.id)
             raise NotFoundError(f"context {ctx.id!r} was deleted during the call; nothing was saved")
         self.kv.release(ctx.id, new_ids[:covered])
-        return self._result(ticket, ctx.id, done, len(prompt), len(new_ids), switch_s,
-                            context_full=max_tokens < call.params.max_tokens)
+        if w.dropped_tokens:
+            self._count(ticket, "window_slides", "window_dropped_tokens", w.dropped_tokens)
+        result = self._result(ticket, ctx.id, done, len(w.prompt), len(new_ids), switch_s,
+                              context_full=max_tokens < call.params.max_tokens and ctx.overflow == "error")
+        if not w.dropped_tokens:
+            return result
+        return replace(result, window=WindowReport(w.dropped_tokens, w.truncated_prompt_tokens,
+                                                   ctx.dropped_tokens + w.dropped_tokens))
 
     def _run_chat_call(self, ticket: Ticket) -> CallResult:
         call: ChatCall = ticket.call  # type: ignore[assignment]
@@ -396,7 +411,8 @@ class Engine:
 
 
 def _new_counters() -> dict[str, int]:
-    return {"calls": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0}
+    return {"calls": 0, "cancelled": 0, "failed": 0, "generated_tokens": 0, "window_slides": 0,
+            "window_dropped_tokens": 0}
 
 
 def open_kv_store(loaded: LoadedModel, catalog: Catalog, config: EngineConfig) -> ChunkedKVStore:

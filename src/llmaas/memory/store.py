@@ -263,7 +263,9 @@ class ChunkedKVStore:
         return ctx
 
     def _validate(self, ctx: ContextKV, token_ids: Sequence[int]) -> None:
-        """Keep the leading chunks built for exactly these tokens; forget the rest (their tokens get recomputed)."""
+        """Keep the leading chunks built for exactly these tokens and forget the rest (their tokens get recomputed).
+        Forgotten chunks were built for other tokens (the window slid, or a call was rolled back past them): their
+        densities go too, and their disk copies are deleted once the writes queued before are done."""
         size = self.policy.chunk_tokens
         hashes = prefix_hashes(token_ids, size)
         keep = 0
@@ -275,7 +277,17 @@ class ChunkedKVStore:
             if expected != c.prefix_hash:
                 break
             keep += 1
-        self.ledger.truncate(ctx, ctx.chunks[keep - 1].token_start + ctx.chunks[keep - 1].fill if keep else 0)
+        if keep == len(ctx.chunks):
+            return
+        kept_tokens = ctx.chunks[keep - 1].token_start + ctx.chunks[keep - 1].fill if keep else 0
+        self.ledger.truncate(ctx, kept_tokens)
+        ctx.prob_sum, ctx.row_count = ctx.prob_sum[:kept_tokens], ctx.row_count[:kept_tokens]
+        context_id = ctx.id
+
+        def delete_stale() -> None:  # a def: a write-back job returns None
+            self.log.delete_chunks(context_id, keep)
+
+        self.writer.submit(delete_stale)
 
     def _codec_id(self) -> str:
         return f"llmaas-kv/{self.policy.base_level.name.lower()}-c{self.policy.chunk_tokens}"

@@ -27,6 +27,7 @@ from llmaas.service.schemas import (
     NewContext,
     TimingsOut,
     Usage,
+    WindowOut,
 )
 from llmaas.service.state import CallStream, ServiceState, authenticate, get_state
 
@@ -40,7 +41,7 @@ def context_out(state: ServiceState, app: App, ctx: ContextRecord) -> ContextOut
     return ContextOut(id=ctx.id, created_at=ctx.created_at, updated_at=ctx.updated_at, num_calls=ctx.num_calls,
                       num_tokens=len(ctx.token_ids), max_tokens=state.engine.context_limit(app),
                       state="resident" if resident else "stored",
-                      resident_bytes=resident,
+                      resident_bytes=resident, overflow=ctx.overflow, dropped_tokens=ctx.dropped_tokens,
                       messages=[MessageOut(role=m.role, content=m.content) for m in ctx.messages])
 
 
@@ -48,15 +49,19 @@ def call_out(r: CallResult) -> CallOut:
     return CallOut(context_id=r.context_id, reply=r.reply, finish_reason=r.finish_reason,
                    usage=Usage(prompt_tokens=r.prompt_tokens, completion_tokens=r.completion_tokens,
                                context_tokens=r.context_tokens),
-                   timings=TimingsOut(**r.timings.__dict__), notice=finish_notice(r))
+                   timings=TimingsOut(**r.timings.__dict__),
+                   window=WindowOut(**r.window.__dict__) if r.window is not None else None, notice=finish_notice(r))
 
 
 def finish_notice(r: CallResult) -> str | None:
-    """What the caller should do after this reply, when it has to do something."""
-    if r.finish_reason != "context_full":
-        return None
-    return (f"the context is full ({r.context_tokens} tokens, its limit): the reply was cut and the next call on "
-            "it will be refused; start a new context (or delete this one)")
+    """What the caller should do after this reply, or know about it: a full context, a prompt cut to fit."""
+    if r.finish_reason == "context_full":
+        return (f"the context is full ({r.context_tokens} tokens, its limit): the reply was cut and the next call on "
+                "it will be refused; start a new context (or delete this one)")
+    if r.window is not None and r.window.truncated_prompt_tokens:
+        return (f"the prompt alone did not fit the context's window: its first {r.window.truncated_prompt_tokens} "
+                "tokens were left out, and the model saw only the rest; send long documents in smaller parts")
+    return None
 
 
 def _own_context(state: ServiceState, app: App, context_id: str) -> ContextRecord:
@@ -69,8 +74,8 @@ def _own_context(state: ServiceState, app: App, context_id: str) -> ContextRecor
 @router.post("/contexts", status_code=201, response_model=ContextOut, summary="Create a context")
 def new_context(body: NewContext | None = None, app: App = Depends(authenticate),
                 state: ServiceState = Depends(get_state)) -> ContextOut:
-    system_prompt = body.system_prompt if body is not None else None
-    return context_out(state, app, state.catalog.create_context(app, system_prompt))
+    body = body if body is not None else NewContext()
+    return context_out(state, app, state.catalog.create_context(app, body.system_prompt, body.overflow))
 
 
 @router.get("/contexts", response_model=ContextList, summary="List the app's contexts")

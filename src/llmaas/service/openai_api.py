@@ -100,10 +100,14 @@ def slo_request(slo: SloBody) -> SloRequest:
 
 def _finish(r: CallResult) -> tuple[str, dict]:
     """OpenAI's finish_reason (its clients know only stop and length) and llmaas's extension object, which tells a
-    full context apart from max_tokens."""
+    full context apart from max_tokens and reports a slid window."""
     extension: dict = {"context_id": r.context_id, "timings": r.timings.__dict__, **(r.elastic or {})}
+    if r.window is not None:
+        extension["window"] = r.window.__dict__
+    if (notice := finish_notice(r)) is not None:
+        extension["notice"] = notice
     if r.finish_reason == "context_full":
-        extension.update(finish_detail="context_full", notice=finish_notice(r))
+        extension["finish_detail"] = "context_full"
         return "length", extension
     return r.finish_reason, extension
 

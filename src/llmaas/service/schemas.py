@@ -47,6 +47,11 @@ class Generation(_Strict):
 
 class NewContext(_Strict):
     system_prompt: Text | None = None
+    overflow: Literal["window", "error"] = Field(
+        "window", description="what a call does when the context would pass its maximum length. window: the context "
+                              "keeps its first tokens (attention sinks) and its most recent ones, and goes on (the "
+                              "reply's `window` says what left); error: the reply is cut (finish_reason "
+                              "context_full) and later calls are refused")
 
 
 class CallBody(Generation):
@@ -70,6 +75,9 @@ class ContextOut(BaseModel):
     state: Literal["resident", "stored"] = Field(description="resident: its KV is in memory; stored: only its text "
                                                              "and token ids are, and the next call rebuilds the KV")
     resident_bytes: int = Field(description="bytes of this context's KV in memory now (0 = not resident)")
+    overflow: Literal["window", "error"]
+    dropped_tokens: int = Field(description="tokens that left the attention window so far (their messages stay "
+                                            "here; num_tokens counts the retained ones)")
     messages: list[MessageOut]
 
 
@@ -93,8 +101,18 @@ class TimingsOut(BaseModel):
 
 
 FINISH_REASON = Field(description="stop: the model ended or a stop string came; length: max_tokens was reached; "
-                                  "context_full: the context reached its maximum length, and its next call would be "
-                                  "refused (start a new context)")
+                                  "context_full: a context created with overflow 'error' reached its maximum length, "
+                                  "and its next call would be refused (start a new context)")
+
+
+class WindowOut(BaseModel):
+    """Set when the context passed its maximum length in this call and its attention-sink window slid."""
+
+    dropped_tokens: int = Field(description="tokens that left the window in this call (their text stays in the "
+                                            "context's messages)")
+    truncated_prompt_tokens: int = Field(description="of those, tokens cut from the start of this call's prompt, "
+                                                     "which alone did not fit (0 otherwise)")
+    total_dropped_tokens: int = Field(description="over the context's life")
 
 
 class CallOut(BaseModel):
@@ -103,7 +121,9 @@ class CallOut(BaseModel):
     finish_reason: Literal["stop", "length", "context_full"] = FINISH_REASON
     usage: Usage
     timings: TimingsOut
-    notice: str | None = Field(None, description="what to do next, when the caller must act (e.g. a full context)")
+    window: WindowOut | None = None
+    notice: str | None = Field(None, description="what to do next, or what the caller should know: a full context, "
+                                                 "a prompt cut to fit the window")
 
 
 class Deleted(BaseModel):
@@ -250,8 +270,9 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: ChatUsage
-    llmaas: dict = Field(description="context_id and timings of this call; finish_detail and notice when a "
-                                     "persistent context is full")
+    llmaas: dict = Field(description="context_id and timings of this call; window when a persistent context slid "
+                                     "its attention window (see WindowOut); finish_detail and notice when it is full "
+                                     "(overflow 'error'), notice when the prompt was cut to fit")
 
 
 class ModelCard(BaseModel):

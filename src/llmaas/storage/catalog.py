@@ -18,10 +18,10 @@ from pathlib import Path
 from types import TracebackType
 
 from llmaas.errors import LlmaasError
-from llmaas.records import App, ContextRecord, Message
+from llmaas.records import OVERFLOW_MODES, App, ContextRecord, Message
 from llmaas.storage.sqlite_db import open_database
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 DEFAULT_MAX_CONTEXTS = 8  # K of LLMS: contexts per app
 DEFAULT_MAX_CONTEXT_TOKENS = 2048
 MAX_PENDING_LIMIT = 10_000  # per-app queue bound: anything larger is a typo, not a plan
@@ -44,7 +44,9 @@ CREATE TABLE IF NOT EXISTS contexts (
     token_ids BLOB NOT NULL,
     num_calls INTEGER NOT NULL DEFAULT 0,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    overflow TEXT NOT NULL DEFAULT 'window',  -- past the limit: 'window' (attention-sink window) or 'error'
+    dropped_tokens INTEGER NOT NULL DEFAULT 0  -- ids that left the window (token_ids holds the retained ones)
 );
 CREATE INDEX IF NOT EXISTS contexts_by_app ON contexts(app_id);
 CREATE TABLE IF NOT EXISTS messages (
@@ -56,7 +58,10 @@ CREATE TABLE IF NOT EXISTS messages (
     PRIMARY KEY (context_id, seq)
 );
 """
-_MIGRATIONS = {1: "ALTER TABLE apps ADD COLUMN max_pending INTEGER"}
+_MIGRATIONS = {1: "ALTER TABLE apps ADD COLUMN max_pending INTEGER",
+               2: "ALTER TABLE contexts ADD COLUMN overflow TEXT NOT NULL DEFAULT 'window'; "
+                  "ALTER TABLE contexts ADD COLUMN dropped_tokens INTEGER NOT NULL DEFAULT 0"}
+_CONTEXT_COLUMNS = "id, app_id, token_ids, num_calls, created_at, updated_at, overflow, dropped_tokens"
 _APP_COLUMNS = "id, name, max_contexts, max_context_tokens, created_at, max_pending"
 
 
@@ -158,7 +163,10 @@ class Catalog:
 
     # -- contexts ------------------------------------------------------------------------------------------------
 
-    def create_context(self, app: App, system_prompt: str | None) -> ContextRecord:
+    def create_context(self, app: App, system_prompt: str | None, overflow: str = "window") -> ContextRecord:
+        """A new context of `app`; overflow: what its calls do past the limit (records.OVERFLOW_MODES)."""
+        if overflow not in OVERFLOW_MODES:
+            raise CatalogError(f"overflow must be one of {', '.join(OVERFLOW_MODES)}; got {overflow!r}")
         ctx_id = "ctx-" + secrets.token_urlsafe(18)
         now = time.time()
         with self._tx() as db:
@@ -167,25 +175,24 @@ class Catalog:
                 raise QuotaError(
                     f"app {app.name!r} already holds {count} contexts, its limit; delete one first"
                 )
-            db.execute("INSERT INTO contexts (id, app_id, token_ids, created_at, updated_at) VALUES (?, ?, ?, ?, ?)",
-                       (ctx_id, app.id, b"", now, now))
+            db.execute("INSERT INTO contexts (id, app_id, token_ids, created_at, updated_at, overflow) "
+                       "VALUES (?, ?, ?, ?, ?, ?)", (ctx_id, app.id, b"", now, now, overflow))
             messages: tuple[Message, ...] = ()
             if system_prompt is not None:
                 db.execute("INSERT INTO messages VALUES (?, 0, 'system', ?, ?)", (ctx_id, system_prompt, now))
                 messages = (Message("system", system_prompt),)
-        return ContextRecord(ctx_id, app.id, messages, (), 0, now, now)
+        return ContextRecord(ctx_id, app.id, messages, (), 0, now, now, overflow)
 
     def get_context(self, app_id: int, ctx_id: str) -> ContextRecord | None:
         """The context if it exists and belongs to app_id; another app's context is indistinguishable from none."""
         with self._lock:
-            row = self._db.execute("SELECT id, app_id, token_ids, num_calls, created_at, updated_at FROM contexts "
-                                   "WHERE id=? AND app_id=?", (ctx_id, app_id)).fetchone()
+            row = self._db.execute(f"SELECT {_CONTEXT_COLUMNS} FROM contexts WHERE id=? AND app_id=?",
+                                   (ctx_id, app_id)).fetchone()
             if row is None:
                 return None
             msgs = self._db.execute("SELECT role, content FROM messages WHERE context_id=? ORDER BY seq",
                                     (ctx_id,)).fetchall()
-        return ContextRecord(row[0], row[1], tuple(Message(*m) for m in msgs), _blob_to_ids(row[2]), row[3], row[4],
-                             row[5])
+        return ContextRecord(row[0], row[1], tuple(Message(*m) for m in msgs), _blob_to_ids(row[2]), *row[3:])
 
     def all_context_ids(self) -> set[str]:
         with self._lock:
@@ -202,8 +209,9 @@ class Catalog:
             return db.execute("DELETE FROM contexts WHERE id=? AND app_id=?", (ctx_id, app_id)).rowcount == 1
 
     def commit_turn(self, app_id: int, ctx_id: str, base_tokens: int, user: str, assistant: str,
-                    token_ids: list[int] | tuple[int, ...]) -> bool:
-        """Append a user and an assistant message and set the context's token ids, atomically and durably.
+                    token_ids: list[int] | tuple[int, ...], dropped_tokens: int = 0) -> bool:
+        """Append a user and an assistant message and set the context's token ids, atomically and durably;
+        dropped_tokens: ids that left its window in this turn (token_ids is then the retained window).
 
         Refused (False) if the context is gone or no longer has `base_tokens` tokens (changed under the call)."""
         now = time.time()
@@ -215,8 +223,9 @@ class Catalog:
             (seq,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM messages WHERE context_id=?", (ctx_id,)).fetchone()
             db.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?)",
                            [(ctx_id, seq + 1, "user", user, now), (ctx_id, seq + 2, "assistant", assistant, now)])
-            db.execute("UPDATE contexts SET token_ids=?, num_calls=num_calls+1, updated_at=? WHERE id=?",
-                       (_ids_to_blob(token_ids), now, ctx_id))
+            db.execute("UPDATE contexts SET token_ids=?, num_calls=num_calls+1, updated_at=?, "
+                       "dropped_tokens=dropped_tokens+? WHERE id=?", (_ids_to_blob(token_ids), now, dropped_tokens,
+                                                                      ctx_id))
         return True
 
 

@@ -613,6 +613,19 @@ class ChunkLog:
             self._remove_segments(segments)
         return len(rows)
 
+    def delete_chunks(self, context_id: str, first_index: int) -> int:
+        """Remove the context's rows from chunk first_index on; their bytes are dead and go when the context's next
+        write compacts it. Returns the rows removed."""
+        with self._write_lock:
+            rows = [r for i, r in self._index.locations(context_id).items() if i >= first_index]
+            if not rows:
+                return 0
+            self._index.commit([], delete=rows)
+            with self._lock:
+                for r in rows:
+                    self._headers.get(r.segment, {}).pop(r.offset, None)
+        return len(rows)
+
     def recover(self, live_context_ids: Iterable[str]) -> RecoveryReport:
         """At startup, before any write: drop rows of contexts no longer alive, delete temp files and segments no
         row references, and cut uncommitted tails (a crash mid-append) off the others."""
