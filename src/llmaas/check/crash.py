@@ -7,8 +7,10 @@ history (history.py), make one verification call on every context (it must be ca
 of an uninterrupted twin service fed the same turns), then replay plain and streamed calls on random contexts and
 SIGKILL the service a random delay after a random call starts (prefill, decode, commit or write-back). The twin is a
 second service on its own directory, extended lazily so it always holds one turn more than any compared context.
-The KV budget holds two contexts, so eviction, write-back and restore from disk are exercised too. Ignores
-sampling (greedy only), other policies, and the OpenAI routes (fuzz and isolation cover them).
+The KV budget holds two contexts, so eviction, write-back and restore from disk are exercised too; the contexts are
+short (384 tokens), so they pass their limit every few turns and slide their attention-sink window (re-prefill, new
+token ids, deletion of the dropped chunks on disk) inside the crash window as well. Ignores sampling (greedy only),
+other policies, and the OpenAI routes (fuzz and isolation cover them).
 """
 
 from __future__ import annotations
@@ -25,12 +27,11 @@ from llmaas.client import CallReply, Client, ServiceError
 APPS = ["crash-a", "crash-b", "crash-c"]
 CONTEXTS_PER_APP = 2
 MAX_TOKENS = 8
-MAX_CONTEXT_TOKENS = 1024
-# llms-lossless keeps FP16 KV: 45 MiB holds one 2048-token context, so 46 MiB holds two 1024-token ones and six
-# contexts must take turns: eviction, write-back and restore run inside the crash window.
+MAX_CONTEXT_TOKENS = 384  # ~35 tokens a turn: a context's window first slides after ~10 turns, then every ~5
+# llms-lossless keeps FP16 KV: 8.4 MiB holds one 384-token context, so 18 MiB holds two and six contexts must take
+# turns: eviction, write-back and restore run inside the crash window.
 FLAGS = ["--threads", "1", "--kv-policy", "llms-lossless", "--max-context-tokens", str(MAX_CONTEXT_TOKENS),
-         "--kv-budget-mb", "46"]
-ROLLOVER_MARGIN_TOKENS = 80  # a context this close to its limit is replaced: a full one cannot take more turns
+         "--kv-budget-mb", "18"]
 KILL_DELAY_MAX_S = 0.4  # a call of 8 tokens takes ~0.2-0.3 s here: delays cover prefill, decode, commit, and after
 WORDS = ["river", "lamp", "garden", "violin", "harbor", "comet", "maple", "engine", "pepper", "castle", "tiger",
          "cloud", "anchor", "mirror", "desert", "bridge"]
@@ -67,6 +68,7 @@ class Tally:
     half_saved: int = 0
     phantom_turns: int = 0
     uncallable: int = 0
+    window_slides: int = 0  # acknowledged calls that slid their context's window
     notes: list[str] = field(default_factory=list)
 
     def note(self, text: str) -> None:
@@ -104,7 +106,8 @@ class CrashCampaign:
         t = self.tally
         return {"rounds": t.rounds, "lost_turns": t.lost_turns, "lost_contexts": t.lost_contexts,
                 "mismatches": t.mismatches, "kills": t.kills, "half_saved": t.half_saved,
-                "phantom_turns": t.phantom_turns, "uncallable": t.uncallable, "notes": t.notes}
+                "phantom_turns": t.phantom_turns, "uncallable": t.uncallable, "window_slides": t.window_slides,
+                "notes": t.notes}
 
     # -- conversations ---------------------------------------------------------------------------------------
 
@@ -156,9 +159,6 @@ class CrashCampaign:
                 t.mismatches += 1
                 conv.diverged = True
             conv.acked = verdict.stored_turns
-            if got["num_tokens"] + ROLLOVER_MARGIN_TOKENS > got["max_tokens"]:
-                c.delete(conv.ctx_id)
-                return self._new_conversation(conv.app, 0)
             try:  # every context must be callable, and continue as the twin does
                 reply = c.call(conv.ctx_id, conv.prompts[conv.acked], max_tokens=MAX_TOKENS, temperature=0)
             except ServiceError as exc:
@@ -170,6 +170,7 @@ class CrashCampaign:
                 t.note(f"{conv.ctx_id} turn {conv.acked}: {reply.reply!r} != twin {conv.twin_replies[conv.acked]!r}")
                 conv.diverged = True
             conv.acked += 1
+            t.window_slides += reply.window is not None
         return conv
 
     # -- the kill ------------------------------------------------------------------------------------------
@@ -199,8 +200,7 @@ class CrashCampaign:
                     return  # the service died under this call: it stays "in flight"
                 conv.in_flight = False
                 conv.acked += 1
-                if reply.finish_reason == "context_full":
-                    return
+                self.tally.window_slides += reply.window is not None
 
         worker = threading.Thread(target=replay, daemon=True)
         worker.start()

@@ -70,7 +70,7 @@ def summary_line(name: str, result: dict) -> str:
     if name == "crash":
         return (f"{result['rounds']} rounds, {result['kills']} kills: lost turns {result['lost_turns']}, lost "
                 f"contexts {result['lost_contexts']}, mismatches {result['mismatches']}, half-saved "
-                f"{result['half_saved']}, uncallable {result['uncallable']}")
+                f"{result['half_saved']}, uncallable {result['uncallable']}; window slides {result['window_slides']}")
     if name == "fuzz":
         injected = ", ".join(result.get("control_token_injection", [])) or "none"
         return (f"{result['cases']} cases: >=500 {result['server_errors']}, crashes {result['crashes']}, healthy "
