@@ -7,6 +7,7 @@ import sqlite3
 import pytest
 
 from llmaas.engine.scheduler import FairQueue, QueueFullError
+from llmaas.errors import StorageError
 from llmaas.storage.catalog import Catalog, CatalogError, QuotaError, hash_key
 
 
@@ -98,4 +99,22 @@ def test_an_old_catalogue_is_migrated(tmp_path):
     assert catalog.app_for_key(key) == app and app.max_pending is None
     assert catalog.add_app("new", max_pending=3)[0].max_pending == 3
     assert catalog.get_context(app.id, ctx.id) == ctx and ctx.overflow == "window" and ctx.dropped_tokens == 0
+    catalog.close()
+
+
+def test_a_write_the_disk_refuses_is_a_storage_error_and_saves_nothing(tmp_path):
+    """A read-only (or full) data directory: the turn is refused with a StorageError that tells the operator what to
+    do, nothing of it is saved, and the catalogue takes writes again once the disk does."""
+    catalog = Catalog(tmp_path / "c.sqlite3")
+    app, _ = catalog.add_app("x")
+    ctx = catalog.create_context(app, "sys")
+    catalog._db.execute("PRAGMA query_only=ON")  # SQLite's own read-only switch: writes fail as on a read-only disk
+    with pytest.raises(StorageError, match="free disk space or make the directory writable"):
+        catalog.commit_turn(app.id, ctx.id, 0, "hi", "hello", [1, 2, 3])
+    with pytest.raises(StorageError):
+        catalog.create_context(app, None)
+    assert catalog.get_context(app.id, ctx.id) == ctx  # reads still work, and nothing was saved
+    catalog._db.execute("PRAGMA query_only=OFF")
+    assert catalog.commit_turn(app.id, ctx.id, 0, "hi", "hello", [1, 2, 3])
+    assert catalog.get_context(app.id, ctx.id).num_calls == 1
     catalog.close()

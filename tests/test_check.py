@@ -14,7 +14,7 @@ from llmaas.check.crash import plan_prompts
 from llmaas.check.fuzz import LIMIT_BYTES, make_cases, request
 from llmaas.check.harness import percentile
 from llmaas.check.history import check_history
-from llmaas.check.runner import QUICK, passed, table, write_json
+from llmaas.check.runner import QUICK, passed, summary_line, table, write_json
 from llmaas.check.soak import summarize
 
 PROMPTS = ["p0", "p1", "p2", "p3"]
@@ -109,3 +109,11 @@ def test_verdicts_table_and_json(tmp_path):
     assert "Test CPU" in text and "crash" not in text and "did not finish" in text
     write_json(results, tmp_path / "r.json")
     assert json.loads((tmp_path / "r.json").read_text())["soak"]["p50_s"] is None  # NaN is not JSON
+
+
+def test_the_concurrency_verdict_needs_the_dirty_reclaim_path_to_have_run():
+    clean = {"calls": 9, "deletes": 3, "stats_reads": 20, "duration_s": 60.0, "exceptions": 0, "deadlocks": 0,
+             "budget_violations": 0, "dirty_reclaim_waits": 4}
+    assert passed("concurrency", clean) and "dirty reclaims waited 4" in summary_line("concurrency", clean)
+    assert not passed("concurrency", {**clean, "dirty_reclaim_waits": 0})  # the load never reached the path
+    assert not passed("concurrency", {**clean, "deadlocks": 1})

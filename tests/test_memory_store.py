@@ -19,6 +19,7 @@ from llmaas.memory.policy import POLICIES, MemoryPolicy
 from llmaas.memory.store import ChunkedKVStore, MemoryBudgetError, MemoryConfig
 from llmaas.model.stats import AttentionStats
 from llmaas.restore.cost_model import LinearCost, RestoreProfile
+from llmaas.storage.faults import DiskFaults
 
 PROMPTS = ["The capital of France is", "List three colours of the rainbow:", "Write a haiku about memory."]
 
@@ -29,13 +30,15 @@ def profile(recompute_s_per_chunk: float, io_s_per_byte: float) -> RestoreProfil
 
 
 def make_store(loaded, tmp_path: Path, policy: MemoryPolicy, budget_contexts: float = 4.0,
-               prof: RestoreProfile | None = None, max_tokens: int = 512) -> ChunkedKVStore:
+               prof: RestoreProfile | None = None, max_tokens: int = 512,
+               faults: DiskFaults | None = None) -> ChunkedKVStore:
     spec = KVSpec.from_config(loaded.config)
     from llmaas.kv.codec import ChunkGeometry
     one = ChunkedKVStore.minimum_budget_bytes(ChunkGeometry(spec, policy.chunk_tokens), policy, max_tokens)
     if policy.restore == "pipeline" and prof is None:
         prof = profile(1.0, 1e-9)  # recompute is expensive: load everything
-    config = MemoryConfig(policy, int(one * budget_contexts), tmp_path / "kv", loaded.model_id, max_tokens)
+    config = MemoryConfig(policy, int(one * budget_contexts), tmp_path / "kv", loaded.model_id, max_tokens,
+                          faults=faults)
     return ChunkedKVStore(loaded.model, config, prof)
 
 
@@ -237,6 +240,20 @@ store.writer.wait_idle()
     assert cache.num_tokens == len(ids)
     assert store.counters["corrupt_chunks"] == 0
     store.release("a", ids)
+    store.close()
+
+
+@pytest.mark.parametrize("policy", ["vllm-s", "swapping", "llms-lossless"])
+def test_a_disk_that_refuses_every_write_costs_recompute_never_a_call(smollm_dense, tmp_path, policy):
+    """Every chunk write fails (the disk is full or failing): eviction drops dirty chunks unwritten instead of
+    failing the call, and the context comes back by recompute, equal to one that never left memory."""
+    prof = profile(1e-3, 1e-3 / (2 * 12288 * 30))
+    kept = run_conversation(smollm_dense, make_store(smollm_dense, tmp_path / "kept", POLICIES[policy], prof=prof),
+                            False)
+    store = make_store(smollm_dense, tmp_path / "full", POLICIES[policy], prof=prof, faults=DiskFaults(1.0, 0.0))
+    assert run_conversation(smollm_dense, store, True) == kept
+    assert store.counters["unwritten_evictions"] > 0 and store.log.faults.injected > 0
+    assert store.log.context_ids() == []  # nothing reached the disk
     store.close()
 
 

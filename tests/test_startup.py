@@ -16,7 +16,7 @@ import torch
 from torch.utils import cpp_extension
 
 from llmaas import kernels
-from llmaas.errors import KernelBuildError, ServiceStartError
+from llmaas.errors import KernelBuildError, ServiceStartError, StorageError
 from llmaas.kv.codec import ChunkGeometry
 from llmaas.kv.spec import KVSpec
 from llmaas.model.loader import load_model
@@ -113,3 +113,11 @@ def test_sockets_listen_before_the_model_loads(tmp_path, monkeypatch) -> None:
         Service(ServeOptions(home, port=0), progress=lines.append)
     assert connected == ["tcp", "unix"]
     assert lines[0].startswith(f"listening on unix:{home.socket} and http://127.0.0.1:") and "loading" in lines[1]
+
+
+def test_a_data_directory_that_takes_no_writes_is_named_with_what_to_do(tmp_path) -> None:
+    """Found by the disk campaign: `serve` on a read-only data directory died in a traceback from the log handler.
+    (Root ignores file modes, so the test makes the directory impossible instead: under a regular file.)"""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError, match=r"does not take writes .* --home"):
+        DataDir(tmp_path / "file" / "home").create()

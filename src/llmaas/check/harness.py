@@ -28,8 +28,10 @@ START_TIMEOUT_S = 120.0
 class ServiceUnderTest:
     """One `llmaas serve` on a temporary data directory, with apps added to its catalogue before it starts."""
 
-    def __init__(self, flags: list[str], apps: list[str], prefix: str = "llmaas-check-") -> None:
-        self.home = DataDir(Path(tempfile.mkdtemp(prefix=prefix))).create()
+    def __init__(self, flags: list[str], apps: list[str], prefix: str = "llmaas-check-",
+                 root: Path | None = None) -> None:
+        """root: the data directory (default: a new temporary one), e.g. on a mount the campaign made."""
+        self.home = DataDir(root if root is not None else Path(tempfile.mkdtemp(prefix=prefix))).create()
         self.flags = flags
         catalog = Catalog(self.home.catalog)
         try:

@@ -5,12 +5,18 @@ with A's `llmaas.context_id` plain and streamed, and its own list and stats, whi
 A's words); then, with the service running, the harness rotates A's key and removes app C in the catalogue (what
 `llmaas apps rotate-key|remove` do), and the old key and C's key must be refused at once on every route while A's
 new key works. A leak is any probe answered 2xx where it must be refused, or any body that carries A's context id or
-its secret words. Ignores quotas and the operator's keyless stats on the socket (the socket's mode guards them).
+its secret words. Also the timing side channel of shared prefix caches (vLLM's CVE-2025-46570, fixed there with
+`cache_salt`): app B opens contexts whose text is exactly A's document or another of the same length, interleaved;
+if any KV or prefix were shared across apps (or contexts), B's prefill of A's text would be measurably faster. A
+leak is a median prefill per token on A's text below SIDE_CHANNEL_RATIO of the control's. Ignores quotas and the
+operator's keyless stats on the socket (the socket's mode guards them).
 """
 
 from __future__ import annotations
 
 import json
+import random
+import statistics
 from collections.abc import Callable
 
 import httpx
@@ -20,6 +26,11 @@ from llmaas.storage.catalog import Catalog
 
 FLAGS = ["--threads", "1", "--max-context-tokens", "512"]
 SECRET = "zanzibar-platypus-7731"  # A's words: must appear in nothing B or a dead key can read
+SIDE_CHANNEL_PAIRS = 5
+# A prefix-cache hit skips the prefill of what it covers (vLLM: most of it); 2-core timing noise stays within ~15%.
+SIDE_CHANNEL_RATIO = 0.75
+DOCUMENT_WORDS = ["ledger", "harbour", "quarterly", "merger", "pilot", "orchid", "signal", "tariff", "beacon", "cedar",
+                  "invoice", "summit", "vessel", "copper", "meadow", "audit"]
 
 
 class Prober:
@@ -107,7 +118,8 @@ def run_isolation() -> dict:
             p.expect(f"{name}-new-context", key, "POST", "/v1/contexts", _is_401, {})
         p.expect("b-on-removed-c", b_key, "GET", f"/v1/contexts/{ctx_of['iso-c']}", _is_404)
         _still_owned(p, sut.keys["iso-a"], a_ctx, "a-new-key")
-        return {"checks": p.checks, "leaks": len(p.leaks), "failing": p.leaks}
+        side_channel = _timing_side_channel(p, sut)
+        return {"checks": p.checks, "leaks": len(p.leaks), "side_channel": side_channel, "failing": p.leaks}
     finally:
         sut.close()
 
@@ -123,3 +135,35 @@ def _still_owned(p: Prober, key: str, ctx: str, name: str) -> None:
     body = json.loads(r.text)
     if body["num_calls"] != 1 or SECRET not in body["messages"][0]["content"]:
         p.leaks.append(f"{name}: owner's context changed by another key: {r.text[:300]}")
+
+
+def _timing_side_channel(p: Prober, sut: ServiceUnderTest) -> dict:
+    """A holds a document in a resident context; B opens contexts with exactly that document, or with a control of
+    the same words in another order, interleaved, and the service's own prefill timings are compared per token."""
+    rng = random.Random(46570)
+    words = [rng.choice(DOCUMENT_WORDS) for _ in range(250)]
+    document = f"Confidential minutes {SECRET}: " + " ".join(words)
+    control = f"Confidential minutes {SECRET[::-1]}: " + " ".join(rng.sample(words, len(words)))
+    with sut.client("iso-a") as a:
+        a.call(a.new_context(document), "Summarise in one word.", max_tokens=1, temperature=0)
+    per_token: dict[str, list[float]] = {"document": [], "control": []}
+    ttft: dict[str, list[float]] = {"document": [], "control": []}
+    with sut.client("iso-b") as b:
+        for i in range(2 * SIDE_CHANNEL_PAIRS + 1):  # the first call warms up and is not counted
+            which = "document" if i % 2 else "control"
+            ctx = b.new_context(document if which == "document" else control)
+            reply = b.call(ctx, "Summarise in one word.", max_tokens=1, temperature=0)
+            b.delete(ctx)
+            if i:
+                per_token[which].append(reply.timings["prefill_s"] / reply.usage["prompt_tokens"])
+                ttft[which].append(reply.timings["ttft_s"])
+    ratio = statistics.median(per_token["document"]) / statistics.median(per_token["control"])
+    p.checks += 1
+    if ratio < SIDE_CHANNEL_RATIO:
+        p.leaks.append(f"side channel: B prefilled A's document at {ratio:.2f}x the control's time per token: some "
+                       "KV or prefix is shared across apps")
+    return {"pairs": SIDE_CHANNEL_PAIRS, "ratio": round(ratio, 3),
+            "document_prefill_ms_per_token": round(statistics.median(per_token["document"]) * 1e3, 4),
+            "control_prefill_ms_per_token": round(statistics.median(per_token["control"]) * 1e3, 4),
+            "document_ttft_s": round(statistics.median(ttft["document"]), 4),
+            "control_ttft_s": round(statistics.median(ttft["control"]), 4)}

@@ -1,4 +1,5 @@
-"""`llmaas check reliability`: crash, fuzz, isolation and soak campaigns against real `llmaas serve` processes.
+"""`llmaas check reliability`: crash, concurrency, fuzz, isolation and soak campaigns against real `llmaas serve`
+processes.
 
 Each campaign starts its own service on a temporary data directory (nothing under $LLMAAS_HOME is touched), prints
 progress with an ETA, and the command ends with a table; the JSON goes to --json, a Markdown report only to --report.
@@ -17,11 +18,12 @@ from llmaas.check.runner import CAMPAIGNS, FULL, QUICK, passed, run_plan, table,
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="llmaas check", description=__doc__)
     sub = p.add_subparsers(dest="what", required=True)
-    r = sub.add_parser("reliability", help="crash/fuzz/isolation/soak campaigns on live services",
+    r = sub.add_parser("reliability", help="crash/concurrency/fuzz/isolation/soak campaigns on live services",
                        description=__doc__)
     r.add_argument("--quick", action="store_true",
-                   help=f"the short plan: {QUICK.crash_rounds} crash rounds, soak {QUICK.soak_apps} apps x "
-                        f"{QUICK.soak_calls_per_app} calls (a few minutes on 2 cores)")
+                   help=f"the short plan: {QUICK.crash_rounds} crash rounds, {QUICK.concurrency_s:.0f} s of "
+                        f"concurrency, soak {QUICK.soak_apps} apps x {QUICK.soak_calls_per_app} calls (a few minutes "
+                        "on 2 cores)")
     r.add_argument("--json", type=Path, required=True, help="where to write the results")
     r.add_argument("--report", type=Path, help="also write a Markdown report here (e.g. docs/RELIABILITY.md)")
     r.add_argument("--only", action="append", choices=CAMPAIGNS,

@@ -34,6 +34,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def fraction_arg(text: str) -> float:
+    """An argparse type: a number in [0, 1] (a rate), refused with a usage error otherwise."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1]; got {value}")
+    return value
+
+
 def threads_arg(text: str) -> int | str:
     """An argparse type for --threads: `auto` (engine.cpu_governor) or a positive_int."""
     return THREADS_AUTO if text == THREADS_AUTO else positive_int(text)

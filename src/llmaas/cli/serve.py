@@ -7,13 +7,14 @@ import ipaddress
 import sys
 from pathlib import Path
 
-from llmaas.cli.common import threads_arg
+from llmaas.cli.common import fraction_arg, threads_arg
 from llmaas.engine.cpu_governor import AUTO
 from llmaas.engine.worker import EngineConfig
 from llmaas.memory.policy import POLICIES
 from llmaas.paths import DataDir
 from llmaas.service.logs import setup_logging
 from llmaas.service.server import ServeOptions, Service
+from llmaas.storage.faults import DiskFaults
 from llmaas.storage.throttle import DiskThrottle
 
 
@@ -33,6 +34,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--disk-throttle-mbps", type=float,
                    help="SIMULATION: limit KV disk reads and writes to this many MB/s, to study slower flash "
                         "(default: off)")
+    p.add_argument("--inject-disk-faults", type=fraction_arg, metavar="RATE",
+                   help="TEST SEAM for `llmaas check reliability`: this fraction of KV chunk writes, and of their "
+                        "fsyncs, fail with EIO (default: off; never in production)")
     p.add_argument("--max-queue", type=int, default=64, help="calls that may wait before 429 (default: 64)")
     p.add_argument("--threads", type=threads_arg, default=AUTO, metavar="N|auto",
                    help="compute threads, or auto: the cores other processes leave idle, re-decided while serving, "
@@ -52,7 +56,9 @@ def main(argv: list[str]) -> int:
     budget = None if args.kv_budget_mb is None else int(args.kv_budget_mb * 2**20)
     throttle = None if args.disk_throttle_mbps is None else DiskThrottle.from_mb_s(args.disk_throttle_mbps)
     engine = EngineConfig(kv_budget_bytes=budget, max_pending=args.max_queue, memory=POLICIES[args.kv_policy],
-                          max_context_tokens=args.max_context_tokens, throttle=throttle)
+                          max_context_tokens=args.max_context_tokens, throttle=throttle,
+                          faults=None if args.inject_disk_faults is None else
+                          DiskFaults(args.inject_disk_faults, args.inject_disk_faults))
     _say(f"starting; logs in {log_path}")
     options = ServeOptions(home, args.model, args.port, args.host, engine, args.threads, args.elastic,
                            args.elastic_dir)

@@ -61,6 +61,7 @@ from llmaas.model.loader import LoadedModel
 from llmaas.records import App, ContextRecord, Message
 from llmaas.restore.profiler import ensure_profile
 from llmaas.storage.catalog import Catalog
+from llmaas.storage.faults import DiskFaults
 from llmaas.storage.throttle import DiskThrottle
 
 log = logging.getLogger("llmaas.engine")
@@ -95,6 +96,7 @@ class EngineConfig:
     max_context_tokens: int = 2048  # the service's maximum context length (LLMS §1.2); app quotas are capped by it
     kv_dir: Path | None = None  # None: "kv" beside the catalogue
     throttle: DiskThrottle | None = None  # emulate slower flash (a study option; off by default)
+    faults: DiskFaults | None = None  # injected chunk write/fsync errors (the reliability check's seam; off)
 
     def __post_init__(self) -> None:
         if (self.kv_budget_bytes is not None and self.kv_budget_bytes < 0) or self.max_pending < 1 \
@@ -192,6 +194,11 @@ class Engine:
         return {"queue_pending": len(self.queue), "queue_limit_per_app": self.queue.max_pending_per_app,
                 "kv_resident_bytes": self.kv.resident_bytes, "kv_budget_bytes": self.kv.budget_bytes,
                 "recomputed_tokens": self.kv.recomputed_tokens, "max_context_tokens": self.config.max_context_tokens,
+                "kv_reclaimed_chunks": self.kv.counters["reclaimed_chunks"],
+                "kv_dirty_reclaim_waits": self.kv.counters["waited_dirty"],  # reclaims that waited for a write-back
+                "kv_write_failures": self.kv.writer.failures + self.kv.counters["unwritten_evictions"],
+                "kv_corrupt_chunks": self.kv.counters["corrupt_chunks"],
+                "kv_injected_disk_faults": self.kv.log.faults.injected,  # serve --inject-disk-faults (a test seam)
                 **self.counters}
 
     # -- the compute thread --------------------------------------------------------------------------------------
@@ -421,7 +428,7 @@ def open_kv_store(loaded: LoadedModel, catalog: Catalog, config: EngineConfig) -
     policy = config.memory
     spec = KVSpec.from_config(loaded.config)
     memory = MemoryConfig(policy, config.budget_bytes(spec), kv_dir, loaded.model_id, config.max_context_tokens,
-                          config.throttle, config.prefill_chunk_tokens)
+                          config.throttle, config.prefill_chunk_tokens, config.faults)
     profile = None
     if policy.restore == "pipeline":
         profile = ensure_profile(loaded.model, ChunkGeometry(spec, policy.chunk_tokens), loaded.model_id,

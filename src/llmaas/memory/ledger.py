@@ -10,6 +10,7 @@ log and marks the current ones clean. Ignores how chunks are encoded (sealing.py
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import Counter
 
@@ -21,6 +22,8 @@ from llmaas.memory.policy import MemoryPolicy
 from llmaas.memory.victims import VictimQueue
 from llmaas.memory.writer import WriteBack
 from llmaas.storage.chunk_log import ChunkLog, ChunkRecord
+
+log = logging.getLogger("llmaas.memory")
 
 DIRTY_WAIT_POLL_S = 0.01  # how often a reclaim waiting for a dirty victim's write checks whether any write is left
 Snapshot = list[tuple[Chunk, int, torch.Tensor]]  # chunks with the version and payload to write
@@ -120,7 +123,14 @@ class BudgetLedger:
             if not chunk.is_resident or ctx.locked:  # dropped, or its context called, while the lock was free
                 return 0
         if chunk.is_dirty:  # nothing in flight will write it (a failed write, or no ahead-of-time policy)
-            self.commit(ctx, [(chunk, chunk.version, chunk.resident_payload)], "sync")
+            try:
+                self.commit(ctx, [(chunk, chunk.version, chunk.resident_payload)], "sync")
+            except OSError:
+                # A full, read-only or failing disk. KV is a cache of the context's token ids, which the catalogue
+                # holds: drop the chunk unwritten and let the next restore recompute it, rather than fail the call.
+                log.warning("chunk %d of context %s could not be written; evicted unwritten (recomputed when "
+                            "needed)", chunk.index, ctx.id, exc_info=True)
+                self.counters["unwritten_evictions"] += 1
         freed = chunk.resident_bytes
         self.evict_memory(ctx, chunk)
         self.counters["reclaimed_chunks"] += 1
@@ -138,8 +148,12 @@ class BudgetLedger:
             return freed
         write = resident if self.policy.whole_context_io else [c for c in resident if c.is_dirty]
         if write:
-            self.commit(ctx, [(c, c.version, c.resident_payload) for c in write], "sync")
-            self.counters["context_writes"] += 1
+            try:
+                self.commit(ctx, [(c, c.version, c.resident_payload) for c in write], "sync")
+                self.counters["context_writes"] += 1
+            except OSError:  # as in _evict_chunk: evicted unwritten, recomputed when needed
+                log.warning("context %s could not be written; evicted unwritten", ctx.id, exc_info=True)
+                self.counters["unwritten_evictions"] += len(write)
         for c in resident:
             self.evict_memory(ctx, c)
         self.counters["contexts_swapped_out"] += 1

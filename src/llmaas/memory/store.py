@@ -35,6 +35,7 @@ from llmaas.memory.writer import WriteBack
 from llmaas.model.transformer import Transformer
 from llmaas.restore.cost_model import RestoreProfile
 from llmaas.storage.chunk_log import ChunkLog
+from llmaas.storage.faults import DiskFaults
 from llmaas.storage.throttle import DiskThrottle
 
 __all__ = ["ChunkedKVStore", "MemoryBudgetError", "MemoryConfig", "Residency", "SwitchReport"]
@@ -51,6 +52,7 @@ class MemoryConfig:
     max_context_tokens: int = 2048
     throttle: DiskThrottle | None = None
     prefill_chunk_tokens: int = 512
+    faults: DiskFaults | None = None  # injected write/fsync errors (the reliability check's seam)
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class ChunkedKVStore:
             )
         config.kv_dir.mkdir(parents=True, exist_ok=True)
         self.log = ChunkLog(config.kv_dir / self.policy.name, config.model_id, self._codec_id(),
-                            throttle=config.throttle)
+                            throttle=config.throttle, faults=config.faults)
         self.densities = DensityStore(config.kv_dir / f"density-{self.policy.name}.sqlite3")
         self.writer = WriteBack()
         self.counters: Counter[str] = Counter()

@@ -18,6 +18,7 @@ from llmaas.errors import (
     NotFoundError,
     ShuttingDownError,
     SloUnreachableError,
+    StorageError,
     UnsupportedModelError,
 )
 from llmaas.storage.catalog import QuotaError
@@ -65,4 +66,6 @@ def to_response(exc: LlmaasError) -> JSONResponse:
         return error_response(503, "service_unavailable", str(exc), {"Retry-After": str(RETRY_AFTER_S)})
     if isinstance(exc, CallCancelled):
         return error_response(499, "cancelled", str(exc))
+    if isinstance(exc, StorageError):  # the operator's disk, not the request: 507 Insufficient Storage
+        return error_response(507, "storage_error", str(exc))
     return error_response(500, "server_error", str(exc))

@@ -7,6 +7,7 @@ and the model: token ids are stored as given, and the KV that covers them is the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
 import secrets
@@ -17,7 +18,7 @@ from array import array
 from pathlib import Path
 from types import TracebackType
 
-from llmaas.errors import LlmaasError
+from llmaas.errors import LlmaasError, StorageError
 from llmaas.records import OVERFLOW_MODES, App, ContextRecord, Message
 from llmaas.storage.sqlite_db import open_database
 
@@ -230,19 +231,44 @@ class Catalog:
 
 
 class _Transaction:
-    """`with catalog._tx() as db:` one IMMEDIATE transaction under the connection lock; rolled back on error."""
+    """`with catalog._tx() as db:` one IMMEDIATE transaction under the connection lock; rolled back on error. A write
+    the disk refuses (full, read-only, I/O error) becomes a StorageError: nothing of it was saved."""
 
     def __init__(self, db: sqlite3.Connection, lock: threading.RLock) -> None:
         self._db, self._lock = db, lock
 
     def __enter__(self) -> sqlite3.Connection:
         self._lock.acquire()
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            self._lock.release()
+            raise _storage_error(exc) from exc
         return self._db
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
         try:
-            self._db.execute("ROLLBACK" if exc_type else "COMMIT")
+            if exc_type is not None:
+                with contextlib.suppress(sqlite3.OperationalError):  # SQLite may have rolled back already (SQLITE_FULL)
+                    self._db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.OperationalError):
+                    raise _storage_error(exc) from exc
+                return
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.OperationalError as commit_exc:
+                with contextlib.suppress(sqlite3.OperationalError):
+                    self._db.execute("ROLLBACK")
+                raise _storage_error(commit_exc) from commit_exc
         finally:
             self._lock.release()
+
+
+def _storage_error(exc: sqlite3.OperationalError) -> LlmaasError:
+    """The caller's error for a catalogue write that failed: a StorageError when the disk refused it."""
+    text = str(exc).lower()
+    if any(s in text for s in ("full", "readonly", "read-only", "i/o error", "unable to open")):
+        return StorageError(f"the service could not save to its data directory ({exc}): nothing of this request was "
+                            "saved; the operator must free disk space or make the directory writable, then retry")
+    return CatalogError(f"the catalogue refused a write ({exc}); nothing of this request was saved")

@@ -12,11 +12,13 @@ range, and so is each of its layers. Ignores budgets, policies and what payloads
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import itertools
 import logging
 import os
 import re
+import sqlite3
 import threading
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -39,6 +41,7 @@ from llmaas.storage.chunk_record import (
     section_checksums,
     verify_sections,
 )
+from llmaas.storage.faults import DiskFaults
 from llmaas.storage.segment_io import (
     Span,
     Want,
@@ -146,13 +149,15 @@ def _seq_of(name: str) -> int:
 
 class ChunkLog:
     def __init__(self, directory: str | Path, model_id: str, codec_id: str, throttle: DiskThrottle | None = None,
-                 config: ChunkLogConfig | None = None) -> None:
+                 config: ChunkLogConfig | None = None, faults: DiskFaults | None = None) -> None:
+        """faults: the reliability check's injected write/fsync errors (storage/faults.py); None in production."""
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.model_id, self.codec_id = model_id, codec_id
         self.throttle = throttle or DiskThrottle()
         self.config = config or ChunkLogConfig()
         self._limiter = self.throttle.limiter()
+        self.faults = (faults or DiskFaults()).injector()
         self._index = ChunkIndex(self.directory / INDEX_NAME)
         self._lock = threading.RLock()  # header cache, counters, _active, and segment opens vs unlinks
         self._write_lock = threading.Lock()  # one writer at a time: write, compact, delete_context, recover
@@ -179,7 +184,8 @@ class ChunkLog:
     def write(self, context_id: str, records: Sequence[ChunkRecord]) -> list[ChunkLocation]:
         """Append `records` to the context's segment in one request, fsync, drop them from the page cache, then
         commit their index rows in one transaction: before that commit none is visible, after it all are. A later
-        version of a chunk replaces the committed one whatever its number. Compacts the context when due."""
+        version of a chunk replaces the committed one whatever its number. Compacts the context when due. Raises
+        OSError when the disk refuses the bytes, the fsync or the index row (then nothing of it is visible)."""
         records = list(records)
         if not records:
             return []
@@ -205,7 +211,10 @@ class ChunkLog:
                 raise
             finally:
                 os.close(fd)
-            replaced = self._index.commit(locations)  # <- the commit point
+            try:
+                replaced = self._index.commit(locations)  # <- the commit point
+            except sqlite3.OperationalError as exc:  # the index's disk is full or failing: the same failed write
+                raise OSError(errno.EIO, f"the chunk index refused the write: {exc}") from exc
             with self._lock:
                 self._active[context_id] = segment
                 for old in replaced:
@@ -255,7 +264,9 @@ class ChunkLog:
     def _append(self, fd: int, buffers: list[bytes | memoryview], base: int, is_new: bool) -> None:
         total = sum(len(b) for b in buffers)
         with self._limiter.request(total):
+            self.faults.check("write")
             pwrite_all(fd, buffers, base)
+            self.faults.check("fsync")
             os.fsync(fd)
         if is_new:
             fsync_dir(self.directory)
