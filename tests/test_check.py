@@ -14,7 +14,7 @@ from llmaas.check.crash import plan_prompts
 from llmaas.check.fuzz import LIMIT_BYTES, make_cases, request
 from llmaas.check.harness import percentile
 from llmaas.check.history import check_history
-from llmaas.check.runner import QUICK, passed, summary_line, table, write_json
+from llmaas.check.runner import QUICK, detail_lines, passed, summary_line, table, write_json
 from llmaas.check.soak import summarize
 
 PROMPTS = ["p0", "p1", "p2", "p3"]
@@ -117,3 +117,13 @@ def test_the_concurrency_verdict_needs_the_dirty_reclaim_path_to_have_run():
     assert passed("concurrency", clean) and "dirty reclaims waited 4" in summary_line("concurrency", clean)
     assert not passed("concurrency", {**clean, "dirty_reclaim_waits": 0})  # the load never reached the path
     assert not passed("concurrency", {**clean, "deadlocks": 1})
+
+
+def test_the_report_details_each_disk_phase_and_the_side_channel():
+    results = {"disk": {"phases": {"full_disk_and_read_only": {"faults": 2, "read_only": {"skipped": "no root"}}}},
+               "isolation": {"side_channel": {"pairs": 5, "ratio": 0.98, "document_prefill_ms_per_token": 1.9,
+                                              "control_prefill_ms_per_token": 1.9, "document_ttft_s": 0.5,
+                                              "control_ttft_s": 0.5}}}
+    lines = detail_lines(results)
+    assert lines[0] == "- disk, full disk and read only: faults 2; read_only: skipped no root"
+    assert "ratio 0.98" in lines[1]

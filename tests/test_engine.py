@@ -68,3 +68,32 @@ def test_stopping_cancels_the_call_in_flight_and_refuses_the_queue(tmp_path, smo
     assert isinstance(waiting.get(timeout=30).error, ShuttingDownError)
     assert catalog.get_context(app.id, long_ctx.id).num_calls == 0  # nothing of the cancelled call was saved
     catalog.close()
+
+
+def test_a_context_deleted_during_its_call_leaves_no_kv_behind(tmp_path, smollm):
+    """Found by the concurrency campaign: a context deleted while its call ran kept its chunks resident and locked
+    for good, so under a tight budget every later call failed. Its KV must leave memory with the call."""
+    catalog = Catalog(tmp_path / "c.sqlite3")
+    app, _ = catalog.add_app("x")
+    engine = Engine(smollm, catalog, EngineConfig(kv_dir=tmp_path / "kv")).start()
+    try:
+        ctx = catalog.create_context(app, None)
+        first: queue.Queue = queue.Queue()
+        engine.submit(ContextCall(app, ctx.id, "Tell me about the sea.", CallParams(max_tokens=16)), first.put)
+        while not isinstance(first.get(timeout=60), CallDone):
+            pass
+        assert engine.kv.resident_bytes > 0  # the first turn's chunks are resident
+        events: queue.Queue = queue.Queue()
+        engine.submit(ContextCall(app, ctx.id, "Write a long story.", CallParams(max_tokens=200)), events.put)
+        events.get(timeout=60)  # generating: its chunks are held by the call
+        assert catalog.delete_context(app.id, ctx.id)  # what DELETE /v1/contexts/{id} does
+        engine.forget_context(ctx.id)
+        while not isinstance(event := events.get(timeout=60), CallDone | CallFailed):
+            pass
+        assert isinstance(event, CallFailed) and "deleted during the call" in str(event.error)
+        assert engine.residency() == {} and engine.kv.resident_bytes == 0
+        assert ctx.id not in engine.kv.context_ids() and ctx.id not in engine.kv.ledger.contexts
+    finally:
+        engine.stop()
+        engine.close()
+        catalog.close()

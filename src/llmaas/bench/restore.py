@@ -10,6 +10,7 @@ a file on the same disk, cold. Ignores multi-context traces (`llmaas bench switc
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 import tempfile
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", action="append", default=[], choices=["llama-cpp"], help="also measure llama.cpp")
     p.add_argument("--repeats", type=int, default=5, help="cold restores, median reported (default: 5)")
     p.add_argument("--dir", type=Path, help="directory for chunk files and the peer's state file (default: a "
-                                            "temporary directory under ~/.cache/llmaas, on the same disk for both)")
+                                            "temporary directory under ~/.cache/llmaas, on the same disk for both, "
+                                            "removed afterwards)")
     p.add_argument("--disk-throttle-mbps", type=float, help="SIMULATION: throttle our chunk IO to this many MB/s")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
     return p
@@ -47,6 +49,14 @@ def main(argv: list[str]) -> int:
 
     root = args.dir or Path(tempfile.mkdtemp(prefix="bench-restore-", dir=cache_dir()))
     root.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(args, root)
+    finally:
+        if args.dir is None:  # its own temporary directory (chunk files, the peer's state, ~100 MB): not left behind
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, root: Path) -> int:
     loaded = load_model()
     ids = loaded.tokenizer.encode(WIKITEXT.read_text()[:40_000], add_bos=False, parse_special=False)[:args.tokens]
     throttle = None if args.disk_throttle_mbps is None else DiskThrottle.from_mb_s(args.disk_throttle_mbps)

@@ -106,7 +106,7 @@ def run_concurrency(duration_s: float, seed: int = 0) -> dict:
             t.join(timeout=WATCHDOG_S + 300)  # a call in flight finishes first (a few seconds behind the writer)
             if t.is_alive():
                 tally.add("deadlocks", f"thread {t.name} still running {WATCHDOG_S + 300:.0f} s after the stop")
-        engine = _operator_stats(sut)["engine"]
+        engine = sut.engine_stats()
         log_errors = _logged_exceptions(sut)
         for line in log_errors:
             tally.add("exceptions", f"service log: {line}")
@@ -169,7 +169,7 @@ def _stats_reader(sut: ServiceUnderTest, contexts: Contexts, tally: Tally, stop:
     while not stop.is_set():
         t0 = time.monotonic()
         try:
-            engine = _operator_stats(sut)["engine"]
+            engine = sut.engine_stats(timeout_s=WATCHDOG_S)
         except (httpx.HTTPError, ServiceError) as exc:
             tally.add("deadlocks" if isinstance(exc, httpx.TimeoutException) else "exceptions",
                       f"operator stats: {type(exc).__name__}: {exc}")
@@ -199,15 +199,6 @@ def _judge(exc: ServiceError, what: str, tally: Tally) -> None:
         tally.add("deadlocks", f"{what}: {exc}")  # the client's timeout or a dead service
     else:
         tally.add("exceptions", f"{what}: {exc}")
-
-
-def _operator_stats(sut: ServiceUnderTest) -> dict:
-    """The engine's figures: the operator is the Unix socket without a key."""
-    transport = httpx.HTTPTransport(uds=str(sut.home.socket))
-    with httpx.Client(transport=transport, base_url="http://llmaas", timeout=WATCHDOG_S) as h:
-        r = h.get("/v1/stats")
-        r.raise_for_status()
-        return r.json()
 
 
 def _logged_exceptions(sut: ServiceUnderTest) -> list[str]:

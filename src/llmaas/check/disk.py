@@ -36,8 +36,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
-
 from llmaas.check.harness import Progress, ServiceUnderTest
 from llmaas.check.history import check_history
 from llmaas.client import ServiceError
@@ -134,6 +132,15 @@ class DiskCampaign:
                                                 max_tokens=MAX_TOKENS, temperature=0).reply)
         return conv.twin_replies[turn]
 
+    def _start_and_play(self, sut: ServiceUnderTest, what: str) -> list[Conversation]:
+        """Start the service, open the conversations and play TURNS turns of each, interleaved (every call evicts)."""
+        sut.start()
+        convs = self._open(sut)
+        for _ in range(TURNS):
+            for i, conv in enumerate(convs):
+                self._turn(sut, conv, f"{what}, context {i}")
+        return convs
+
     def _turn(self, sut: ServiceUnderTest, conv: Conversation, what: str, storage_ok: bool = False) -> bool:
         """One call of the conversation's next turn; True if it was acknowledged. A 507 is expected only where the
         disk refuses writes (storage_ok); any other failure is a caller error."""
@@ -173,22 +180,13 @@ class DiskCampaign:
             conv.acked = verdict.stored_turns
             self._turn(sut, conv, f"{what} after restart")
 
-    def _engine_stats(self, sut: ServiceUnderTest) -> dict:
-        transport = httpx.HTTPTransport(uds=str(sut.home.socket))
-        with httpx.Client(transport=transport, base_url="http://llmaas", timeout=60) as h:
-            return h.get("/v1/stats").json()["engine"]
-
     # -- the phases --------------------------------------------------------------------------------------------
 
     def _write_errors(self) -> dict:
         sut = ServiceUnderTest([*EXACT, "--inject-disk-faults", str(FAULT_RATE)], [APP], prefix="llmaas-disk-")
         try:
-            sut.start()
-            convs = self._open(sut)
-            for _ in range(TURNS):
-                for i, conv in enumerate(convs):
-                    self._turn(sut, conv, f"write errors, context {i}")
-            engine = self._engine_stats(sut)
+            convs = self._start_and_play(sut, "write errors")
+            engine = sut.engine_stats()
             self.tally.faults += engine["kv_injected_disk_faults"]
             sut.stop()
             sut.start()
@@ -200,11 +198,7 @@ class DiskCampaign:
     def _corrupt_files(self) -> dict:
         sut = ServiceUnderTest(EXACT, [APP], prefix="llmaas-disk-")
         try:
-            sut.start()
-            convs = self._open(sut)
-            for _ in range(TURNS):
-                for i, conv in enumerate(convs):
-                    self._turn(sut, conv, f"corrupt files, context {i}")
+            convs = self._start_and_play(sut, "corrupt files")
             sut.stop()  # a clean stop: every queued write-back is on disk
             segments = sorted(sut.home.kv_dir.rglob(f"*{SEGMENT_SUFFIX}"), key=lambda p: p.stat().st_size)
             for path in segments:
@@ -219,18 +213,14 @@ class DiskCampaign:
             sut.start()
             self._verify(sut, convs, "corrupt files")
             return {"flipped_files": len(segments), "truncated_files": int(bool(segments)),
-                    "corrupt_chunks_detected": self._engine_stats(sut)["kv_corrupt_chunks"]}
+                    "corrupt_chunks_detected": sut.engine_stats()["kv_corrupt_chunks"]}
         finally:
             sut.close()
 
     def _truncated_wal(self) -> dict:
         sut = ServiceUnderTest(EXACT, [APP], prefix="llmaas-disk-")
         try:
-            sut.start()
-            convs = self._open(sut)
-            for _ in range(TURNS):
-                for i, conv in enumerate(convs):
-                    self._turn(sut, conv, f"truncated WAL, context {i}")
+            convs = self._start_and_play(sut, "truncated WAL")
             sut.kill9()
             wal = sut.home.catalog.with_name(sut.home.catalog.name + "-wal")
             size = wal.stat().st_size if wal.exists() else 0

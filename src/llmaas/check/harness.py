@@ -17,6 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
+
 from llmaas.client import Client
 from llmaas.paths import DataDir
 from llmaas.service.process import start_service, stop_service
@@ -45,6 +47,14 @@ class ServiceUnderTest:
 
     def client(self, app: str, timeout_s: float = 120.0) -> Client:
         return Client(self.keys[app], socket=self.home.socket, timeout_s=timeout_s)
+
+    def engine_stats(self, timeout_s: float = 60.0) -> dict:
+        """The engine's global figures, as the operator sees them (the Unix socket without a key)."""
+        transport = httpx.HTTPTransport(uds=str(self.home.socket))
+        with httpx.Client(transport=transport, base_url="http://llmaas", timeout=timeout_s) as h:
+            r = h.get("/v1/stats")
+            r.raise_for_status()
+            return r.json()["engine"]
 
     def kill9(self) -> None:
         """SIGKILL, as a crash or the OOM killer would: nothing in the service gets to run."""

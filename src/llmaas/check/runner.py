@@ -168,12 +168,47 @@ NOT_COVERED = (
 )
 
 
+def detail_lines(results: dict) -> list[str]:
+    """What the table's one line per campaign leaves out: each disk phase, the fuzz answers, the side channel."""
+    lines = []
+    disk = results.get("disk", {})
+    for phase, figures in disk.get("phases", {}).items():
+        shown = ", ".join(f"{k} {v}" for k, v in figures.items() if not isinstance(v, dict))
+        nested = "; ".join(f"{k}: {', '.join(f'{a} {b}' for a, b in v.items())}" for k, v in figures.items()
+                           if isinstance(v, dict))
+        lines.append(f"- disk, {phase.replace('_', ' ')}: {shown}" + (f"; {nested}" if nested else ""))
+    fuzz = results.get("fuzz", {})
+    if "statuses" in fuzz:
+        schema = fuzz.get("schema", {}).get("statuses", {})
+        lines.append(f"- fuzz, hand-written cases by status: {_counts(fuzz['statuses'])}; schema cases by status: "
+                     f"{_counts(schema)} over {fuzz.get('schema', {}).get('operations', 0)} operations")
+    side = results.get("isolation", {}).get("side_channel")
+    if side:
+        lines.append(f"- isolation, timing side channel ({side['pairs']} pairs): B's prefill of A's document "
+                     f"{side['document_prefill_ms_per_token']} ms/token, of the control "
+                     f"{side['control_prefill_ms_per_token']} ms/token (ratio {side['ratio']}); TTFT "
+                     f"{side['document_ttft_s']} s vs {side['control_ttft_s']} s")
+    conc = results.get("concurrency", {})
+    if "calls" in conc:
+        lines.append(f"- concurrency: {conc['expected_refusals']} documented refusals (404 for a context deleted "
+                     f"under its call, 429), {conc['reclaimed_chunks']} chunks reclaimed, "
+                     f"{conc['dirty_reclaim_waits']} of those reclaims waited for the stalled writer")
+    return lines
+
+
+def _counts(statuses: dict[str, int]) -> str:
+    return ", ".join(f"{s}: {n}" for s, n in sorted(statuses.items()))
+
+
 def write_report(results: dict, path: Path, json_path: Path) -> None:
-    """A short Markdown report: the table, then each failing campaign's listed failures."""
+    """A short Markdown report: the table, the campaigns' details, then each failing campaign's listed failures."""
     parts = ["# Reliability check", "",
              f"`llmaas check reliability{' --quick' if results['plan'] == 'quick' else ''}` on "
              f"{results['machine']['cpu']} ({results['machine']['cores']} cores), {results['machine']['date']}; "
              f"full figures in `{json_path}`.", "", "```", table(results), "```"]
+    details = detail_lines(results)
+    if details:
+        parts += ["", "## Details", "", *details]
     for name in (n for n in CAMPAIGNS if n in results):
         result = results[name]
         failures = result.get("failing") or result.get("notes") or result.get("error_samples") or []

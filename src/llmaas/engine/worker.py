@@ -261,8 +261,10 @@ class Engine:
         closing_reserve = len(self.conversation.closing_ids(ctx.messages, call.prompt, ""))
         w = Window(base, prompt, 0, 0)
         if ctx.overflow == "window":
-            w = fit(base, prompt, self.context_limit(call.app), call.params.max_tokens, closing_reserve,
-                    self.kv.policy.chunk_tokens)
+            limit = self.context_limit(call.app)
+            # the sinks are the first chunk, so that chunk's KV survives every slide; a tiny limit keeps fewer
+            w = fit(base, prompt, limit, call.params.max_tokens, closing_reserve,
+                    min(self.kv.policy.chunk_tokens, limit // 4))
         max_tokens = self._room(call.app, w.retained_tokens + closing_reserve, call.params)
         try:
             cache = self.kv.acquire(ctx.id, w.held, w.retained_tokens + max_tokens + closing_reserve)
@@ -277,7 +279,11 @@ class Engine:
             self.kv.release(ctx.id, base[:common_prefix(base, w.held)])
             raise
         if not committed:
+            # Deleted during the call: drop marks it (the call still holds its chunks) and release, which ends the
+            # call, forgets it. Without the release its KV stayed resident and unreclaimable for good (found by the
+            # concurrency campaign: the budget filled and every later call failed).
             self.kv.drop(ctx.id)
+            self.kv.release(ctx.id, ())
             raise NotFoundError(f"context {ctx.id!r} was deleted during the call; nothing was saved")
         self.kv.release(ctx.id, new_ids[:covered])
         if w.dropped_tokens:

@@ -143,12 +143,20 @@ class ChunkedKVStore:
             ctx.add_attention(np.zeros(n), np.zeros(n))
         buf.attention = None
         with self.ledger.lock:
-            if self._hot == context_id:
-                self.sealer.rechunk(ctx, covered_ids[:n])
-                if self.policy.compress:
-                    self.sealer.relevel(ctx)
-            else:  # the working KV no longer holds this context (should not happen): keep what is stored
-                self.ledger.truncate(ctx, min(n, ctx.token_count))
+            try:
+                if self._hot == context_id:
+                    self.sealer.rechunk(ctx, covered_ids[:n])
+                    if self.policy.compress:
+                        self.sealer.relevel(ctx)
+                else:  # the working KV no longer holds this context (should not happen): keep what is stored
+                    self.ledger.truncate(ctx, min(n, ctx.token_count))
+            except BaseException:
+                # Sealing failed midway (e.g. no room for a new chunk): keep none of this context's KV in memory
+                # (its ids rebuild it) and unlock it, or its chunks would stay resident and unreclaimable for good.
+                self.ledger.truncate(ctx, 0)
+                self._hot = None
+                ctx.locked = False
+                raise
             for c in ctx.chunks:
                 if c.is_resident:
                     self.ledger.queue.touch((ctx.id, c.index), c.level)
