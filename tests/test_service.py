@@ -460,3 +460,17 @@ def test_openai_requests_as_clients_send_them(service):
     image = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}]
     r = h.post("/v1/chat/completions", json={**chat, "messages": image})
     assert r.status_code == 400 and "image_url" in r.json()["error"]["message"]
+
+
+def test_a_streamed_call_whose_context_is_deleted_midway_says_404(service):
+    """Found by the concurrency campaign: the error event of a stream carried no status, so the client raised
+    every failure after the 200 as a 500. The event now says the status it stands for."""
+    c = Client(new_app(service), socket=service.home.socket)
+    ctx = c.new_context()
+    deleted = False
+    with pytest.raises(ServiceError) as err:
+        for piece in c.stream(ctx, "Write a very long story about a lighthouse.", max_tokens=300):
+            if isinstance(piece, str) and not deleted:
+                c.delete(ctx)
+                deleted = True
+    assert err.value.status == 404 and "deleted during the call" in str(err.value)

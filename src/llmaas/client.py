@@ -101,8 +101,8 @@ class Client:
                             yield data["text"]
                         elif event == "done":
                             yield CallReply(**data)
-                        elif event == "error":
-                            _raise_for(500, json.dumps(data).encode())
+                        elif event == "error":  # after the 200: the status it stands for is in the event
+                            _raise_for(int(data.get("error", {}).get("status", 500)), json.dumps(data).encode())
         except httpx.TransportError as exc:
             raise ServiceError(503, "unavailable", f"lost the llmaas service mid-call ({exc})") from exc
 

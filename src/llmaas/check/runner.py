@@ -33,7 +33,7 @@ class Plan:
 
 QUICK = Plan("quick", crash_rounds=10, concurrency_s=60.0, schema_cases=300, soak_apps=4, soak_calls_per_app=50,
              soak_time_limit_s=180.0)
-FULL = Plan("full", crash_rounds=100, concurrency_s=600.0, schema_cases=10_000, soak_apps=16,
+FULL = Plan("full", crash_rounds=100, concurrency_s=600.0, schema_cases=11_000, soak_apps=16,
             soak_calls_per_app=1000, soak_time_limit_s=1800.0)
 
 

@@ -101,7 +101,8 @@ def delete_context(context_id: str, app: App = Depends(authenticate),
 @router.post("/contexts/{context_id}/calls", response_model=CallOut, summary="Call the model on a context",
              description="Appends `prompt` as a user turn, generates the reply, and returns it once it is saved. With "
                          "`stream: true` the reply comes as server-sent events: `delta` events ({\"text\"}), then one "
-                         "`done` (this route's JSON) or `error` ({\"error\"}).",
+                         "`done` (this route's JSON) or `error` ({\"error\"}, with the HTTP status it stands for in "
+                         "`error.status`).",
              responses={200: {"content": {"text/event-stream": {}}}})
 async def call_context(context_id: str, body: CallBody, request: Request, app: App = Depends(authenticate),
                        state: ServiceState = Depends(get_state)):
@@ -122,4 +123,8 @@ async def _sse(stream: CallStream) -> AsyncIterator[str]:
             else:
                 yield f"event: delta\ndata: {json.dumps({'text': event.text})}\n\n"
     except LlmaasError as exc:
-        yield f"event: error\ndata: {to_response(exc).body.decode()}\n\n"
+        # the stream's HTTP status (200) is already sent: the error event carries the status it stands for
+        response = to_response(exc)
+        body = json.loads(bytes(response.body))
+        body["error"]["status"] = response.status_code
+        yield f"event: error\ndata: {json.dumps(body)}\n\n"
