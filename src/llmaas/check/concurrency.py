@@ -39,8 +39,8 @@ FLAGS = ["--threads", "1", "--kv-policy", "llms-no-pipeline", "--max-context-tok
          "--kv-budget-mb", str(KV_BUDGET_MB), "--disk-throttle-mbps", str(THROTTLE_MB_S)]
 MAX_TOKENS = 8
 WATCHDOG_S = 60.0  # the operator's stats must answer within this, whatever the engine is doing
-EXPECTED = (404, 429)
-WORDS = ["tide", "moss", "iron", "lark", "fern", "dune"]  # a context deleted under the call; a full queue
+EXPECTED = (404, 429)  # a context deleted under the call; a full queue
+WORDS = ["tide", "moss", "iron", "lark", "fern", "dune"]
 
 
 @dataclass
@@ -135,11 +135,10 @@ def _caller(sut: ServiceUnderTest, app: str, contexts: Contexts, tally: Tally, s
             prompt = f"Call {i} of {app}: " + " ".join(rng.choice(WORDS) for _ in range(150))
             try:
                 if rng.random() < 0.5:
-                    reply = c.call(ctx, prompt, max_tokens=MAX_TOKENS, temperature=0)
-                else:
-                    reply = next(p for p in c.stream(ctx, prompt, max_tokens=MAX_TOKENS, temperature=0)
-                                 if isinstance(p, CallReply))
-                del reply
+                    c.call(ctx, prompt, max_tokens=MAX_TOKENS, temperature=0)
+                else:  # streamed: read to its end (the reply, or the error event that raises)
+                    next(p for p in c.stream(ctx, prompt, max_tokens=MAX_TOKENS, temperature=0)
+                         if isinstance(p, CallReply))
                 with tally.lock:
                     tally.calls += 1
             except ServiceError as exc:
