@@ -166,8 +166,10 @@ def _expected(payloads, levels, starts, fills, geom, first, num, cap) -> list[to
 
 @pytest.mark.parametrize("first,num", [(0, 4), (1, 2)])
 @pytest.mark.parametrize("native", [False, True])
-def test_decode_into_equals_decode(first, num, native, request):
-    """Bit-exact: both paths compute q*s (exact in fp32) + zero in fp32, then round once to fp16."""
+@pytest.mark.parametrize("whole", [False, True])
+def test_decode_into_equals_decode(first, num, native, whole, request):
+    """Bit-exact: both paths compute q*s (exact in fp32) + zero in fp32, then round once to fp16. `whole`: the
+    payloads hold every layer and the decode skips to the first asked for (a restore's batches)."""
     if native:
         kernels = request.getfixturevalue("kernels")
         assert hasattr(kernels, "decode_kv_chunks")
@@ -175,11 +177,13 @@ def test_decode_into_equals_decode(first, num, native, request):
     payloads, levels, starts, fills = _chunks(SMALL, n)
     expected = _expected(payloads, levels, starts, fills, SMALL, first, num, cap)
     out = [torch.full((2, 2, cap, 64), -7.0, dtype=torch.float16) for _ in range(SMALL.spec.n_layers)]
-    ranges = [p.reshape(SMALL.spec.n_layers, -1)[first:first + num].reshape(-1) for p in payloads]
+    ranges = payloads if whole else [p.reshape(SMALL.spec.n_layers, -1)[first:first + num].reshape(-1)
+                                     for p in payloads]
     if native:
-        kernels.decode_kv_chunks(ranges, [int(lv) for lv in levels], starts, fills, out[first:first + num], 16)
+        kernels.decode_kv_chunks(ranges, [int(lv) for lv in levels], starts, fills, out[first:first + num], 16,
+                                 first if whole else 0, SMALL.spec.n_layers if whole else num)
     else:
-        decode_into(ranges, levels, starts, fills, first, num, out, SMALL, use_kernels=False)
+        decode_into(ranges, levels, starts, fills, first, num, out, SMALL, use_kernels=False, whole=whole)
     for got, want in zip(out, expected, strict=True):
         assert torch.equal(got, want)
 

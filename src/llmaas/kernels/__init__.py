@@ -28,6 +28,8 @@ from llmaas.errors import KernelBuildError
 from llmaas.paths import cache_dir
 
 SOURCE = Path(__file__).with_name("csrc") / "kernels.cpp"
+# Headers the source includes (xxHash 0.8.4, BSD-2-Clause, vendored unchanged: the chunk checksums' own algorithm).
+HEADERS = (Path(__file__).with_name("csrc") / "third_party" / "xxhash.h",)
 # -fopenmp compiles at::parallel_for's inline OpenMP region; nothing extra is linked, so it binds to the libgomp
 # that torch already loaded (two OpenMP runtimes would fight over the two cores).
 CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-std=c++17", "-fopenmp")
@@ -64,6 +66,7 @@ def build_inputs() -> dict[str, str]:
     checkout gets its own directory."""
     return {
         "source": hashlib.sha256(SOURCE.read_bytes()).hexdigest(),
+        "headers": ",".join(hashlib.sha256(h.read_bytes()).hexdigest() for h in HEADERS),
         "source_path": str(SOURCE),  # as build.ninja names it
         "cflags": " ".join(CFLAGS),
         "torch_version": torch.__version__,

@@ -75,13 +75,7 @@ class ChunkGeometry:
         return self.spec.n_kv_heads * self.chunk_tokens * self.spec.head_dim
 
     def layout(self, level: KVLevel) -> SectionLayout:
-        h, c, d = self.spec.n_kv_heads, self.chunk_tokens, self.spec.head_dim
-        codes = self.values_per_tensor * int(level) // 8
-        if level == KVLevel.FP16:
-            return SectionLayout(0, codes, codes, 2 * codes, 2 * codes)
-        fields = 1 if level == KVLevel.INT8 else 2  # fp16 scale, plus an fp16 zero-point below INT8
-        k_meta, v_meta = 2 * fields * h * d, 2 * fields * h * c  # K per channel, V per token and head
-        return SectionLayout(0, codes, codes + k_meta, 2 * codes + k_meta, 2 * codes + k_meta + v_meta)
+        return _layout(self, KVLevel(level))
 
     def section_bytes(self, level: KVLevel) -> int:
         """Bytes of ONE layer of one chunk: codes, scales and zero-points of K and V."""
@@ -90,6 +84,18 @@ class ChunkGeometry:
     def payload_bytes(self, level: KVLevel) -> int:
         """Bytes of a whole chunk (all layers)."""
         return self.spec.n_layers * self.section_bytes(level)
+
+
+# Cached: a restore asks for sizes per chunk, hundreds of times per context (~0.5 ms of recomputing them).
+@functools.cache
+def _layout(geometry: ChunkGeometry, level: KVLevel) -> SectionLayout:
+    h, c, d = geometry.spec.n_kv_heads, geometry.chunk_tokens, geometry.spec.head_dim
+    codes = geometry.values_per_tensor * int(level) // 8
+    if level == KVLevel.FP16:
+        return SectionLayout(0, codes, codes, 2 * codes, 2 * codes)
+    fields = 1 if level == KVLevel.INT8 else 2  # fp16 scale, plus an fp16 zero-point below INT8
+    k_meta, v_meta = 2 * fields * h * d, 2 * fields * h * c  # K per channel, V per token and head
+    return SectionLayout(0, codes, codes + k_meta, 2 * codes + k_meta, 2 * codes + k_meta + v_meta)
 
 
 # -- fp16 scale rounding: scales round up and zero-points down, so the fp16 grid still covers every value ---------
@@ -246,10 +252,11 @@ def decode(payload: torch.Tensor, level: KVLevel, geom: ChunkGeometry) -> tuple[
 
 def decode_into(payloads: Sequence[torch.Tensor], levels: Sequence[KVLevel], token_starts: Sequence[int],
                 fills: Sequence[int], first_layer: int, num_layers: int, out: Sequence[torch.Tensor],
-                geometry: ChunkGeometry, *, use_kernels: bool = True) -> None:
+                geometry: ChunkGeometry, *, use_kernels: bool = True, whole: bool = False) -> None:
     """Decode chunk i's layers [first_layer, first_layer + num_layers) (payloads[i]: their sections, contiguous
-    uint8, of chunks of `geometry`) into out[first_layer + j][:, :, token_starts[i] : token_starts[i] + fills[i]]
-    ([2, Hkv, cap, D], as geometry's spec says).
+    uint8, of chunks of `geometry`; with `whole`, every layer's sections, from layer 0) into
+    out[first_layer + j][:, :, token_starts[i] : token_starts[i] + fills[i]] ([2, Hkv, cap, D], as geometry's spec
+    says). `whole` spares a restore decoding batches of layers one slice per chunk per batch.
 
     Uses the native kernel for fp16 outputs when it builds; otherwise (or with use_kernels=False) the torch
     reference, which gives the same bits. Bad sizes or ranges raise ValueError before anything is written."""
@@ -271,10 +278,15 @@ def decode_into(payloads: Sequence[torch.Tensor], levels: Sequence[KVLevel], tok
         # The kernel checks every size and range itself before it writes (per-layer restores call this 30 times
         # per context, so Python-side checks would cost more than the decode of a layer).
         try:
-            kernels.decode_kv_chunks(payloads, levels, token_starts, fills, layers_out, chunk_tokens)
+            kernels.decode_kv_chunks(payloads, levels, token_starts, fills, layers_out, chunk_tokens,
+                                     first_layer if whole else 0, spec.n_layers if whole else num_layers)
         except RuntimeError as exc:
             raise ValueError(str(exc)) from exc
         return
+    if whole:
+        payloads = [p.reshape(-1)[first_layer * geometry.section_bytes(KVLevel(lv)):
+                      (first_layer + num_layers) * geometry.section_bytes(KVLevel(lv))]
+                    for p, lv in zip(payloads, levels, strict=True)]
     for p, lv, start, fill in zip(payloads, levels, token_starts, fills, strict=True):
         want = num_layers * geometry.section_bytes(KVLevel(lv))
         if p.dtype != torch.uint8 or p.numel() != want:

@@ -1,18 +1,18 @@
 """The IO-recompute pipelined restore of LLMS §5: read some missing chunks while recomputing the others, per layer.
 
-Owns the two-thread schedule: one IO thread reads layer group g+1 of the chunks to load while the compute thread,
-having waited for all of group g, decodes it into the working KV and recomputes group g for the chunks to rebuild
-(exact recompute of non-contiguous tokens at their true positions, attending to everything resident, loaded or
-recomputed). Records a timeline of IO and compute spans. A chunk whose read fails verification is rebuilt by a second,
-recompute-only pass (with the first pass's recomputes, which may have attended to it), so no unverified byte is ever
-attended to. Ignores planning (the planner), budgets and chunk bookkeeping (the store).
+Owns the schedule: the chunk log reads the chunks to load with its IO threads, in file order (layer-major, so layer
+group g+1 is being read while group g is processed), and hands each group over once it is read and verified; the
+compute thread decodes it into the working KV and recomputes group g for the chunks to rebuild (exact recompute of
+non-contiguous tokens at their true positions, attending to everything resident, loaded or recomputed). Records a
+timeline of IO and compute spans. A chunk whose read fails verification is rebuilt by a second, recompute-only pass
+(with the first pass's recomputes, which may have attended to it), so no unverified byte is ever attended to.
+Ignores planning (the planner), budgets and chunk bookkeeping (the store).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -21,7 +21,12 @@ from llmaas.kv.codec import ChunkGeometry, KVLevel, decode_into
 from llmaas.kv.dense import DenseKVCache
 from llmaas.model.transformer import Transformer
 from llmaas.storage.chunk_index import ChunkLocation
-from llmaas.storage.chunk_log import ChunkLog, ReadResult
+from llmaas.storage.chunk_log import ChunkLog, LayerBatch, ReadResult
+
+# An IO-only restore hands the decode batches of this many layers while the rest is read: at 2,048 tokens one batch
+# of all 30 layers left the whole decode (~4 ms) after the read, and batches of one layer cost ~2 ms more of
+# per-chunk checks and slicing than they hide.
+IO_LAYERS_PER_BATCH = 10
 
 
 @dataclass(frozen=True)
@@ -61,49 +66,46 @@ def restore(model: Transformer, cache: DenseKVCache, log: ChunkLog, geometry: Ch
     t0 = time.perf_counter()
     out = RestoreOutcome()
     n_layers = model.config.n_layers
-    # Without recompute there is nothing to overlap with: one read of every layer is the fewest IO requests.
-    step = layers_per_step if recompute else n_layers
-    groups = [(g, min(step, n_layers - g)) for g in range(0, n_layers, step)]
+    # Without recompute, batches only let the decode run behind the read: a few large ones (see IO_LAYERS_PER_BATCH).
+    step = layers_per_step if recompute else IO_LAYERS_PER_BATCH
     # Each loaded chunk's resident payload, read into in place: no copy out of a shared read buffer.
     payloads = [torch.empty(n_layers * item.location.section_bytes, dtype=torch.uint8) for item in loads]
-    failed: dict[int, str] = {}
-
-    def read(group: tuple[int, int]) -> tuple[list[ReadResult], float, float]:
-        s = time.perf_counter()
-        first, count = group
-        sections = [p[first * item.location.section_bytes:(first + count) * item.location.section_bytes]
-                    for p, item in zip(payloads, loads, strict=True)]
-        results = log.read([item.location for item in loads], first, count, sections) if loads else []
-        return results, s, time.perf_counter()
-
     rows = _rows(recompute, token_ids)
     h = model.embed(rows[0]) if rows is not None else None
     view = cache.rewrite(rows[1]) if rows is not None else None
-    with ThreadPoolExecutor(1, thread_name_prefix="llmaas-restore-io") as io:
-        futures = [io.submit(read, g) for g in groups]  # the IO thread runs ahead, group after group
-        for (first, count), future in zip(groups, futures, strict=True):
-            results, s, e = future.result()
-            out.timeline.append(Span("io", first, count, s - t0, e - t0))
-            ok: list[tuple[LoadItem, torch.Tensor]] = []
-            for item, result in zip(loads, results, strict=True):
-                if not result.ok:
-                    failed.setdefault(item.chunk_index, str(result.fault))
-                elif item.chunk_index not in failed:
-                    assert result.payload is not None  # a read without a fault always carries its bytes (ReadResult)
-                    ok.append((item, result.payload))
-                    out.locations[item.chunk_index] = result.location
-                    out.bytes_read += result.payload.nbytes
-            c0 = time.perf_counter()
-            if ok:
-                decode_into([p for _, p in ok], [i.level for i, _ in ok], [i.token_start for i, _ in ok],
-                            [i.fill for i, _ in ok], first, count, cache.kv, geometry)
-            if h is not None:
-                assert rows is not None and view is not None  # h, rows and view are set together, from rows
-                model.run_layers(h, rows[1], view, first, first + count)
-            out.timeline.append(Span("compute", first, count, c0 - t0, time.perf_counter() - t0))
+
+    def compute(batch: LayerBatch) -> None:
+        """Layers [first, first + count) are in for the batch's chunks: decode them, then recompute those layers
+        (the recomputed rows attend to everything resident, loaded or recomputed)."""
+        first, count = batch.first_layer, batch.num_layers
+        if loads:
+            out.timeline.append(Span("io", first, count, batch.io_start_s - t0, batch.io_end_s - t0))
+        c0 = time.perf_counter()
+        if batch.chunks:
+            ok = [loads[i] for i in batch.chunks]
+            decode_into([payloads[i] for i in batch.chunks], [it.level for it in ok], [it.token_start for it in ok],
+                        [it.fill for it in ok], first, count, cache.kv, geometry, whole=True)
+        if h is not None:
+            assert rows is not None and view is not None  # h, rows and view are set together, from rows
+            model.run_layers(h, rows[1], view, first, first + count)
+        out.timeline.append(Span("compute", first, count, c0 - t0, time.perf_counter() - t0))
+
+    results: list[ReadResult] = []
+    if loads:  # the read calls compute() as each batch of layers is in, while it reads the next
+        results = log.read([item.location for item in loads], 0, n_layers, payloads, compute, step)
+    else:
+        for first in range(0, n_layers, step):
+            now = time.perf_counter()
+            compute(LayerBatch(first, min(step, n_layers - first), [], now, now))
+    failed: dict[int, str] = {}
+    for item, payload, result in zip(loads, payloads, results, strict=True):
+        if result.ok:
+            out.payloads[item.chunk_index] = payload
+            out.locations[item.chunk_index] = result.location
+            out.bytes_read += payload.nbytes
+        else:
+            failed[item.chunk_index] = str(result.fault)
     out.recomputed_tokens = 0 if rows is None else rows[0].numel()
-    out.payloads = {item.chunk_index: p for item, p in zip(loads, payloads, strict=True)
-                    if item.chunk_index not in failed}
     if failed:  # rebuild them, and redo what may have attended to their unverified slots
         redo = sorted({(i.token_start, i.fill) for i in loads if i.chunk_index in failed} | set(recompute))
         again = restore(model, cache, log, geometry, (), redo, token_ids, layers_per_step)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmaas.storage.chunk_index import ChunkLocation
-from llmaas.storage.segment_io import Span, Want, as_memoryview
+from llmaas.storage.segment_io import Span, Want
 
 
 @dataclass(frozen=True)
@@ -68,22 +68,31 @@ class Run:
     # contiguous in gathered[offset in run] (a caller's buffer, or a slice of one array for the run), put there by
     # the read itself, not by a copy.
     gathered: dict[int, np.ndarray] | None = None
+    in_place: set[int] = field(default_factory=set)  # chunk positions whose own buffer (`into`) is gathered into
 
     @property
     def is_dense(self) -> bool:
         return self.length == self.stride
 
-    def extents(self, num_layers: int) -> list[tuple[int, memoryview]]:
-        """(file offset, destination) of every section this scattering run reads, in file order."""
+    def extents(self, num_layers: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(file offsets, iovecs, tags) of every section this scattering run reads, in file order (Span.extent_at,
+        extent_iov, extent_tag). A section that lands in its chunk's own buffer (in_place) is tagged
+        position * num_layers + layer (layers counted from the read's first), so whoever reads it can verify it
+        there; the others -1. Built as arrays: a 2,048-token context is ~3,800 sections."""
         assert self.gathered is not None
-        out: list[tuple[int, memoryview]] = []
         rels = sorted({(rel, s) for _, rel, s in self.members})
-        chunks = [(rel, s, as_memoryview(self.gathered[rel])) for rel, s in rels]
-        base = self.wants[0].offset
-        for j in range(num_layers):  # ~4,000 pieces for a 2048-token context: kept to one comprehension per layer
-            layer_at = base + j * self.stride
-            out += [(layer_at + rel, dest[j * s:(j + 1) * s]) for rel, s, dest in chunks]
-        return out
+        owner = {rel: i for i, rel, _ in self.members if i in self.in_place}
+        rel = np.array([r for r, _ in rels], dtype=np.int64)
+        size = np.array([s for _, s in rels], dtype=np.int64)
+        address = np.array([self.gathered[r].ctypes.data for r, _ in rels], dtype=np.int64)
+        position = np.array([owner.get(r, -1) for r, _ in rels], dtype=np.int64)
+        layer = np.arange(num_layers, dtype=np.int64)[:, None]
+        at = (self.wants[0].offset + layer * self.stride + rel).reshape(-1)
+        iov = np.empty((at.size, 2), dtype=np.uint64)
+        iov[:, 0] = (address + layer * size).reshape(-1)
+        iov[:, 1] = np.broadcast_to(size, (num_layers, size.size)).reshape(-1)
+        tag = np.where(position >= 0, position * num_layers + layer, -1).reshape(-1)
+        return at, iov, tag
 
 
 @dataclass
@@ -124,7 +133,9 @@ def plan_read(locs: list[ChunkLocation], first_layer: int, num_layers: int, cach
             if into is not None:
                 run.gathered = {}
                 for i, rel, _ in run.members:  # a chunk asked for twice lands in its first buffer (copied later)
-                    run.gathered.setdefault(rel, into[i])
+                    if rel not in run.gathered:
+                        run.gathered[rel] = into[i]
+                        run.in_place.add(i)
             elif num_layers > 1 and len({rel for _, rel, _ in run.members}) > 1:
                 rels = sorted({(rel, s) for _, rel, s in run.members})
                 ends = np.cumsum([num_layers * s for _, s in rels])
@@ -136,37 +147,39 @@ def plan_read(locs: list[ChunkLocation], first_layer: int, num_layers: int, cach
     return ReadPlan(first_layer, num_layers, wants, headers, runs)
 
 
-def cut_run(run: Run, num_layers: int, span_of: dict[object, Span]) -> list[tuple[int, np.ndarray | str]]:
-    """Each member chunk's sections of the planned layers, contiguous (views into the read's buffers), or
-    'io_error' / 'truncated' when its bytes are not all there. numpy, not torch: this runs per chunk per read on the
-    restore path, where torch's small-op overheads (and, measured, its strided uint8 copy on 2 busy cores) show."""
-    n = num_layers
+def cut_run(run: Run, first: int, end: int, span_of: dict[object, Span]) -> list[tuple[int, np.ndarray | str]]:
+    """Each member chunk's sections of the planned layers [first, end) (0 = the plan's first layer), contiguous
+    (views into the read's buffers), or 'io_error' / 'truncated' when its bytes are not all there. numpy, not
+    torch: this runs per chunk per read on the restore path, where torch's small-op overheads (and, measured, its
+    strided uint8 copy on 2 busy cores) show."""
+    n = end - first
     out: list[tuple[int, np.ndarray | str]] = []
     if run.is_dense:
         want = run.wants[0]
         span = span_of[want.tag]
         if span.error is not None:
             return [(i, "io_error") for i, _, _ in run.members]
-        data, base, valid = span.array, want.offset - span.offset, span.valid_bytes
-        assert data is not None  # every span of a segment that exists got its buffer (ChunkLog._read_spans)
+        data, base, valid = span.array, want.offset - span.offset + first * run.stride, span.valid_bytes
+        assert data is not None  # every span of a segment that exists got its buffer (_Reading.submit)
         for i, rel, s in run.members:
             at = base + rel
             if at + (n - 1) * run.stride + s > valid:
                 out.append((i, "truncated"))
             elif run.gathered is not None:
-                out.append((i, run.gathered[rel]))
+                out.append((i, run.gathered[rel][first * s:end * s]))
             elif n == 1 or run.stride == s:
                 out.append((i, data[at:at + n * s]))
             else:  # not reached with plan_read's plans (a lone chunk's run has stride == s); kept for completeness
                 strided = np.lib.stride_tricks.as_strided(data[at:], (n, s), (run.stride, 1), writeable=False)
                 out.append((i, np.ascontiguousarray(strided).reshape(-1)))
         return out
-    spans = [span_of[w.tag] for w in run.wants]
-    firsts = [w.offset - sp.offset for w, sp in zip(run.wants, spans, strict=True)]
+    wants = run.wants[first:end]
+    spans = [span_of[w.tag] for w in wants]
+    firsts = [w.offset - sp.offset for w, sp in zip(wants, spans, strict=True)]
     if any(sp.error is not None for sp in spans):
         return [(i, "io_error") for i, _, _ in run.members]
     arrays = [sp.array for sp in spans if sp.array is not None]
-    assert len(arrays) == len(spans)  # every span of a segment that exists got its buffer (ChunkLog._read_spans)
+    assert len(arrays) == len(spans)  # every span of a segment that exists got its buffer (_Reading.submit)
     for i, rel, s in run.members:
         if any(f + rel + s > sp.valid_bytes for f, sp in zip(firsts, spans, strict=True)):
             out.append((i, "truncated"))
@@ -176,3 +189,18 @@ def cut_run(run: Run, num_layers: int, span_of: dict[object, Span]) -> list[tupl
             parts = [a[f + rel:f + rel + s] for f, a in zip(firsts, arrays, strict=True)]
             out.append((i, np.concatenate(parts)))
     return out
+
+
+def needed_ends(plan: ReadPlan, runs: list[Run], end: int) -> dict[str, int]:
+    """Per segment, the file offset below which every byte that layers [0, end) of `runs` (and every header of the
+    plan) need lies: a streaming read may hand those layers over once the requests before it are in."""
+    ends: dict[str, int] = {}
+    for w in plan.headers.values():
+        ends[w.segment] = max(ends.get(w.segment, 0), w.offset + w.length)
+    for run in runs:
+        if run.is_dense:
+            at = run.wants[0].offset + (end - 1) * run.stride + run.length
+        else:
+            at = run.wants[end - 1].offset + run.length
+        ends[run.segment] = max(ends.get(run.segment, 0), at)
+    return ends

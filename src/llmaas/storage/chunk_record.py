@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
+import numpy as np
 import torch
 import xxhash
 
@@ -205,17 +206,11 @@ def parse_header(buf: memoryview, model_id: str, codec_id: str) -> RecordHeader 
                         sections_rel, layer_stride, prefix, model, codec, sums)
 
 
-def verify_sections(header: RecordHeader, sections: memoryview, first_layer: int) -> bool:
-    """`sections` holds whole sections of layers first_layer, first_layer + 1, ... of the record `header` describes."""
-    s, sums, digest = header.section_bytes, header.checksums, xxhash.xxh3_64_intdigest
-    if first_layer + len(sections) // s > len(_SEEDS):
-        return all(checksum_section(sections[j * s:(j + 1) * s], first_layer + j) == sums[first_layer + j]
-                   for j in range(len(sections) // s))
-    # The hot loop of a restore (~3,800 sections per 2048-token context): keep it to one call per section.
-    for j, at in enumerate(range(0, len(sections), s), first_layer):
-        if digest(sections[at:at + s], _SEEDS[j]) != sums[j]:
-            return False
-    return True
+def section_seeds(first_layer: int, num_layers: int) -> np.ndarray:
+    """uint64 [num_layers]: the checksum seeds of layers [first_layer, first_layer + num_layers) (checksum_section;
+    verification of many sections at once: storage/native.py)."""
+    return np.array([_SEEDS[j] if j < len(_SEEDS) else _seed(j) for j in range(first_layer, first_layer + num_layers)],
+                    dtype=np.uint64)
 
 
 def chain_prefix_hash(previous: bytes, token_ids: Sequence[int]) -> bytes:
