@@ -8,7 +8,14 @@ import os
 
 import pytest
 
-from llmaas.bench.disk import DiskBandwidth, drop_from_page_cache, measure_disk, read_into, resident_fraction
+from llmaas.bench.disk import (
+    DiskBandwidth,
+    FloorProbe,
+    drop_from_page_cache,
+    measure_disk,
+    read_into,
+    resident_fraction,
+)
 
 
 def test_measure_disk_small(tmp_path):
@@ -59,3 +66,14 @@ def test_llama_cpp_restore_peer(tmp_path):
     assert r["bytes"] >= 64 * 23_040  # SmolLM2 fp16 KV: 23,040 B/token, plus a header
     assert r["load_s"] > 0 and r["save_s"] > 0
     assert list(tmp_path.iterdir()) == []
+
+
+def test_floor_probe_reads_cold_and_cleans_up(tmp_path):
+    with FloorProbe(tmp_path, 3 * 2**20 + 5) as probe:
+        assert probe.path.stat().st_size == 3 * 2**20 + 5
+        assert all(probe.read_s() > 0 for _ in range(2))
+        frac = resident_fraction(probe.path)
+        assert frac is None or frac > 0.5  # the read itself brought the file in; the next read_s drops it first
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(ValueError, match="at least one byte"):
+        FloorProbe(tmp_path, 0)

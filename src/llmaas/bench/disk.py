@@ -144,6 +144,31 @@ def _random_reads(path: Path, offsets: list[int], request_bytes: int) -> list[fl
     return latencies
 
 
+class FloorProbe:
+    """A file of `nbytes` incompressible bytes under `directory` (written and fsynced on entry, removed on exit);
+    read_s() times one cold sequential read of it, as measure_disk does, whenever the caller wants one: a benchmark
+    takes one next to each of its own measurements."""
+
+    def __init__(self, directory: Path, nbytes: int, block_bytes: int = 4 * 2**20) -> None:
+        if nbytes < 1:
+            raise ValueError(f"a floor probe needs at least one byte, got {nbytes}")
+        self.path = directory / f".llmaas-floor-probe-{os.getpid()}"
+        self.nbytes, self.block_bytes = nbytes, block_bytes
+
+    def __enter__(self) -> FloorProbe:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _write_file(self.path, self.nbytes, self.block_bytes)
+        self._buf = bytearray(self.block_bytes)
+        return self
+
+    def read_s(self) -> float:
+        drop_from_page_cache(self.path)
+        return _timed_read(self.path, self._buf)
+
+    def __exit__(self, *exc: object) -> None:
+        self.path.unlink(missing_ok=True)
+
+
 def measure_disk(directory: Path, *, file_bytes: int = 256 * 2**20, random_request_bytes: int = 180 * 1024,
                  random_requests: int = 200, repeats: int = 3, seed: int = 0) -> DiskBandwidth:
     """Cold sequential and random read bandwidth of the disk under directory (a temporary file, removed after).

@@ -1,10 +1,11 @@
 """`llmaas bench restore`: cold switch latency of one long context restored from disk, ours vs llama.cpp's own.
 
 Owns the run: one context of N WikiText-2 tokens is built through the LLMS store (prefill with attention tracking,
-chunking, re-leveling, ahead-of-time write-back), evicted, and restored cold (page cache dropped) several times; the
-plan, its floor (bytes read / this disk's cold read bandwidth measured in the same run, or the planned pipeline time
-when recompute is used) and the timeline are reported. The peer is llama.cpp's raw per-sequence state get/set through
-a file on the same disk, cold. Ignores multi-context traces (`llmaas bench switch`).
+chunking, re-leveling, ahead-of-time write-back), evicted, and restored cold several times; the plan, its floor (a
+cold sequential read of exactly the bytes read, or the planned pipeline time when recompute is used) and the
+timeline are reported. The peer is llama.cpp's raw per-sequence state get/set through a file on the same disk, cold.
+Ours, the floor and the peer are measured in rounds, one of each per round, so a drifting disk weighs on all three
+alike. Ignores multi-context traces (`llmaas bench switch`).
 """
 
 from __future__ import annotations
@@ -16,13 +17,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from llmaas.bench.disk import measure_disk
+from llmaas.bench.disk import FloorProbe, measure_disk
 from llmaas.bench.engine import WIKITEXT
 from llmaas.bench.results import machine, write_json
 from llmaas.engine.generate import Generator
 from llmaas.kv.codec import ChunkGeometry, KVLevel
 from llmaas.kv.spec import KVSpec
 from llmaas.memory.policy import POLICIES
+from llmaas.memory.restorer import SwitchReport
 from llmaas.memory.store import ChunkedKVStore, MemoryConfig
 from llmaas.model.loader import load_model
 from llmaas.restore.profiler import ensure_profile
@@ -61,80 +63,123 @@ def _run(args: argparse.Namespace, root: Path) -> int:
     ids = loaded.tokenizer.encode(WIKITEXT.read_text()[:40_000], add_bos=False, parse_special=False)[:args.tokens]
     throttle = None if args.disk_throttle_mbps is None else DiskThrottle.from_mb_s(args.disk_throttle_mbps)
     result = {"config": {"tokens": len(ids), "policy": args.policy, "repeats": args.repeats,
-                         "throttle": throttle.describe() if throttle else "unthrottled", "dir": str(root)},
+                         "throttle": throttle.describe() if throttle else "unthrottled", "dir": str(root),
+                         "interleaved": True},
               "machine": machine()}
     policy = POLICIES[args.policy]
-    result["ours"] = measure_ours(loaded, ids, root, policy, throttle, args.repeats)
+    ours = OurRestore(loaded, ids, root, policy, throttle)
+    peer = None
+    try:
+        nbytes = ours.restore().bytes_read  # the first restore warms code paths and is not counted
+        if "llama-cpp" in args.peer:
+            from llmaas.bench.restore_peer import PeerRestore
+
+            peer = PeerRestore(ids, root, saves=args.repeats)
+        # One round = our cold restore, a cold sequential read of exactly our bytes (the floor), llama.cpp's cold
+        # load: this VM's disk drifts by 1.5x within a minute, and measured one after the other the three saw
+        # different disks.
+        floor_s: list[float] = []
+        with FloorProbe(root, nbytes) as probe:
+            for i in range(1, args.repeats + 1):
+                report = ours.restore()
+                floor_s.append(probe.read_s())
+                line = (f"round {i}/{args.repeats}: ours {report.switch_s * 1e3:.1f} ms "
+                        f"({report.bytes_read / 2**20:.1f} MiB, {report.recomputed_chunks} chunks recomputed), "
+                        f"floor {floor_s[-1] * 1e3:.1f} ms")
+                if peer is not None:
+                    line += f", llama.cpp {peer.load()['load_s'] * 1e3:.1f} ms"
+                _progress(line)
+        result["ours"] = ours.summary()
+        if peer is not None:
+            result["peers"] = {"llama_cpp": peer.finish()}
+    finally:
+        ours.close()
+        if peer is not None:
+            peer.close()
     if policy.restore == "pipeline":  # LLMS §11.8: a mixed plan must not lose to either pure one by more than 10%
         for mode in ("io", "recompute"):
             _progress(f"the same context restored by {mode} only, for comparison")
-            alt = measure_ours(loaded, ids, root, policy.with_settings(restore=mode), throttle, min(3, args.repeats))
-            result["ours"][f"all_{mode}_s"] = alt["switch_s"]
+            alt = OurRestore(loaded, ids, root, policy.with_settings(restore=mode), throttle)
+            try:
+                alt.restore()
+                for _ in range(min(3, args.repeats)):
+                    alt.restore()
+                result["ours"][f"all_{mode}_s"] = statistics.median(r.switch_s for r in alt.runs[1:])
+            finally:
+                alt.close()
         best = min(result["ours"]["all_io_s"], result["ours"]["all_recompute_s"])
         result["ours"]["vs_best_pure_plan"] = result["ours"]["switch_s"] / best
-    # The floor's bandwidth is that of one cold sequential read of exactly our bytes: on this disk a 16 MB file
-    # reads at about half a 64 MB one's rate (1.3 vs 2.4 GB/s), so a larger probe would set an unreachable floor.
-    nbytes = result["ours"]["bytes_read"]
     disk = measure_disk(root, file_bytes=nbytes, random_requests=min(200, nbytes // (180 * 1024)), repeats=9)
     result["disk"] = {**disk.to_json(), "describe": disk.describe()}
-    ours = result["ours"]
-    io_floor = ours["bytes_read"] / disk.seq_read_bytes_per_s
+    ours_json = result["ours"]
+    io_floor = statistics.median(floor_s)
     if throttle is not None and throttle.bandwidth_bytes_per_s:
-        io_floor = max(io_floor, ours["bytes_read"] / throttle.bandwidth_bytes_per_s)
-    ours["floor_s"] = max(io_floor, ours["plan"]["predicted_recompute_s"]) if ours["recomputed_tokens"] else io_floor
-    ours["vs_floor"] = ours["switch_s"] / ours["floor_s"] if ours["floor_s"] else None
-    result["peers"] = {}
-    if "llama-cpp" in args.peer:
-        from llmaas.bench.restore_peer import measure_restore_peer
-
-        peer = measure_restore_peer(ids, root, repeats=args.repeats)
-        result["peers"]["llama_cpp"] = peer
-        ours["speedup_vs_llama_cpp"] = peer["load_s"] / ours["switch_s"]
+        io_floor = max(io_floor, nbytes / throttle.bandwidth_bytes_per_s)
+    ours_json["floor_s_all"] = floor_s
+    ours_json["floor_s"] = max(io_floor, ours_json["plan"]["predicted_recompute_s"]) \
+        if ours_json["recomputed_tokens"] else io_floor
+    ours_json["vs_floor"] = ours_json["switch_s"] / ours_json["floor_s"] if ours_json["floor_s"] else None
+    result.setdefault("peers", {})
+    if "llama_cpp" in result["peers"]:
+        ours_json["speedup_vs_llama_cpp"] = result["peers"]["llama_cpp"]["load_s"] / ours_json["switch_s"]
     print_table(result)
     if args.json:
         write_json(result, args.json)
     return 0
 
 
-def measure_ours(loaded, ids: list[int], root: Path, policy, throttle: DiskThrottle | None, repeats: int) -> dict:
-    spec = KVSpec.from_config(loaded.config)
-    geometry = ChunkGeometry(spec, policy.chunk_tokens)
-    profile = None
-    if policy.restore == "pipeline":
-        profile = ensure_profile(loaded.model, geometry, loaded.model_id, root / "profiles", throttle, len(ids))
-    budget = 2 * ChunkedKVStore.minimum_budget_bytes(geometry, policy, len(ids))
-    store = ChunkedKVStore(loaded.model, MemoryConfig(policy, budget, root / "kv", loaded.model_id, len(ids),
-                                                      throttle), profile)
-    store.drop("bench")
-    store.writer.wait_idle()
-    _progress(f"building a {len(ids)}-token context (prefill with attention tracking)")
-    cache = store.acquire("bench", [], len(ids))
-    Generator(loaded.model, loaded.tokenizer).prefill(ids, cache)
-    store.release("bench", ids)
-    store.writer.wait_idle()
-    levels = [c.level for c in store._contexts["bench"].chunks]
-    runs = []
-    for i in range(repeats + 1):  # the first restore warms code paths and is not counted
-        store.reclaim(store.budget_bytes)
-        store.acquire("bench", ids, len(ids))
-        report = store.last_switch
-        store.release("bench", ids)
-        if i:
-            runs.append(report)
-            _progress(f"cold restore {i}/{repeats}: {report.switch_s * 1e3:.1f} ms, "
-                      f"{report.bytes_read / 2**20:.1f} MiB read, {report.recomputed_chunks} chunks recomputed")
-    best = sorted(runs, key=lambda r: r.switch_s)[len(runs) // 2]
-    plan = {"loaded_chunks": best.loaded_chunks, "recomputed_chunks": best.recomputed_chunks,
-            "predicted_s": best.predicted_s, "predicted_recompute_s": 0.0}
-    if profile is not None:
-        plan["predicted_recompute_s"] = profile.recompute.predict(best.recomputed_chunks)
-    store.drop("bench")
-    store.close()
-    return {"switch_s": statistics.median(r.switch_s for r in runs), "switch_s_all": [r.switch_s for r in runs],
-            "restore_s": statistics.median(r.restore_s for r in runs), "bytes_read": best.bytes_read,
-            "recomputed_tokens": best.recomputed_tokens, "plan": plan,
-            "levels": {lv.name: levels.count(lv) for lv in KVLevel if levels.count(lv)},
-            "timeline": [vars(s) for s in best.timeline]}
+class OurRestore:
+    """One context of the caller's ids built through the LLMS store (prefill with attention tracking, chunking,
+    re-leveling, ahead-of-time write-back); restore() evicts it whole and restores it cold (the chunk log reads
+    past the page cache, or drops what it read)."""
+
+    def __init__(self, loaded, ids: list[int], root: Path, policy, throttle: DiskThrottle | None) -> None:
+        spec = KVSpec.from_config(loaded.config)
+        geometry = ChunkGeometry(spec, policy.chunk_tokens)
+        self.profile = None
+        if policy.restore == "pipeline":
+            self.profile = ensure_profile(loaded.model, geometry, loaded.model_id, root / "profiles", throttle,
+                                          len(ids))
+        budget = 2 * ChunkedKVStore.minimum_budget_bytes(geometry, policy, len(ids))
+        self.ids = ids
+        self.store = ChunkedKVStore(loaded.model, MemoryConfig(policy, budget, root / "kv", loaded.model_id,
+                                                               len(ids), throttle), self.profile)
+        self.store.drop("bench")
+        self.store.writer.wait_idle()
+        _progress(f"building a {len(ids)}-token context (prefill with attention tracking)")
+        cache = self.store.acquire("bench", [], len(ids))
+        Generator(loaded.model, loaded.tokenizer).prefill(ids, cache)
+        self.store.release("bench", ids)
+        self.store.writer.wait_idle()
+        self.levels = [c.level for c in self.store._contexts["bench"].chunks]
+        self.runs: list[SwitchReport] = []
+
+    def restore(self) -> SwitchReport:
+        self.store.reclaim(self.store.budget_bytes)
+        self.store.acquire("bench", self.ids, len(self.ids))
+        report = self.store.last_switch
+        self.store.release("bench", self.ids)
+        self.runs.append(report)
+        return report
+
+    def summary(self) -> dict:
+        """Medians over the restores after the first (which warms code paths)."""
+        runs = self.runs[1:]
+        best = sorted(runs, key=lambda r: r.switch_s)[len(runs) // 2]
+        plan = {"loaded_chunks": best.loaded_chunks, "recomputed_chunks": best.recomputed_chunks,
+                "predicted_s": best.predicted_s, "predicted_recompute_s": 0.0}
+        if self.profile is not None:
+            plan["predicted_recompute_s"] = self.profile.recompute.predict(best.recomputed_chunks)
+        levels = self.levels
+        return {"switch_s": statistics.median(r.switch_s for r in runs), "switch_s_all": [r.switch_s for r in runs],
+                "restore_s": statistics.median(r.restore_s for r in runs), "bytes_read": best.bytes_read,
+                "recomputed_tokens": best.recomputed_tokens, "plan": plan,
+                "levels": {lv.name: levels.count(lv) for lv in KVLevel if levels.count(lv)},
+                "timeline": [vars(s) for s in best.timeline]}
+
+    def close(self) -> None:
+        self.store.drop("bench")
+        self.store.close()
 
 
 def print_table(result: dict) -> None:
