@@ -6,10 +6,11 @@ from __future__ import annotations
 import fcntl
 import os
 import re
-import shutil
 import socket
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,7 +39,19 @@ def test_kernel_build_key_follows_the_torch_installation_and_compiler(monkeypatc
     assert kernels.build_name() not in (here, other_env)
 
 
-@pytest.mark.skipif(shutil.which("ninja") is None, reason="needs ninja")
+def test_kernels_build_with_one_ninja_whatever_the_path(monkeypatch) -> None:
+    """The ninja beside this Python (the project's own) even when another comes first on PATH: two ninjas record a
+    build's command differently, and each rebuilt what the other had built."""
+    beside = Path(sys.executable).parent / "ninja"
+    here = kernels.build_name()
+    monkeypatch.setenv("PATH", "/usr/bin" + os.pathsep + os.environ.get("PATH", ""))
+    if beside.exists():
+        assert kernels.ninja_path() == str(beside)
+        assert kernels.build_name() == here
+    assert kernels.build_inputs()["ninja"] == (kernels.ninja_path() or "")
+
+
+@pytest.mark.skipif(kernels.ninja_path() is None, reason="needs ninja")
 def test_compiling_is_announced_also_when_a_stale_build_is_replaced(tmp_path, monkeypatch, capsys) -> None:
     """load() is faked; a stand-in build.ninja lets ninja judge whether the build is up to date."""
     monkeypatch.setenv("LLMAAS_CACHE", str(tmp_path))
@@ -56,7 +69,7 @@ def test_compiling_is_announced_also_when_a_stale_build_is_replaced(tmp_path, mo
     build = tmp_path / "kernels" / kernels.build_name()
     (build / "kernels.cpp").write_text("// source")
     (build / "build.ninja").write_text("rule cp\n  command = cp $in $out\nbuild kernels.o: cp kernels.cpp\n")
-    subprocess.run(["ninja", "-C", str(build)], check=True, capture_output=True)
+    subprocess.run([kernels.ninja_path() or "ninja", "-C", str(build)], check=True, capture_output=True)
     (build / f"{kernels.build_name()}.so").touch()
     assert stderr_of_a_load() == ""  # up to date: only imported
     later = time.time() + 10

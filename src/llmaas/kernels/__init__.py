@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -74,8 +75,18 @@ def build_inputs() -> dict[str, str]:
         "python_include": sysconfig.get_path("include", scheme="posix_prefix") or "",
         "python_abi": sysconfig.get_config_var("EXT_SUFFIX") or sys.implementation.cache_tag or "",
         "cxx": os.environ.get("CXX", "c++"),  # the compiler torch's cpp_extension runs
+        "ninja": ninja_path() or "",
         "machine": platform.machine(),
     }
+
+
+def ninja_path() -> str | None:
+    """The ninja that builds and checks the kernels: the one installed beside this Python (ninja is one of the
+    project's dependencies), else the first on PATH. Fixed, because two ninjas (pip's 1.13 in the virtual environment,
+    a system 1.11 found when the environment is not activated) record a build's command differently, and each then
+    rebuilt what the other had built (~30 s at every start that alternated, met here)."""
+    beside = Path(sys.executable).parent / "ninja"
+    return str(beside) if beside.exists() else shutil.which("ninja")
 
 
 def build_name() -> str:
@@ -88,8 +99,11 @@ def _is_up_to_date(build_dir: Path) -> bool:
     """Whether ninja would build nothing (it compares the outputs' times with those of the source and the torch
     headers it recorded), so that load() only imports. Any doubt counts as out of date: a needless message beats a
     silent minute."""
+    ninja = ninja_path()
+    if ninja is None:  # load() fails and says so
+        return False
     try:
-        dry = subprocess.run(["ninja", "-n", "-C", str(build_dir)], capture_output=True, text=True, timeout=30)
+        dry = subprocess.run([ninja, "-n", "-C", str(build_dir)], capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):  # no ninja: load() fails and says so
         return False
     return dry.returncode == 0 and "no work to do" in dry.stdout
@@ -131,6 +145,18 @@ def _builder_lock(build_dir: Path) -> Iterator[None]:
         yield  # the OS releases the lock when the file closes or the process dies
 
 
+@contextlib.contextmanager
+def _path_first(directory: str | None) -> Iterator[None]:
+    """PATH with `directory` first, for the duration (None: unchanged)."""
+    old = os.environ.get("PATH", "")
+    if directory is not None:
+        os.environ["PATH"] = directory + os.pathsep + old
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
 def _build_and_import(name: str, build_dir: Path) -> ModuleType:
     from torch.utils import cpp_extension
 
@@ -140,9 +166,11 @@ def _build_and_import(name: str, build_dir: Path) -> ModuleType:
     elif not _is_up_to_date(build_dir):
         print(f"llmaas: rebuilding native kernels in {build_dir}: the source or a torch header is newer than the "
               "build (about a minute on two cores)...", file=sys.stderr, flush=True)
+    ninja = ninja_path()
     try:
-        return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
-                                  build_directory=str(build_dir), verbose=False)
+        with _path_first(None if ninja is None else str(Path(ninja).parent)):  # cpp_extension runs `ninja`
+            return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
+                                      build_directory=str(build_dir), verbose=False)
     except (OSError, RuntimeError, ImportError) as exc:  # compiler missing, build failure, bad .so
         raise KernelBuildError(
             f"could not build llmaas's native kernels ({exc}); install a C++ compiler (g++) and ninja, or run "
