@@ -86,16 +86,18 @@ def test_pressure_is_reported_and_a_run_without_it_is_flagged():
     assert [row[-1] for row in rows] == ["none: uninformative", "2/4 restored, 3 evicted", "—"]
 
 
-def test_warm_up_calls_run_unmeasured_and_the_trace_after_them_is_unchanged(smollm, tmp_path):
+def test_warm_up_calls_every_context_round_robin_and_runs_unmeasured(smollm, tmp_path):
     conversation = Conversation(smollm.tokenizer, smollm.chat_template)
-    warm = make_trace(TraceConfig("random", 4, seed=10, max_calls=5, warmup_calls=3), conversation)
-    assert len(warm.calls) == 8 and [c.warmup for c in warm.calls] == [True] * 3 + [False] * 5
-    plain = make_trace(TraceConfig("random", 4, seed=10, max_calls=8), conversation)
-    assert [c.user for c in warm.calls] == [c.user for c in plain.calls]  # the same calls, only marked
+    warm = make_trace(TraceConfig("markov", 4, seed=10, max_calls=5, warmup_calls=8), conversation)
+    assert len(warm.calls) == 13 and [c.warmup for c in warm.calls] == [True] * 8 + [False] * 5
+    rounds = [sorted(c.context for c in warm.calls[k:k + 4]) for k in (0, 4)]
+    assert rounds[0] == rounds[1] == sorted({c.context for c in warm.calls})  # each context once per round
+    assert [c.context for c in warm.calls[:4]] != [c.context for c in warm.calls[4:8]]  # in a seeded order
+    assert warm == make_trace(TraceConfig("markov", 4, seed=10, max_calls=5, warmup_calls=8), conversation)
     warm.save(tmp_path / "t.jsonl")
     assert warm.load(tmp_path / "t.jsonl") == warm
     run = replay(smollm, warm, SystemSetting(POLICIES["vllm-s"], 10**10, 1024), tmp_path)
-    measured = [c for c in warm.calls[3:] if c.task != "xsum"]  # XSum cannot be sent at 1024
+    measured = [c for c in warm.calls[8:] if c.task != "xsum"]  # XSum cannot be sent at 1024
     assert run["calls"] == len(measured) and [r["context"] for r in run["records"]] == [c.context for c in measured]
 
 

@@ -79,7 +79,7 @@ class Plan:
     max_lengths: tuple[int, ...]
     chunk_sizes: tuple[int, ...]
     throttle_mbps: float | None  # None: no throttle sweep
-    warmup_per_context: int = 2  # unmeasured calls per active context before the measured ones (TraceConfig)
+    warmup_per_context: int = 3  # unmeasured calls per active context before the measured ones (TraceConfig)
 
     def runs(self) -> list[Run]:
         runs = [Run("main", s) for s in MAIN_SYSTEMS]
