@@ -6,7 +6,11 @@ of 113 KB, cold): 128 separate files read in ~35-70 ms, one contiguous 14 MB ran
 layer of the 128 chunks at a time (the restore pipeline's step) costs ~380 ms when each chunk's layers are
 together but ~25 ms when each layer of the chunks is. So a write-back appends its chunks to the context's segment
 in one request, as one group laid out layer-major across its chunks (chunk_layout.py): the whole group is one
-range, and so is each of its layers. Ignores budgets, policies and what payloads mean (opaque layer-major bytes).
+range, and so is each of its layers. A read goes past the page cache where the filesystem allows it (O_DIRECT into
+one aligned buffer; else buffered, its pages dropped), as ~1 MB requests in file order on a few IO threads, cut
+between sections; each request lands its pieces on its own thread in one native call (checks their checksums, copies
+them to the chunks' buffers), and the caller can take the layers batch by batch as they complete (a restore decodes
+behind the read). Ignores budgets, policies and what payloads mean (opaque layer-major bytes).
 """
 
 from __future__ import annotations
