@@ -27,6 +27,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent import futures
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -679,11 +680,10 @@ class _Verifier:
         self.base = None if into is None else np.array([a.ctypes.data for a in into], dtype=np.int64)
         self.seeds = section_seeds(first_layer, num_layers)
         self.sums = np.zeros((len(locs), num_layers), dtype=np.uint64)
-        self.known = np.zeros(len(locs), dtype=bool)  # rows of sums filled before any request ran
+        self.known = np.array([h is not None for h in headers], dtype=bool)  # rows of sums filled before any request
         for i, h in enumerate(headers):
             if h is not None:
                 self.learn(i, h)
-        self.known[:] = [h is not None for h in headers]
         self.state = np.zeros((len(locs), num_layers), dtype=np.uint8)  # 0 unchecked, 1 good, 2 bad
 
     def learn(self, i: int, header: RecordHeader) -> None:
@@ -878,12 +878,11 @@ class _Reading:
         return min((r.start_s for r in used), default=now), max((r.end_s for r in used), default=now)
 
     def __exit__(self, *exc: object) -> None:
-        try:
-            for r in self.requests[self._done:]:  # never free buffers or close files under a running request
-                if r.future is not None:
-                    r.outcome = r.future.result()[0]
-        finally:
-            self._close()
+        pending = [r for r in self.requests[self._done:] if r.future is not None]
+        futures.wait([r.future for r in pending if r.future is not None])  # never close files under a request
+        self._close()
+        for r in pending:
+            r.outcome = r.future.result()[0] if r.future is not None and r.future.exception() is None else None
         nbytes = sum(r.outcome for r in self.requests if isinstance(r.outcome, int))
         with self.log._lock:
             if self.for_compaction:

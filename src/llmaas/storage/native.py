@@ -1,5 +1,5 @@
-"""The chunk log's two hot loops over thousands of small pieces, in native code where it builds: landing what a read
-request brought in (check each section's checksum, copy it to its chunk's buffer), and checking checksums.
+"""The chunk log's hot loop over thousands of small pieces, in native code where it builds: landing what a read
+request brought in (check each section's checksum, copy it to its chunk's buffer), or only checking checksums.
 
 Owns the dispatch: the native kernels (llmaas.kernels, GIL released) when this machine builds them, else the same
 work in Python (one ctypes call per piece, a few times slower), so results never depend on which ran. Ignores what
@@ -27,7 +27,7 @@ def _kernels() -> ModuleType | None:
         kernels = load_kernels()
     except KernelBuildError:
         return None
-    return kernels if hasattr(kernels, "verify_checksums") and hasattr(kernels, "land_pieces") else None
+    return kernels if hasattr(kernels, "land_pieces") else None
 
 
 # Rows of a landing table (int64 [6, m], one column per piece).
@@ -56,20 +56,14 @@ def land_pieces(table: np.ndarray, state: np.ndarray, *, use_kernels: bool = Tru
 def verify_checksums(addresses: np.ndarray, lengths: np.ndarray, seeds: np.ndarray, checksums: np.ndarray, *,
                      use_kernels: bool = True) -> np.ndarray:
     """bool [n]: whether the lengths[k] bytes at addresses[k] have the XXH3-64 checksum checksums[k] with seed
-    seeds[k] (seeds and checksums uint64; the caller keeps every address alive)."""
+    seeds[k] (seeds and checksums uint64; the caller keeps every address alive). A landing that copies nothing."""
     n = len(addresses)
-    table = np.empty((4, n), dtype=np.int64)
-    table[0], table[1] = addresses, lengths
-    table[2] = np.asarray(seeds, dtype=np.uint64).view(np.int64)
-    table[3] = np.asarray(checksums, dtype=np.uint64).view(np.int64)
-    kernels = _kernels() if use_kernels else None
-    if kernels is not None:
-        ok = torch.empty(n, dtype=torch.uint8)
-        kernels.verify_checksums(torch.from_numpy(table), ok)
-        return ok.numpy().astype(bool)
-    digest = xxhash.xxh3_64_intdigest
-    return np.array([digest(memoryview((ctypes.c_char * length).from_address(address)), seed) == want
-                     for address, length, seed, want in zip(table[0].tolist(), table[1].tolist(),
-                                                            np.asarray(seeds, dtype=np.uint64).tolist(),
-                                                            np.asarray(checksums, dtype=np.uint64).tolist(),
-                                                            strict=True)], dtype=bool)
+    table = np.empty((6, n), dtype=np.int64)
+    table[SOURCE] = table[DESTINATION] = addresses
+    table[LENGTH] = lengths
+    table[SEED] = np.asarray(seeds, dtype=np.uint64).view(np.int64)
+    table[CHECKSUM] = np.asarray(checksums, dtype=np.uint64).view(np.int64)
+    table[SLOT] = np.arange(n)
+    state = np.zeros(n, dtype=np.uint8)
+    land_pieces(table, state, use_kernels=use_kernels)
+    return state == 1

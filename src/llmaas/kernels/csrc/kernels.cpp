@@ -1044,28 +1044,6 @@ void land_pieces(const at::Tensor& table, at::Tensor state) {
   }
 }
 
-// A restore's verification in one call: section k, table[1][k] bytes at address table[0][k], must have the XXH3-64
-// checksum table[3][k] with seed table[2][k] (the 64 bits stored as int64); ok[k] = 1 where it does. int64 [4, n];
-// the caller keeps every address alive. ~3,800 sections (15 MB) per 2,048-token context: about a millisecond
-// here, where a Python loop spent ~0.5 us of overhead on each.
-void verify_checksums(const at::Tensor& table, at::Tensor ok) {
-  check(table.scalar_type() == at::kLong && table.dim() == 2 && table.size(0) == 4 && table.is_contiguous(),
-        "table must be a contiguous int64 [4, n] tensor of (address, length, seed, checksum)");
-  const int64_t n = table.size(1);
-  check(ok.scalar_type() == at::kByte && ok.is_contiguous() && ok.numel() == n, "ok must be uint8 [n]");
-  const int64_t* addr = table.data_ptr<int64_t>();
-  const int64_t* len = addr + n;
-  const int64_t* seed = len + n;
-  const int64_t* want = seed + n;
-  for (int64_t k = 0; k < n; ++k) check(len[k] >= 0 && addr[k] != 0, "a section needs an address");
-  uint8_t* out = ok.data_ptr<uint8_t>();
-  for (int64_t k = 0; k < n; ++k) {
-    const XXH64_hash_t got = XXH3_64bits_withSeed(reinterpret_cast<const void*>(addr[k]), static_cast<size_t>(len[k]),
-                                                  static_cast<XXH64_hash_t>(seed[k]));
-    out[k] = got == static_cast<XXH64_hash_t>(want[k]);
-  }
-}
-
 // The GIL is released while a kernel runs (as PyTorch's own ops do): the service's HTTP thread keeps serving while
 // the compute thread multiplies. Kernels touch only tensor memory, never Python objects.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1085,5 +1063,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attend", &attend, release());
   m.def("decode_kv_chunks", &decode_kv_chunks, release());
   m.def("land_pieces", &land_pieces, release());
-  m.def("verify_checksums", &verify_checksums, release());
 }
