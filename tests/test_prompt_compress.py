@@ -61,3 +61,19 @@ def test_word_scores_come_through_character_offsets_not_positions():
     scores = [99.0, 1.0, 2.0, 4.0, 8.0]
     assert word_scores(words, offsets, scores) == [1.0, 3.0, 8.0]
     assert word_scores(words, offsets[:3], scores[:3])[2] == float("-inf")  # truncated away: kept last
+
+
+def test_forced_words_are_kept_past_the_budget_and_line_breaks_survive_dropped_words(smollm):
+    """The LLMLingua-2 baseline's forced "?" and "\\n" (ELASTILM.md §10.2) through the same word-level selection."""
+    count = lambda text: len(smollm.tokenizer.encode(text, add_bos=False, parse_special=False))  # noqa: E731
+    context = "Alpha beta gamma\ndelta why? epsilon\nzeta eta"
+    words = split_words(context)
+    scores = [0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 2.0]  # "beta" and "eta" score highest
+    forced = ["?" in w.text for w in words]
+    out = compress(context, scores, count(" why?") + count(" eta"), count, forced=forced, keep_newlines=True)
+    assert out.text == "why?\neta"  # the forced word first, then by score; the break of the dropped "zeta"
+    assert compress(context, scores, 1, count, forced=forced).text == "why?"  # forced even past the budget
+    assert compress(context, scores, count(" eta"), count).text == "eta"  # without them: the budget alone
+    assert compress(context, scores, count(" beta eta"), count, keep_newlines=True).text == "beta\neta"
+    with pytest.raises(ValueError):
+        compress(context, scores, 4, count, forced=forced[:-1])

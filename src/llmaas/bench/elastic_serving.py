@@ -1,6 +1,7 @@
 """`llmaas bench elastic`: ElastiLM as the service runs it (the tiny LM's decision, word-level compression, sub-model m
-with its LoRA) against model-only elasticity (LLMPruner), the layer-dropping baselines and the full model, at every
-SLO pair on every available dataset and on the end-to-end traces, in proxy and measured mode (ELASTILM.md §9-§10).
+with its LoRA) against model-only elasticity (LLMPruner), prompt compression with contextual sparsity
+(Lingua2+Contextual), the layer-dropping and layer-merging baselines and the full model, at every SLO pair on every
+available dataset and on the end-to-end traces, in proxy and measured mode (ELASTILM.md §9-§10).
 
 Owns the systems' config rules, the run (every request scored by log-likelihood through the runtime's own scoring;
 identical work is scored once), the statistics (Wilson 95% intervals; paired bootstrap of ElastiLM minus each
@@ -8,12 +9,14 @@ baseline), the traces (§9's class counts, seed 42, scaled down to the items eva
 attainment, the JSON, the table and the plots.
 
 Measured mode: each system picks its config by its own rule through measured latency (ElastiLM: the latency table
-plus its tiny LM's measured time; LLMPruner: the largest level whose table TTFT and TPOT fit; the layer baselines:
-the largest ratio whose measured TTFT and TPOT fractions fit). Every request's time to answer (tiny LM +
-compression + prefill and scoring) is measured, and it meets its SLO when it is within the SLO's fraction of the
-full model's time on the same item, measured in the same run. Proxy mode uses the paper's m·p rule for everyone and
-counts no time. Not built: Lingua2+Contextual (the DejaVu-style predictor) and LaCo (merged weight copies);
-Off-The-Shelf is not applicable (no smaller SmolLM2 exists offline). They are listed as such in the JSON.
+plus its tiny LM's measured time; LLMPruner: the largest level whose table TTFT and TPOT fit; the layer baselines
+and LaCo: the largest ratio whose measured TTFT and TPOT fractions fit). Lingua2+Contextual's rule is fixed by the
+SLO in both modes (prompt rate s_pre, FFN keep s_dec); its sparsity is emulated by masking, which buys no speed on
+this engine, so its measured time is the compressed prompt through the full-cost FFN. Every request's time to
+answer (tiny LM + compression + prefill and scoring) is measured, and it meets its SLO when it is within the SLO's
+fraction of the full model's time on the same item, measured in the same run. Proxy mode uses the paper's m·p rule
+for everyone and counts no time. Off-The-Shelf is not applicable (no smaller SmolLM2 exists offline), and listed as
+such in the JSON.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from llmaas.bench.elastic_baselines import OwnModelBaselines
 from llmaas.bench.eval_elastic import paired_bootstrap, wilson
 from llmaas.bench.mc_tasks import AGENT, STANDALONE, MCItem, MCTask
 from llmaas.bench.plotting import pyplot
@@ -52,14 +56,14 @@ from llmaas.elastic.slo import (
 from llmaas.kv.dense import DenseKVCache
 from llmaas.model.loader import load_model
 from llmaas.model.lora import ModelLora
+from llmaas.model.transformer import Transformer
 from llmaas.model.widths import ModelWidths
 
 DEFAULT_OUT = Path("out/bench_elastic")
 MODES = ("measured", "proxy")
-SYSTEMS = ("elastilm", "llmpruner", *BASELINES, "full")
-NOT_BUILT = {"lingua2_contextual": "not built: the DejaVu-style sparsity predictor is not trained yet",
-             "laco": "not built: layer merging needs a merged weight copy per ratio",
-             "off_the_shelf": "not applicable: SmolLM2-135M is the smallest of its family; no smaller model offline"}
+LAYER_BASELINES = (*BASELINES, "laco")  # picked by ratio r: fixed in proxy mode, by measured fractions otherwise
+SYSTEMS = ("elastilm", "llmpruner", "lingua2_contextual", *LAYER_BASELINES, "full")
+NOT_APPLICABLE = {"off_the_shelf": "SmolLM2-135M is the smallest of its family; no smaller model offline"}
 # §9's end-to-end trace: SLO class (prefill, decode) -> its app's dataset; PIQA is not in ../shared/data
 TRACE_CLASSES = (((10, 10), "openbookqa"), ((8, 9), "arc_easy"), ((6, 8), "octopus"), ((4, 7), "llamatouch"),
                  ((2, 6), "piqa"), ((2, 5), "sciq"))
@@ -89,8 +93,8 @@ class Scorer:
     and the uncompressed prompts share the task's context across items, as a served app's fixed prompt would. A
     request's time is still its whole cost: the context's prefill time plus its own question and choices."""
 
-    def __init__(self, runtime: ElasticRuntime) -> None:
-        self.runtime, self.tokenizer = runtime, runtime.tokenizer
+    def __init__(self, runtime: ElasticRuntime, own: OwnModelBaselines) -> None:
+        self.runtime, self.tokenizer, self.own = runtime, runtime.tokenizer, own
         self.model, self.scores = runtime.elastic.loaded.model, runtime.elastic.artifact.scores
         self._kv: dict = {}
         self._memo: dict = {}
@@ -101,12 +105,17 @@ class Scorer:
         self._kv.clear()
         self._shared = context
 
-    def _sub_model(self, setting: str) -> tuple[ModelWidths, ModelLora | None]:
+    def _sub_model(self, setting: str) -> tuple[Transformer, ModelWidths | None, ModelLora | None]:
         if setting.startswith("m"):
             sub = self.runtime.sub_model(round(float(setting[1:].split(",")[0]) * 10))
-            return sub.widths, sub.lora
+            return self.model, sub.widths, sub.lora
         method, ratio = setting.split("@")
-        return baseline_widths(self.model, self.scores, method, float(ratio)), None
+        r10 = round(float(ratio) * 10)
+        if method == "laco":
+            return self.own.laco(r10), None, None
+        if method == "lingua2":
+            return self.own.sparse(r10), None, None
+        return self.model, baseline_widths(self.model, self.scores, method, float(ratio)), None
 
     @torch.no_grad()
     def run(self, item: MCItem, context: str, setting: str) -> tuple[bool, float]:
@@ -114,19 +123,19 @@ class Scorer:
         if (item.key, kv_key) in self._memo:
             correct, choices_s, prefill_s = self._memo[(item.key, kv_key)]
             return correct, prefill_s + choices_s
-        widths, lora = self._sub_model(setting)
+        model, widths, lora = self._sub_model(setting)
         if kv_key not in self._kv:
             t0 = time.perf_counter()
-            entry = (prefill_context(self.model, self.tokenizer, context, widths, lora), time.perf_counter() - t0)
+            entry = (prefill_context(model, self.tokenizer, context, widths, lora), time.perf_counter() - t0)
             if context != self._shared:
-                return self._choices(item, kv_key, *entry, widths, lora)
+                return self._choices(item, kv_key, *entry, model, widths, lora)
             self._kv[kv_key] = entry
-        return self._choices(item, kv_key, *self._kv[kv_key], widths, lora)
+        return self._choices(item, kv_key, *self._kv[kv_key], model, widths, lora)
 
-    def _choices(self, item: MCItem, kv_key: tuple, cache: DenseKVCache, prefill_s: float, widths: ModelWidths,
-                 lora: ModelLora | None) -> tuple[bool, float]:
+    def _choices(self, item: MCItem, kv_key: tuple, cache: DenseKVCache, prefill_s: float, model: Transformer,
+                 widths: ModelWidths | None, lora: ModelLora | None) -> tuple[bool, float]:
         t0 = time.perf_counter()
-        scores = choice_scores(self.model, cache, self.tokenizer.encode(item.question or " ", add_bos=False),
+        scores = choice_scores(model, cache, self.tokenizer.encode(item.question or " ", add_bos=False),
                                [self.tokenizer.encode(c, add_bos=False) for c in item.choices], widths, lora)
         correct, choices_s = max(range(len(scores)), key=scores.__getitem__) == item.answer, time.perf_counter() - t0
         self._memo[(item.key, kv_key)] = (correct, choices_s, prefill_s)
@@ -137,16 +146,17 @@ def _setting(c: Config) -> str:
     return f"m{c.m / 10:.1f},p{c.p / 10:.1f}"
 
 
-def baseline_fractions(runtime: ElasticRuntime, runs: int, tokens: int = 256) -> dict[str, tuple[float, float]]:
+def baseline_fractions(runtime: ElasticRuntime, own: OwnModelBaselines, runs: int,
+                       tokens: int = 256) -> dict[str, tuple[float, float]]:
     """(TTFT fraction, TPOT fraction) of the full model for each layer baseline at each ratio, measured here."""
     model, scores = runtime.elastic.loaded.model, runtime.elastic.artifact.scores
     full = (ttft_s(model, None, None, tokens, runs), tpot_s(model, None, None, 8))
     out = {}
-    for method in BASELINES:
+    for method in LAYER_BASELINES:
         for r in MODEL_LEVELS:
-            w = baseline_widths(model, scores, method, r / 10)
-            out[f"{method}@{r / 10:.1f}"] = (ttft_s(model, w, None, tokens, runs) / full[0],
-                                             tpot_s(model, w, None, 8) / full[1])
+            m, w = (own.laco(r), None) if method == "laco" else (model, baseline_widths(model, scores, method, r / 10))
+            out[f"{method}@{r / 10:.1f}"] = (ttft_s(m, w, None, tokens, runs) / full[0],
+                                             tpot_s(m, w, None, 8) / full[1])
     return out
 
 
@@ -172,7 +182,14 @@ class Systems:
                         and table.tpot_s(m) <= budgets[1]]
                 c = Config(max(fits) if fits else MODEL_LEVELS[0], 10)
             return self._score(item, task.context, _setting(c), 0.0)
-        if system in BASELINES:
+        if system == "lingua2_contextual":  # the same rule in both modes: prompt rate s_pre, FFN keep s_dec
+            t0 = time.perf_counter()
+            context = self.scorer.own.lingua2_prompt(rt, task.context, mc_query_text(item.question,
+                                                                                     list(item.choices)), slo)
+            compressed_s = time.perf_counter() - t0
+            return self._score(item, context, f"lingua2@{slo.decode / 10:.1f}",
+                               compressed_s if mode == "measured" else 0.0)
+        if system in LAYER_BASELINES:
             if mode == "proxy":
                 r = baseline_ratio(slo)
             else:
@@ -319,14 +336,14 @@ def table(result: dict) -> str:
         pairs = list(systems["full"]["by_slo"])
         lines.append(f"\n{mode} mode: accuracy per SLO pair (prefill,decode), pooled over "
                      f"{', '.join(result['datasets'])}" + ("; [SLO attainment]" if mode == "measured" else ""))
-        lines.append(f"{'system':<16}" + "".join(f"{p:>16}" for p in pairs) + "".join(
+        lines.append(f"{'system':<20}" + "".join(f"{p:>16}" for p in pairs) + "".join(
             f"{'trace a=' + a:>14}" for a in systems["full"]["trace_accuracy"]))
         for name, s in systems.items():
             cells = []
             for p in pairs:
                 e = s["by_slo"][p]
                 cells.append(f"{e['accuracy']:.3f}" + (f" [{e['slo_attainment']:.2f}]" if mode == "measured" else ""))
-            lines.append(f"{name:<16}" + "".join(f"{c:>16}" for c in cells)
+            lines.append(f"{name:<20}" + "".join(f"{c:>16}" for c in cells)
                          + "".join(f"{v:>14.3f}" for v in s["trace_accuracy"].values()))
     lines.append(f"\ntiny LM time / full model's time to answer (median): {result['tlm_ttft_fraction']:.3f}")
     return "\n".join(lines)
@@ -366,9 +383,10 @@ def run(cfg: BenchConfig, out: Path, elastic_dir: Path | None, log: Callable[[st
     from llmaas.elastic.artifact import elastic_dir as default_dir
     runtime = ElasticRuntime.open(loaded, elastic_dir or default_dir(loaded.model_id))
     tasks, unavailable = load_tasks(cfg, log)
+    own = OwnModelBaselines.open(runtime.elastic.directory, log)
     log("measuring the layer baselines' latency fractions...")
-    fractions = baseline_fractions(runtime, cfg.latency_runs)
-    systems = Systems(runtime, Scorer(runtime), fractions)
+    fractions = baseline_fractions(runtime, own, cfg.latency_runs)
+    systems = Systems(runtime, Scorer(runtime, own), fractions)
     results = evaluate(systems, tasks, log)
     trace = traces(results, tasks, cfg.seed)
     full_times = [o.time_s for t in tasks for o in results["measured"]["full"][Slo(10, 10)][t.name]]
@@ -380,7 +398,7 @@ def run(cfg: BenchConfig, out: Path, elastic_dir: Path | None, log: Callable[[st
             tlm_times.append(time.perf_counter() - t0)
     modes = summarize(results, tasks, cfg, trace)
     result = {"mode": "measured", "machine": machine(), "config": cfg.__dict__ | {"datasets": list(cfg.datasets)},
-              "datasets": [t.name for t in tasks], "unavailable": unavailable, "not_built": NOT_BUILT,
+              "datasets": [t.name for t in tasks], "unavailable": unavailable, "not_applicable": NOT_APPLICABLE,
               "systems": modes["measured"], "modes": modes, "trace": trace,
               "tlm_ttft_fraction": statistics.median(tlm_times) / statistics.median(full_times),
               "tlm_s_median": statistics.median(tlm_times), "full_time_s_median": statistics.median(full_times),

@@ -26,23 +26,27 @@ class Compressed:
     original_tokens: int
 
 
-def compress(context: str, scores: Sequence[float], target_tokens: int, count_tokens: CountTokens) -> Compressed:
+def compress(context: str, scores: Sequence[float], target_tokens: int, count_tokens: CountTokens, *,
+             forced: Sequence[bool] | None = None, keep_newlines: bool = False) -> Compressed:
     """Keep the highest-scored words of `context` (one score per word of split_words(context)) within
     `target_tokens` LLM tokens, in their original order. A word's cost is its LLM tokens with its whitespace, so
-    the budget is met up to tokenizer merges at the seams (one word at most: the result is measured)."""
+    the budget is met up to tokenizer merges at the seams (one word at most: the result is measured). Words marked
+    `forced` are kept first, even past the budget; keep_newlines keeps line breaks across dropped words (both for
+    the LLMLingua-2 baseline's forced "\n" and "?")."""
     words = split_words(context)
-    if len(scores) != len(words):
+    if len(scores) != len(words) or (forced is not None and len(forced) != len(words)):
         raise ValueError(f"{len(scores)} scores for {len(words)} words")
     original = count_tokens(context)
     if target_tokens >= original:
         return Compressed(context, len(words), len(words), original, original)
     cost = [count_tokens(w.before + w.text) for w in words]
+    must = forced or [False] * len(words)
     kept: list[int] = []
     used = 0
-    for i in sorted(range(len(words)), key=lambda i: (-scores[i], i)):  # ties keep the earlier word
-        if used + cost[i] > target_tokens:
+    for i in sorted(range(len(words)), key=lambda i: (not must[i], -scores[i], i)):  # ties keep the earlier word
+        if used + cost[i] > target_tokens and not must[i]:
             break
         kept.append(i)
         used += cost[i]
-    text = rebuild(context, words, sorted(kept)) if kept else ""
+    text = rebuild(context, words, sorted(kept), keep_newlines) if kept else ""
     return Compressed(text, len(kept), len(words), count_tokens(text) if text else 0, original)

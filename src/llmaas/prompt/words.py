@@ -35,13 +35,17 @@ def trailing(text: str) -> str:
     return text[len(text.rstrip()):]
 
 
-def rebuild(text: str, words: Sequence[Word], kept: Sequence[int]) -> str:
+def rebuild(text: str, words: Sequence[Word], kept: Sequence[int], keep_newlines: bool = False) -> str:
     """`text` with only the words at indices `kept` (ascending), each with its own preceding whitespace; the first
-    kept word keeps the text's leading whitespace, never a dropped word's."""
+    kept word keeps the text's leading whitespace, never a dropped word's. With keep_newlines, a kept word whose
+    dropped predecessors spanned a line break is put on a new line (LLMLingua-2's forced "\n")."""
     out = []
     for n, i in enumerate(kept):
         w = words[i]
-        out.append((words[0].before if n == 0 else w.before) + w.text)
+        before = words[0].before if n == 0 else w.before
+        if keep_newlines and n and "\n" not in before and "\n" in text[words[kept[n - 1]].end:w.start]:
+            before = "\n"
+        out.append(before + w.text)
     return "".join(out) + trailing(text)
 
 
