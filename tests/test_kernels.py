@@ -73,7 +73,8 @@ def test_block_matmul_on_several_ranges_matches_dense(kernels, qtype, m):
     t, dense = _make(qtype)
     b = read_blocks(t.info, t.data)
     x = torch.randn(m, 512)
-    rows, cols = [(0, 10), (32, 70), (90, 96)], [(0, 64), (128, 200), (256, 512)]
+    # touching ranges (joined by the kernel) and an empty one, as a sub-model's full KV groups give
+    rows, cols = [(0, 10), (10, 10), (10, 24), (32, 70), (90, 96)], [(0, 64), (64, 96), (128, 200), (256, 512)]
     args = (b.qs, b.scales, b.mins) if isinstance(b, Q4Blocks) else (b.qs, b.scales)
     fn = kernels.q4_matmul_ranges if isinstance(b, Q4Blocks) else kernels.q8_matmul_ranges
     flat_rows, flat_cols = [i for r in rows for i in r], [i for c in cols for i in c]
@@ -95,14 +96,36 @@ def test_block_matmul_on_several_ranges_matches_dense(kernels, qtype, m):
         fn(y[:, :90], x, *args, flat_rows, flat_cols, False)
 
 
+@pytest.mark.parametrize("qtype", [QType.Q4_1, QType.Q8_0])
+def test_prefetching_weight_rows_changes_no_result(kernels, qtype):
+    """The read-ahead of a sub-model's row prefixes is a hint: bit-identical outputs with it off, short and long."""
+    t, _ = _make(qtype, rows=300)
+    b = read_blocks(t.info, t.data)
+    x = torch.randn(2, 512)
+    args = (b.qs, b.scales, b.mins) if isinstance(b, Q4Blocks) else (b.qs, b.scales)
+    fn = kernels.q4_matmul if isinstance(b, Q4Blocks) else kernels.q8_matmul
+    outs, default = [], kernels.set_prefetch_bytes(0)
+    try:
+        for ahead in (0, 64, default, 1 << 20):
+            kernels.set_prefetch_bytes(ahead)
+            y = torch.empty(2, 300)
+            fn(y, x[:, :192], *args, 0, 300, 0, 192, False)
+            outs.append(y)
+    finally:
+        kernels.set_prefetch_bytes(default)
+    assert all(torch.equal(outs[0], y) for y in outs[1:])
+
+
 @pytest.mark.parametrize("m", [1, 5])
 def test_lora_add_matches_reference(kernels, m):
     """Several adapters on one input, column and row ranges of full-width buffers: the deltas land on the right rows
     and nowhere else, and mis-shaped adapters are refused."""
     x, scale = torch.randn(m, 100), 1.5
     cols = [(0, 10), (20, 50)]
+    # ranks 4, 8 and 16; the rank-16 adapter's 19 rows take the eight-rows-at-once path twice, then three alone
     adapters = [(torch.randn(4, 40), torch.randn(12, 4), [(0, 5), (30, 37)]), (torch.randn(8, 40), torch.randn(3, 8),
-                                                                               [(60, 63)])]
+                                                                               [(60, 63)]),
+                (torch.randn(16, 40), torch.randn(19, 16), [(40, 59)])]
     out = torch.full((m, 64), 7.0)
     kernels.lora_add(out, x, [a for a, _, _ in adapters], [b for _, b, _ in adapters],
                      [[i for r in rows for i in r] for _, _, rows in adapters], [i for c in cols for i in c], scale)
@@ -111,7 +134,7 @@ def test_lora_add_matches_reference(kernels, m):
     for a, b, rows in adapters:
         ref[:, torch.cat([torch.arange(r0, r1) for r0, r1 in rows])] += scale * (xs @ a.T) @ b.T
     assert (out - ref).abs().max().item() < 1e-4
-    assert torch.equal(out[:, 37:60], torch.full((m, 23), 7.0))
+    assert torch.equal(out[:, 37:40], torch.full((m, 3), 7.0)) and torch.equal(out[:, 59:60], torch.full((m, 1), 7.0))
     with pytest.raises(RuntimeError, match="total row-range length"):
         kernels.lora_add(out, x, [adapters[0][0]], [adapters[0][1]], [[0, 5]], [0, 10, 20, 50], scale)
     with pytest.raises(RuntimeError, match="out of bounds"):

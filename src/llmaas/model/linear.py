@@ -43,6 +43,21 @@ def flat(ranges: list[Range]) -> list[int]:
     return [i for r in ranges for i in r]
 
 
+def joined(ranges: list[Range]) -> list[Range]:
+    """Sorted ranges with each one that starts where the previous ends joined to it, empty ones dropped: a sub-model's
+    full KV groups give touching head ranges, and one long range is one GEMM (one activation conversion) or one
+    stream of weight rows instead of several."""
+    out: list[Range] = []
+    for a, b in ranges:
+        if a == b:
+            continue
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
 def _tile_buffer(values: int) -> torch.Tensor:
     """This thread's expansion buffer, at least `values` long (threads never share one: the engine's compute thread
     and an offline job may both run a model)."""
@@ -207,6 +222,7 @@ class Linear:
         out [M, out] are full-width buffers indexed by absolute column and row (columns outside the ranges are never
         read, rows outside them never written). Ranges sorted and disjoint. One kernel call for all of them: a
         sub-model's active units are several ranges, and a call per range cost more than it saved at decode."""
+        rows, cols = joined(rows), joined(cols)
         if (self.blocks is not None and self._kernels is not None and x.shape[0] <= SMALL_BATCH_ROWS
                 and all(c0 % BLOCK == 0 for c0, _ in cols)):
             flat_rows, flat_cols = flat(rows), flat(cols)
