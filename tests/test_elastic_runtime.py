@@ -118,6 +118,20 @@ def test_full_level_on_the_full_prompt_answers_as_the_original_model(runtime):
     assert 0 <= out.choice < 4 and len(out.scores) == 4 and out.ttft_s >= out.plan.tlm_s > 0
 
 
+def test_the_lingua2_baseline_compresses_to_s_pre_forcing_questions_and_line_breaks(runtime):
+    """§10.2's prompt side: the score head at rate s_pre, "?" and "\n" forced, the query never an input."""
+    from llmaas.bench.elastic_baselines import OwnModelBaselines
+    from llmaas.elastic.slo import Slo
+    context = CONTEXT * 3
+    out = OwnModelBaselines.lingua2_prompt(runtime, context, QUESTION, Slo(4, 7))
+    questions = [w for w in context.split() if "?" in w]
+    assert [w for w in out.split() if "?" in w] == questions  # every one kept, in order
+    assert set(out.split()) <= set(context.split()) and out.count("\n") >= 6  # whole words; the lines survive
+    forced = sum(runtime.count_tokens(" " + w) for w in questions)
+    assert runtime.count_tokens(out) <= max(0.4 * runtime.count_tokens(context), forced) + 8
+    assert OwnModelBaselines.lingua2_prompt(runtime, context, QUESTION, Slo(10, 10)) == context
+
+
 def test_label_questions_avoid_the_few_shot_examples_and_every_evaluation_item():
     from llmaas.bench.mc_tasks import arc_easy, mmlu
     questions = label_questions(40)

@@ -14,6 +14,7 @@ from llmaas.engine.cpu_governor import apply_threads
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="llmaas elastic", description=__doc__)
     sub = parser.add_subparsers(dest="step", required=True)
+    from llmaas.elastic.latency import LatencyConfig
     from llmaas.elastic.prepare import RECIPES as PREPARE_RECIPES
     prepare = sub.add_parser("prepare", help="every artifact elastic requests need: reordering, LoRA adapters, "
                                              "latency table, tiny-LM score and decision heads (resumable)")
@@ -43,8 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--elastic-dir", type=Path, help="artifact directory (default: the model's cache dir)")
     profile = sub.add_parser("profile", help="measure TTFT and TPOT per (level, prompt length)")
     add_model_options(profile)
-    profile.add_argument("--runs", type=positive_int, default=5,
-                         help="timed runs per point, after one warm-up (default 5)")
+    profile.add_argument("--runs", type=positive_int, default=LatencyConfig.runs,
+                         help=f"timed runs per point, after one warm-up (default {LatencyConfig.runs})")
     profile.add_argument("--elastic-dir", type=Path, help="artifact directory (default: the model's cache dir)")
     profile.add_argument("--json", type=Path, help="also write the table here")
     from llmaas.elastic.score_train import ScoreTrainConfig

@@ -36,7 +36,7 @@ DECODE_PROMPT_TOKENS = 128
 @dataclass(frozen=True)
 class LatencyConfig:
     prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS
-    runs: int = 5
+    runs: int = 11  # this host's noise made 5-run medians non-monotone in the level (2026-12-05); 11 were not
     decode_steps: int = 16
     tlm_tokens: tuple[int, ...] = TLM_TOKENS
 

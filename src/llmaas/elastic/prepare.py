@@ -39,10 +39,10 @@ RECIPES = {
     # Stage times measured here (AMD EPYC Zen 4, 2 cores): LoRA ~80-110 s a level at 30 steps, score-head labels
     # ~0.7 s a segment, decision-head questions ~38 s each (90 configs, each a prefill and a scoring pass).
     "fast": PrepareRecipe("fast", 30, 600, 2, 150.0, DecisionTrainConfig(questions=16, epochs=4, budget_s=180.0),
-                          {"artifact": 50, "lora": 900, "profile": 125, "score_head": 600, "decision_head": 850}),
+                          {"artifact": 50, "lora": 900, "profile": 180, "score_head": 600, "decision_head": 850}),
     "quality": PrepareRecipe("quality", 100, 2000, 3, 360.0,
                              DecisionTrainConfig(questions=200, epochs=8, budget_s=900.0),
-                             {"artifact": 50, "lora": 2900, "profile": 125, "score_head": 1800,
+                             {"artifact": 50, "lora": 2900, "profile": 180, "score_head": 1800,
                               "decision_head": 7000}),
 }
 STAGES = ("artifact", "lora", "profile", "score_head", "decision_head")
