@@ -8,6 +8,7 @@ full KV width. Ignores: which level or adapter is active (the elastic layer pick
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 
@@ -39,39 +40,58 @@ class LoraPair:
         return (x @ self.a.t()) @ self.b.t() * scale
 
 
-def add_deltas(out: torch.Tensor, x: torch.Tensor, adapters: list[tuple[LoraPair, list[Range]]], cols: list[Range],
-               scale: float, kernels: ModuleType | None) -> None:
-    """out[:, rows] += scale * (x[:, cols] @ A^T) @ B^T for each (adapter, its output row ranges), all reading the
-    same x. out and x are full-width buffers indexed by absolute row and column; an adapter's inputs are the
-    concatenation of the column ranges and its outputs that of its row ranges, in order (a sub-model's active heads
-    or neurons). A few rows go to the native kernel in one call; more take one GEMM for all the A products and one
-    per adapter (and range) for the B products."""
-    if not adapters:
-        return
-    if kernels is not None and x.shape[0] <= SMALL_BATCH_ROWS:
-        kernels.lora_add(out, x, [p.a for p, _ in adapters], [p.b for p, _ in adapters],
-                         [flat(rows) for _, rows in adapters], flat(cols), scale)
-        return
-    # Adapters reading the same x share one GEMM for their A products: with rank 8 each GEMM is too thin to use the
-    # cores, and at a 256-token prefill q/k/v took 2.4x as long as three separate GEMMs as fused.
-    a_t = adapters[0][0].a_t if len(adapters) == 1 else torch.cat([p.a_t for p, _ in adapters], dim=1)
-    u, k = None, 0
-    for c0, c1 in cols:
-        part = (x[:, c0:c1], a_t[k:k + c1 - c0])
-        u = torch.mm(*part) if u is None else u.addmm_(*part)
-        k += c1 - c0
-    j = 0
-    for pair, rows in adapters:
-        rank, k = pair.a.shape[0], 0
-        for r0, r1 in rows:
-            out[:, r0:r1].addmm_(u[:, j:j + rank], pair.b_t[:, k:k + r1 - r0], alpha=scale)
-            k += r1 - r0
-        j += rank
+class LoraSite:
+    """The adapters that read one input at one point of a layer (q/k/v, o, gate/up or down), with their output row
+    ranges and the input's column ranges, and the native kernel's argument lists built once: at decode, building
+    them on every call cost as much as the kernel's arithmetic (120 calls a token)."""
+
+    def __init__(self, adapters: list[tuple[LoraPair, list[Range]]], cols: list[Range]) -> None:
+        self.adapters, self.cols = adapters, cols
+        self._a, self._b = [p.a for p, _ in adapters], [p.b for p, _ in adapters]
+        self._rows, self._cols = [flat(rows) for _, rows in adapters], flat(cols)
+
+    def add(self, out: torch.Tensor, x: torch.Tensor, scale: float, kernels: ModuleType | None) -> None:
+        """out[:, rows] += scale * (x[:, cols] @ A^T) @ B^T for each adapter, all reading the same x. out and x are
+        full-width buffers indexed by absolute row and column; an adapter's inputs are the concatenation of the
+        column ranges and its outputs that of its row ranges, in order (a sub-model's active heads or neurons). A
+        few rows go to the native kernel in one call; more take one GEMM for all the A products and one per adapter
+        (and range) for the B products."""
+        if not self.adapters:
+            return
+        if kernels is not None and x.shape[0] <= SMALL_BATCH_ROWS:
+            kernels.lora_add(out, x, self._a, self._b, self._rows, self._cols, scale)
+            return
+        # Adapters reading the same x share one GEMM for their A products: with rank 8 each GEMM is too thin to use
+        # the cores, and at a 256-token prefill q/k/v took 2.4x as long as three separate GEMMs as fused.
+        adapters = self.adapters
+        a_t = adapters[0][0].a_t if len(adapters) == 1 else torch.cat([p.a_t for p, _ in adapters], dim=1)
+        u, k = None, 0
+        for c0, c1 in self.cols:
+            part = (x[:, c0:c1], a_t[k:k + c1 - c0])
+            u = torch.mm(*part) if u is None else u.addmm_(*part)
+            k += c1 - c0
+        j = 0
+        for pair, rows in adapters:
+            rank, k = pair.a.shape[0], 0
+            for r0, r1 in rows:
+                out[:, r0:r1].addmm_(u[:, j:j + rank], pair.b_t[:, k:k + r1 - r0], alpha=scale)
+                k += r1 - r0
+            j += rank
 
 
 @dataclass(frozen=True, eq=False)
 class LayerLora:
     pairs: dict[str, LoraPair]  # projection name (PROJECTIONS) -> its adapter
+    # Built by the transformer on first use: a site's ranges follow the widths the adapter was trained for, which
+    # never change for this object (the transformer refuses an adapter under other widths).
+    sites: dict[str, LoraSite] = field(default_factory=dict, repr=False)
+
+    def site(self, name: str, make: Callable[[], tuple[list[tuple[LoraPair, list[Range]]], list[Range]]]) -> LoraSite:
+        """The site `name` of this layer, made once by `make` -> (adapters with their output rows, input columns)."""
+        found = self.sites.get(name)
+        if found is None:
+            found = self.sites[name] = LoraSite(*make())
+        return found
 
 
 @dataclass(frozen=True, eq=False)

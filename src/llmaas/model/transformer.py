@@ -22,7 +22,7 @@ from llmaas.errors import InvalidRequestError
 from llmaas.model.config import ModelConfig
 from llmaas.model.kv_view import KVView
 from llmaas.model.linear import SMALL_BATCH_ROWS, Linear
-from llmaas.model.lora import LayerLora, ModelLora, add_deltas
+from llmaas.model.lora import LayerLora, ModelLora
 from llmaas.model.rope import RopeTable
 from llmaas.model.stats import AttentionStats
 from llmaas.model.widths import LayerWidths, ModelWidths
@@ -186,8 +186,8 @@ class Transformer:
         self._attend(kv, active, p, width is not None)
         self._project_out(lw.o, p, width, heads, h)
         if lora is not None and "o" in lora.pairs:  # over the active heads' outputs (adapter columns in their order)
-            add_deltas(h, p.attn_flat, [(lora.pairs["o"], [(0, self.config.d_model)])], heads, p.lora.scale,
-                       self.kernels)
+            lora.site("o", lambda: ([(lora.pairs["o"], [(0, self.config.d_model)])], heads)).add(
+                h, p.attn_flat, p.lora.scale, self.kernels)
         x = self._norm(h, lw.ffn_norm, p.x, p.small)
         self._ffn(lw, x, p, width.ffn if width is not None else self.config.ffn_dim, h, lora)
 
@@ -216,9 +216,12 @@ class Transformer:
         """Add the adapters' deltas to the projected q (active heads, adapter rows in group-major prefix order), k and
         v, before RoPE."""
         c = self.config
-        rows = {"q": heads, "k": [(c.q_dim, c.q_dim + c.kv_dim)], "v": [(c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim)]}
-        add_deltas(p.qkv, x, [(lora.pairs[n], r) for n, r in rows.items() if n in lora.pairs], [(0, c.d_model)],
-                   p.lora.scale, self.kernels)
+
+        def make() -> tuple[list, list[tuple[int, int]]]:
+            rows = {"q": heads, "k": [(c.q_dim, c.q_dim + c.kv_dim)],
+                    "v": [(c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim)]}
+            return [(lora.pairs[n], r) for n, r in rows.items() if n in lora.pairs], [(0, c.d_model)]
+        lora.site("qkv", make).add(p.qkv, x, p.lora.scale, self.kernels)
 
     def _project_out(self, o: Linear, p: _Pass, width: LayerWidths | None, heads: list[tuple[int, int]],
                      h: torch.Tensor) -> None:
@@ -242,17 +245,18 @@ class Transformer:
             gate, up = p.gate[:, :kept], p.up[:, :kept]
             lw.gate_up.apply_ranges(x, p.gate_up, [(0, kept), (f, f + kept)], [(0, self.config.d_model)])
         if lora is not None:
-            rows = {"gate": [(0, kept)], "up": [(f, f + kept)]}
-            add_deltas(p.gate_up, x, [(lora.pairs[n], r) for n, r in rows.items() if n in lora.pairs],
-                       [(0, self.config.d_model)], p.lora.scale, self.kernels)
+            def make() -> tuple[list, list[tuple[int, int]]]:
+                rows = {"gate": [(0, kept)], "up": [(f, f + kept)]}
+                return [(lora.pairs[n], r) for n, r in rows.items() if n in lora.pairs], [(0, self.config.d_model)]
+            lora.site("gate_up", make).add(p.gate_up, x, p.lora.scale, self.kernels)
         if p.small:
             self.kernels.silu_mul(gate, gate, up)
         else:
             F.silu(gate, inplace=True).mul_(up)
         lw.down.apply(gate, h, cols=(0, kept), accumulate=True)
         if lora is not None and "down" in lora.pairs:
-            add_deltas(h, p.gate, [(lora.pairs["down"], [(0, self.config.d_model)])], [(0, kept)], p.lora.scale,
-                       self.kernels)
+            lora.site("down", lambda: ([(lora.pairs["down"], [(0, self.config.d_model)])], [(0, kept)])).add(
+                h, p.gate, p.lora.scale, self.kernels)
 
     def _attend(self, kv: torch.Tensor, active: list[int], p: _Pass, sliced: bool) -> None:
         """p.attn[:, heads] = attention of the active query heads over the view's keys and values."""
