@@ -2,8 +2,8 @@
 the m*p proxy next to it, the tiny LM's own latency per window, and the level switch time; and the table that the
 runtime's measured feasibility reads (ELASTILM.md §4, §8: the TLM's time counts toward TTFT).
 
-Owns the measurement protocol (fp16 KV as served, one warm-up, median of `runs`; decode after a 128-token prompt),
-the profile file `latency.json` beside the artifact, and reading it back (TTFT between measured lengths is linear,
+Owns the measurement protocol (fp16 KV as served; `runs` rounds over every level after a warm-up round, the median
+of each; decode after a 128-token prompt), the profile file `latency.json` beside the artifact, and reading it back (TTFT between measured lengths is linear,
 beyond the longest it follows the last segment's slope). Ignores which sub-model is worth choosing.
 """
 
@@ -36,7 +36,7 @@ DECODE_PROMPT_TOKENS = 128
 @dataclass(frozen=True)
 class LatencyConfig:
     prompt_lengths: tuple[int, ...] = PROMPT_LENGTHS
-    runs: int = 11  # this host's noise made 5-run medians non-monotone in the level (2026-12-05); 11 were not
+    runs: int = 11  # rounds; level by level, 11-run medians were still non-monotone in the level here (2026-12-05)
     decode_steps: int = 16
     tlm_tokens: tuple[int, ...] = TLM_TOKENS
 
@@ -46,18 +46,21 @@ def _ids(config, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ttft_s(model: Transformer, widths: ModelWidths | None, lora: ModelLora | None, tokens: int, runs: int) -> float:
-    """Median prefill time of `tokens` tokens into a fresh fp16 cache, after one warm-up: the layers over the prompt
-    and the LM head over its last row only, as the engine serves a prompt (the head over every row would add a fixed
-    ~20% that no sub-model can shed)."""
+def ttft_once_s(model: Transformer, widths: ModelWidths | None, lora: ModelLora | None, tokens: int) -> float:
+    """One prefill of `tokens` tokens into a fresh fp16 cache: the layers over the prompt and the LM head over its
+    last row only, as the engine serves a prompt (the head over every row would add a fixed ~20% that no sub-model
+    can shed)."""
     ids, spec = _ids(model.config, tokens), KVSpec.from_config(model.config)
-    times = []
-    for _ in range(runs + 1):
-        cache = DenseKVCache(spec, tokens)
-        t0 = time.perf_counter()
-        h = model.run_layers(model.embed(ids), torch.arange(tokens), cache.append(tokens), widths=widths, lora=lora)
-        model.logits(h[-1:])
-        times.append(time.perf_counter() - t0)
+    cache = DenseKVCache(spec, tokens)
+    t0 = time.perf_counter()
+    h = model.run_layers(model.embed(ids), torch.arange(tokens), cache.append(tokens), widths=widths, lora=lora)
+    model.logits(h[-1:])
+    return time.perf_counter() - t0
+
+
+def ttft_s(model: Transformer, widths: ModelWidths | None, lora: ModelLora | None, tokens: int, runs: int) -> float:
+    """Median of `runs` prefills (`ttft_once_s`) after one warm-up."""
+    times = [ttft_once_s(model, widths, lora, tokens) for _ in range(runs + 1)]
     return statistics.median(times[1:])
 
 
@@ -88,11 +91,28 @@ def profile_levels(elastic: ElasticModel, config: LatencyConfig | None = None, l
     """The latency table of every level (with its adapter when trained), with proxy errors and the switch time."""
     config = config or LatencyConfig()
     model = elastic.loaded.model
+    views = {m: elastic.view(m) for m in MODEL_LEVELS}
+    # Rounds, each over every level, rather than every run of one level before the next: on a shared host the
+    # machine's speed drifts over minutes, and measured level by level the drift made the table non-monotone in the
+    # level (0.7 slower than 0.8); interleaved, a slow minute costs every level alike. Round 0 warms up.
+    tpot: dict[int, list[float]] = {m: [] for m in MODEL_LEVELS}
+    ttft: dict[int, dict[int, list[float]]] = {m: {n: [] for n in config.prompt_lengths} for m in MODEL_LEVELS}
+    started = time.perf_counter()
+    for r in range(config.runs + 1):
+        for m, sub in views.items():
+            t = tpot_s(model, sub.widths, sub.lora, config.decode_steps)
+            s = {n: ttft_once_s(model, sub.widths, sub.lora, n) for n in config.prompt_lengths}
+            if r:
+                tpot[m].append(t)
+                for n, x in s.items():
+                    ttft[m][n].append(x)
+        spent = time.perf_counter() - started
+        log(f"  round {r + 1}/{config.runs + 1} ({'warm-up' if r == 0 else 'measured'}): {spent:.0f} s, ETA "
+            f"{spent / (r + 1) * (config.runs - r):.0f} s")
     rows = {}
-    for m in MODEL_LEVELS:
-        sub = elastic.view(m)
-        row = {"lora": sub.lora is not None, "tpot_s": tpot_s(model, sub.widths, sub.lora, config.decode_steps),
-               "ttft_s": {str(n): ttft_s(model, sub.widths, sub.lora, n, config.runs) for n in config.prompt_lengths}}
+    for m, sub in views.items():
+        row = {"lora": sub.lora is not None, "tpot_s": statistics.median(tpot[m]),
+               "ttft_s": {str(n): statistics.median(ts) for n, ts in ttft[m].items()}}
         rows[model_level_name(m)] = row
         log(f"  level {model_level_name(m)}: TPOT {row['tpot_s'] * 1e3:.1f} ms, TTFT "
             + ", ".join(f"{n}: {t * 1e3:.0f} ms" for n, t in row["ttft_s"].items()))
