@@ -362,13 +362,15 @@ def plot(result: dict, path: Path) -> bool:
         err = [[a - s["by_slo"][p]["ci"][0] for a, p in zip(acc, pairs, strict=True)],
                [s["by_slo"][p]["ci"][1] - a for a, p in zip(acc, pairs, strict=True)]]
         axes[0].bar([i + k * width for i in range(len(pairs))], acc, width, yerr=err, label=name, capsize=2)
-        tr = list(s["trace_accuracy"].values())
-        axes[1].bar([i + k * width for i in range(len(tr))], tr, width, label=name)
+        cells = [result["trace"]["alphas"][a]["systems"]["measured"][name] for a in s["trace_accuracy"]]
+        tr = [c["accuracy"] for c in cells]
+        err = [[c["accuracy"] - c["ci"][0] for c in cells], [c["ci"][1] - c["accuracy"] for c in cells]]
+        axes[1].bar([i + k * width for i in range(len(tr))], tr, width, yerr=err, label=name, capsize=2)
     axes[0].set_xticks([i + 0.4 for i in range(len(pairs))], pairs)
     axes[0].set(title="measured mode: accuracy per SLO (prefill, decode), 95% Wilson", ylabel="accuracy")
     alphas = list(systems["full"]["trace_accuracy"])
     axes[1].set_xticks([i + 0.4 for i in range(len(alphas))], [f"alpha={a}" for a in alphas])
-    axes[1].set(title="end-to-end trace accuracy (measured mode)")
+    axes[1].set(title="end-to-end trace accuracy (measured mode), 95% Wilson")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -3,8 +3,9 @@ the m*p proxy next to it, the tiny LM's own latency per window, and the level sw
 runtime's measured feasibility reads (ELASTILM.md §4, §8: the TLM's time counts toward TTFT).
 
 Owns the measurement protocol (fp16 KV as served; `runs` rounds over every level after a warm-up round, the median
-of each; decode after a 128-token prompt), the profile file `latency.json` beside the artifact, and reading it back (TTFT between measured lengths is linear,
-beyond the longest it follows the last segment's slope). Ignores which sub-model is worth choosing.
+of each; decode after a 128-token prompt), the profile file `latency.json` beside the artifact, and reading it back
+(TTFT between measured lengths is linear, beyond the longest it follows the last segment's slope). Ignores which
+sub-model is worth choosing.
 """
 
 from __future__ import annotations
