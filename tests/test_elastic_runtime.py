@@ -128,7 +128,11 @@ def test_the_lingua2_baseline_compresses_to_s_pre_forcing_questions_and_line_bre
     assert [w for w in out.split() if "?" in w] == questions  # every one kept, in order
     assert set(out.split()) <= set(context.split()) and out.count("\n") >= 6  # whole words; the lines survive
     forced = sum(runtime.count_tokens(" " + w) for w in questions)
-    assert runtime.count_tokens(out) <= max(0.4 * runtime.count_tokens(context), forced) + 8
+    # The rate counts the kept words; the line breaks kept across dropped words come on top (12-19 tokens here, over
+    # 25 random score heads, whose word tokens were 35-45 against a target of 47.6).
+    words = sum(runtime.count_tokens(" " + w) for w in out.split())
+    assert words <= max(0.4 * runtime.count_tokens(context), forced) + 8
+    assert runtime.count_tokens(out) < 0.7 * runtime.count_tokens(context)
     assert OwnModelBaselines.lingua2_prompt(runtime, context, QUESTION, Slo(10, 10)) == context
 
 
