@@ -225,3 +225,14 @@ def test_without_elastic_an_slo_names_the_command_that_builds_it(tmp_path, smoll
         assert r.status_code == 409 and "llmaas elastic prepare" in r.text and "--elastic" in r.text
     finally:
         svc.close()
+
+
+def test_latency_rounds_interleave_every_setting_and_drop_the_warm_up():
+    from llmaas.elastic.latency import in_rounds
+    calls: list[str] = []
+
+    def measure(key: str):
+        return lambda: calls.append(key) or len(calls)
+    out = in_rounds({"a": measure("a"), "b": measure("b")}, runs=2)
+    assert calls == ["a", "b"] * 3  # one call of each per round, round after round
+    assert out == {"a": [3, 5], "b": [4, 6]}  # the warm-up round's results are dropped

@@ -42,7 +42,7 @@ from llmaas.bench.results import machine, write_json
 from llmaas.elastic.baselines import BASELINES, baseline_widths
 from llmaas.elastic.choices import choice_scores, prefill_context
 from llmaas.elastic.dual_head import default_heads_path, heads_record, run_dual_head
-from llmaas.elastic.latency import tpot_s, ttft_once_s
+from llmaas.elastic.latency import in_rounds, tpot_s, ttft_once_s
 from llmaas.elastic.model_levels import MODEL_LEVELS
 from llmaas.elastic.runtime import ElasticRuntime, mc_query_text
 from llmaas.elastic.slo import (
@@ -152,21 +152,17 @@ def baseline_fractions(runtime: ElasticRuntime, own: OwnModelBaselines, runs: in
     rounds: each round times the full model and every setting once (one prefill of `tokens`, the median of 8 decode
     steps), and a fraction is the median over rounds of the setting over the median of the full model. Measured
     one setting after another, a slow spell during the full model's runs made every setting look faster than it
-    was (level-0.9 layer baselines at 0.74 of the full TTFT in one run, 1.06 in the next). Round 0 warms up. At
-    ratio 1.0 a baseline removes nothing: it is the full model, its fractions 1.0 by definition (measured, noise put
-    them over a full SLO's budget)."""
+    was (level-0.9 layer baselines at 0.74 of the full TTFT in one run, 1.06 in the next). At ratio 1.0 a baseline
+    removes nothing: it is the full model, its fractions 1.0 by definition (measured, noise put them over a full
+    SLO's budget)."""
     model, scores = runtime.elastic.loaded.model, runtime.elastic.artifact.scores
     settings: dict[str, tuple[Transformer, ModelWidths | None]] = {"full": (model, None)}
     for method in LAYER_BASELINES:
         for r in MODEL_LEVELS[:-1]:
             settings[f"{method}@{r / 10:.1f}"] = ((own.laco(r), None) if method == "laco"
                                                   else (model, baseline_widths(model, scores, method, r / 10)))
-    times: dict[str, list[tuple[float, float]]] = {k: [] for k in settings}
-    for round_ in range(runs + 1):
-        for key, (m, w) in settings.items():
-            t = (ttft_once_s(m, w, None, tokens), tpot_s(m, w, None, 8))
-            if round_:
-                times[key].append(t)
+    times = in_rounds({key: (lambda m=m, w=w: (ttft_once_s(m, w, None, tokens), tpot_s(m, w, None, 8)))
+                       for key, (m, w) in settings.items()}, runs)
     full = [statistics.median(t[i] for t in times["full"]) for i in (0, 1)]
     out = {f"{method}@1.0": (1.0, 1.0) for method in LAYER_BASELINES}
     for key, ts in times.items():

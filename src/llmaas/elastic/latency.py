@@ -14,9 +14,11 @@ import json
 import statistics
 import time
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -32,6 +34,7 @@ from llmaas.model.widths import ModelWidths
 PROMPT_LENGTHS = (128, 256, 512, 1024)
 TLM_TOKENS = (128, 256, 512)  # one window each; a longer context costs one more window per 512 tokens
 DECODE_PROMPT_TOKENS = 128
+K, T = TypeVar("K"), TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,26 @@ def ttft_s(model: Transformer, widths: ModelWidths | None, lora: ModelLora | Non
     return statistics.median(times[1:])
 
 
+def in_rounds(measures: dict[K, Callable[[], T]], runs: int, log: Callable[[str], object] | None = None,
+              ) -> dict[K, list[T]]:
+    """Each measure's results over `runs` rounds, every round calling every measure once, after a warm-up round
+    whose results are dropped. Rather than all runs of one setting before the next: on a shared host the machine's
+    speed drifts over minutes, and measured one after another the drift lands on some settings only (level 0.7's
+    TPOT above 0.8's at 11 runs each); in rounds, a slow minute costs every setting alike."""
+    out: dict[K, list[T]] = {k: [] for k in measures}
+    started = time.perf_counter()
+    for r in range(runs + 1):
+        for k, measure in measures.items():
+            result = measure()
+            if r:
+                out[k].append(result)
+        if log is not None:
+            spent = time.perf_counter() - started
+            log(f"  round {r + 1}/{runs + 1} ({'warm-up' if r == 0 else 'measured'}): {spent:.0f} s, ETA "
+                f"{spent / (r + 1) * (runs - r):.0f} s")
+    return out
+
+
 @torch.no_grad()
 def tpot_s(model: Transformer, widths: ModelWidths | None, lora: ModelLora | None, steps: int) -> float:
     """Median single-token decode step after a DECODE_PROMPT_TOKENS prompt (greedy feedback)."""
@@ -93,27 +116,14 @@ def profile_levels(elastic: ElasticModel, config: LatencyConfig | None = None, l
     config = config or LatencyConfig()
     model = elastic.loaded.model
     views = {m: elastic.view(m) for m in MODEL_LEVELS}
-    # Rounds, each over every level, rather than every run of one level before the next: on a shared host the
-    # machine's speed drifts over minutes, and measured level by level the drift made the table non-monotone in the
-    # level (0.7 slower than 0.8); interleaved, a slow minute costs every level alike. Round 0 warms up.
-    tpot: dict[int, list[float]] = {m: [] for m in MODEL_LEVELS}
-    ttft: dict[int, dict[int, list[float]]] = {m: {n: [] for n in config.prompt_lengths} for m in MODEL_LEVELS}
-    started = time.perf_counter()
-    for r in range(config.runs + 1):
-        for m, sub in views.items():
-            t = tpot_s(model, sub.widths, sub.lora, config.decode_steps)
-            s = {n: ttft_once_s(model, sub.widths, sub.lora, n) for n in config.prompt_lengths}
-            if r:
-                tpot[m].append(t)
-                for n, x in s.items():
-                    ttft[m][n].append(x)
-        spent = time.perf_counter() - started
-        log(f"  round {r + 1}/{config.runs + 1} ({'warm-up' if r == 0 else 'measured'}): {spent:.0f} s, ETA "
-            f"{spent / (r + 1) * (config.runs - r):.0f} s")
+    runs = in_rounds({m: (lambda sub=sub: (tpot_s(model, sub.widths, sub.lora, config.decode_steps),
+                                           {n: ttft_once_s(model, sub.widths, sub.lora, n)
+                                            for n in config.prompt_lengths}))
+                      for m, sub in views.items()}, config.runs, log)
     rows = {}
     for m, sub in views.items():
-        row = {"lora": sub.lora is not None, "tpot_s": statistics.median(tpot[m]),
-               "ttft_s": {str(n): statistics.median(ts) for n, ts in ttft[m].items()}}
+        row = {"lora": sub.lora is not None, "tpot_s": statistics.median(t for t, _ in runs[m]),
+               "ttft_s": {str(n): statistics.median(s[n] for _, s in runs[m]) for n in config.prompt_lengths}}
         rows[model_level_name(m)] = row
         log(f"  level {model_level_name(m)}: TPOT {row['tpot_s'] * 1e3:.1f} ms, TTFT "
             + ", ".join(f"{n}: {t * 1e3:.0f} ms" for n, t in row["ttft_s"].items()))
