@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llmaas.engine.detokenize import IncrementalDecoder
+from llmaas.errors import UnsupportedModelError
 from llmaas.model.loader import load_model
 from tiny_gguf import spm_vocab, write_tiny_llama
 
@@ -73,3 +74,16 @@ def test_sentencepiece_vocabularies(tmp_path):
     for text in ("hello world", "hello é", "held words", "  two spaces"):
         assert tok.decode(tok.encode(text, add_bos=False)) == text
     assert tok.special.stop_ids == {2} and loaded.chat_template is None
+
+
+def test_token_text_is_the_gguf_vocabulary_for_every_id(smollm, tmp_path):
+    """The tokenizer keeps no Python copy of the vocabulary; every id's text still comes back as the GGUF lists it
+    (byte-level BPE and SentencePiece BPE)."""
+    from llmaas.model.gguf_file import GGUFFile
+
+    spm = load_model(write_tiny_llama(tmp_path / "spm.gguf", sentencepiece=True), use_kernels=False)
+    for loaded in (smollm, spm):
+        tokens = GGUFFile(loaded.path).get("tokenizer.ggml.tokens")
+        assert [loaded.tokenizer.token_text(i) for i in range(len(tokens))] == tokens
+    with pytest.raises(UnsupportedModelError, match="no text"):
+        smollm.tokenizer.token_text(len(GGUFFile(smollm.path).get("tokenizer.ggml.tokens")) + 10)

@@ -6,11 +6,12 @@ import argparse
 import sys
 
 from llmaas.cli.common import add_model_options, load_from_args
-from llmaas.engine.generate import DEFAULT_PREFILL_CHUNK_TOKENS, Finished, GenerateRequest, Generator
+from llmaas.engine.generate import Finished, GenerateRequest, Generator
 from llmaas.engine.sampling import SamplingParams
 from llmaas.errors import InvalidRequestError
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
+from llmaas.model.transformer import DEFAULT_PREFILL_CHUNK_TOKENS
 from llmaas.service.server import model_id
 
 DEFAULT_CONTEXT_TOKENS = 2048  # the service's default maximum context (LLMS spec)

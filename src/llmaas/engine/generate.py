@@ -20,10 +20,8 @@ from llmaas.errors import ContextLengthError, InvalidRequestError
 from llmaas.kv.dense import DenseKVCache
 from llmaas.model.lora import ModelLora
 from llmaas.model.tokenizer import Tokenizer
-from llmaas.model.transformer import Transformer
+from llmaas.model.transformer import DEFAULT_PREFILL_CHUNK_TOKENS, Transformer
 from llmaas.model.widths import ModelWidths
-
-DEFAULT_PREFILL_CHUNK_TOKENS = 512
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,7 @@ from llmaas.kv.spec import KVSpec
 from llmaas.memory.policy import POLICIES, MemoryPolicy
 from llmaas.memory.store import ChunkedKVStore, MemoryConfig, Residency
 from llmaas.model.loader import LoadedModel
+from llmaas.model.transformer import DEFAULT_PREFILL_CHUNK_TOKENS
 from llmaas.records import App, ContextRecord, Message
 from llmaas.restore.profiler import ensure_profile
 from llmaas.storage.catalog import Catalog
@@ -91,7 +92,7 @@ class Ticket:
 class EngineConfig:
     kv_budget_bytes: int | None = None  # None: room for DEFAULT_BUDGET_CONTEXTS maximum-length contexts
     max_pending: int = 64  # calls one app may have waiting, unless the app sets its own bound
-    prefill_chunk_tokens: int = 512
+    prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS
     memory: MemoryPolicy = POLICIES["llms"]
     max_context_tokens: int = 2048  # the service's maximum context length (LLMS §1.2); app quotas are capped by it
     kv_dir: Path | None = None  # None: "kv" beside the catalogue

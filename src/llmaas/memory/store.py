@@ -32,7 +32,7 @@ from llmaas.memory.policy import MemoryPolicy
 from llmaas.memory.restorer import Restorer, SwitchReport
 from llmaas.memory.sealing import Sealer
 from llmaas.memory.writer import WriteBack
-from llmaas.model.transformer import Transformer
+from llmaas.model.transformer import DEFAULT_PREFILL_CHUNK_TOKENS, Transformer
 from llmaas.restore.cost_model import RestoreProfile
 from llmaas.storage.chunk_log import ChunkLog
 from llmaas.storage.faults import DiskFaults
@@ -51,7 +51,7 @@ class MemoryConfig:
     model_id: str  # name + fingerprint: chunk files of another model are never used
     max_context_tokens: int = 2048
     throttle: DiskThrottle | None = None
-    prefill_chunk_tokens: int = 512
+    prefill_chunk_tokens: int = DEFAULT_PREFILL_CHUNK_TOKENS
     faults: DiskFaults | None = None  # injected write/fsync errors (the reliability check's seam)
 
 

@@ -46,10 +46,10 @@ class SpecialTokens:
 
 
 class Tokenizer:
-    def __init__(self, hf: HFTokenizer, special: SpecialTokens, tokens: list[str]) -> None:
+    def __init__(self, hf: HFTokenizer, special: SpecialTokens) -> None:
+        # No Python list of the vocabulary: `hf` holds it (a list of 49,152 strings held 6 MB, measured).
         self._hf = hf
         self.special = special
-        self._tokens = tokens
 
     @classmethod
     def from_gguf(cls, f: GGUFFile) -> Tokenizer:
@@ -80,7 +80,7 @@ class Tokenizer:
                   _END_OF_GENERATION_TEXTS}
         special = SpecialTokens(token_id("tokenizer.ggml.bos_token_id"), eos,
                                 bool(f.get("tokenizer.ggml.add_bos_token", add_bos_default)), frozenset(stops))
-        return cls(hf, special, tokens)
+        return cls(hf, special)
 
     def encode(self, text: str, *, add_bos: bool | None = None, parse_special: bool = True) -> list[int]:
         """Token ids of text. Control-token texts (e.g. <|im_start|>) become their ids when parse_special is set;
@@ -96,7 +96,11 @@ class Tokenizer:
         return self._hf.decode(ids, skip_special_tokens=skip_special)
 
     def token_text(self, token_id: int) -> str:
-        return self._tokens[token_id]
+        text = self._hf.id_to_token(token_id)
+        if text is None:
+            raise UnsupportedModelError(f"token id {token_id} has no text in this vocabulary "
+                                        f"({self._hf.get_vocab_size()} tokens)")
+        return text
 
 
 def _byte_level_bpe(tokens: list[str], merges: list[str], pre: str) -> HFTokenizer:
