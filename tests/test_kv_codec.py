@@ -3,9 +3,12 @@ partial-chunk padding, FP16 losslessness, and decode_into (native kernel and tor
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
+from llmaas.kernels import cpu_features
 from llmaas.kv.codec import (
     LEVEL_ERROR,
     ChunkGeometry,
@@ -164,22 +167,49 @@ def _expected(payloads, levels, starts, fills, geom, first, num, cap) -> list[to
     return out
 
 
+@contextlib.contextmanager
+def isa(kernels, name: str):
+    """The native decode forced onto one instruction set (the test skipped where the CPU lacks it), then restored
+    to the CPU's choice."""
+    try:
+        kernels.set_kv_decode_isa(name)
+    except RuntimeError as exc:
+        pytest.skip(f"KV decode path {name}: {exc}")
+    try:
+        yield kernels
+    finally:
+        kernels.set_kv_decode_isa("auto")
+
+
+def test_the_kv_decode_path_follows_the_cpu(kernels):
+    features = cpu_features()
+    wide = all(features[f] for f in ("avx512f", "avx512bw", "avx512vl", "avx512dq"))
+    assert kernels.kv_decode_isa() == ("avx512" if wide else "avx2")
+    with pytest.raises(RuntimeError, match="auto, avx2 or avx512"):
+        kernels.set_kv_decode_isa("sse2")
+    assert kernels.kv_decode_isa() == ("avx512" if wide else "avx2")
+
+
 @pytest.mark.parametrize("first,num", [(0, 4), (1, 2)])
-@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("native", [None, "avx2", "avx512"])
 @pytest.mark.parametrize("whole", [False, True])
 def test_decode_into_equals_decode(first, num, native, whole, request):
-    """Bit-exact: both paths compute q*s (exact in fp32) + zero in fp32, then round once to fp16. `whole`: the
-    payloads hold every layer and the decode skips to the first asked for (a restore's batches)."""
-    if native:
-        kernels = request.getfixturevalue("kernels")
-        assert hasattr(kernels, "decode_kv_chunks")
+    """Bit-exact: every path computes q*s (exact in fp32) + zero in fp32, then rounds once to fp16. `whole`: the
+    payloads hold every layer and the decode skips to the first asked for (a restore's batches). `native`: the
+    kernel on that instruction set (None: the torch fallback)."""
+    with contextlib.ExitStack() as stack:
+        kernels = stack.enter_context(isa(request.getfixturevalue("kernels"), native)) if native else None
+        _check_decode_into(first, num, kernels, whole)
+
+
+def _check_decode_into(first, num, kernels, whole):
     n, cap = 9, 9 * 16 + 8
     payloads, levels, starts, fills = _chunks(SMALL, n)
     expected = _expected(payloads, levels, starts, fills, SMALL, first, num, cap)
     out = [torch.full((2, 2, cap, 64), -7.0, dtype=torch.float16) for _ in range(SMALL.spec.n_layers)]
     ranges = payloads if whole else [p.reshape(SMALL.spec.n_layers, -1)[first:first + num].reshape(-1)
                                      for p in payloads]
-    if native:
+    if kernels is not None:
         kernels.decode_kv_chunks(ranges, [int(lv) for lv in levels], starts, fills, out[first:first + num], 16,
                                  first if whole else 0, SMALL.spec.n_layers if whole else num)
     else:
@@ -239,3 +269,19 @@ def test_cut_chunks_takes_any_spans_and_joins_back():
     assert torch.equal(whole, torch.stack([t[:, :, :37] for t in kv], dim=1))
     with pytest.raises(ValueError):
         cut_chunks(kv, [(0, 17)], 16)
+
+
+@pytest.mark.parametrize("native", ["avx2", "avx512"])
+@pytest.mark.parametrize("head_dim", [64, 32])
+def test_large_decodes_stream_and_narrow_heads_fall_back_bit_exactly(native, head_dim, kernels):
+    """Outputs of 8 MB or more take the streaming stores; a head_dim that is not a multiple of 64 takes the AVX2
+    kernel even where AVX-512 is asked for. Every level, bit-exact against the torch reference."""
+    geom = ChunkGeometry(KVSpec(2, 2, head_dim))
+    n = 8 * 2**20 // (2 * 2 * 2 * head_dim * 2 * geom.chunk_tokens) + 4  # chunks for > 8 MB of fp16 output
+    payloads, levels, starts, fills = _chunks(geom, n)
+    cap = starts[-1] + geom.chunk_tokens
+    with isa(kernels, native):
+        out = [torch.full((2, 2, cap, head_dim), -7.0, dtype=torch.float16) for _ in range(2)]
+        decode_into(payloads, levels, starts, fills, 0, 2, out, geom)
+    for got, want in zip(out, _expected(payloads, levels, starts, fills, geom, 0, 2, cap), strict=True):
+        assert torch.equal(got, want)

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                                             "temporary directory under ~/.cache/llmaas, on the same disk for both, "
                                             "removed afterwards)")
     p.add_argument("--disk-throttle-mbps", type=float, help="SIMULATION: throttle our chunk IO to this many MB/s")
+    p.add_argument("--kv-decode", default="auto", choices=["auto", "avx2", "avx512"],
+                   help="the native KV decode's instruction set (default: auto, the CPU's best; `llmaas info` shows "
+                        "which)")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the results here")
     return p
 
@@ -60,10 +63,16 @@ def main(argv: list[str]) -> int:
 
 def _run(args: argparse.Namespace, root: Path) -> int:
     loaded = load_model()
+    if loaded.model.kernels is not None:
+        try:
+            loaded.model.kernels.set_kv_decode_isa(args.kv_decode)
+        except RuntimeError as exc:
+            raise SystemExit(f"llmaas bench restore: --kv-decode {args.kv_decode}: {exc}") from exc
     ids = loaded.tokenizer.encode(WIKITEXT.read_text()[:40_000], add_bos=False, parse_special=False)[:args.tokens]
     throttle = None if args.disk_throttle_mbps is None else DiskThrottle.from_mb_s(args.disk_throttle_mbps)
     result = {"config": {"tokens": len(ids), "policy": args.policy, "repeats": args.repeats,
                          "throttle": throttle.describe() if throttle else "unthrottled", "dir": str(root),
+                         "kv_decode": loaded.model.kernels.kv_decode_isa() if loaded.model.kernels else "PyTorch",
                          "interleaved": True},
               "machine": machine()}
     policy = POLICIES[args.policy]

@@ -33,6 +33,8 @@ def describe(loaded: LoadedModel) -> dict:
                     "native_kernels": loaded.model.kernels is not None},
         "paths": {"prefill_gemm": loaded.gemm,
                   "decode": "block kernels (AVX2)" if loaded.model.kernels is not None else "dense fp32 (PyTorch)",
+                  "kv_decode": loaded.model.kernels.kv_decode_isa() if loaded.model.kernels is not None
+                  else "PyTorch",
                   "cpu_features": cpu_features()},
         "kv_bytes_per_token": {p: spec.bytes_per_token(p) for p in BITS_PER_VALUE},
         "kv_bytes_full_context_fp16": spec.bytes_per_token("fp16") * c.context_length,
@@ -68,7 +70,8 @@ def main(argv: list[str]) -> int:
           f"{'yes' if w['native_kernels'] else 'no'}")
     paths = info["paths"]
     have = ", ".join(f for f, on in paths["cpu_features"].items() if on) or "none of the named ones"
-    print(f"  paths: prefill GEMM {paths['prefill_gemm']} (--gemm), decode {paths['decode']}; CPU has {have}")
+    print(f"  paths: prefill GEMM {paths['prefill_gemm']} (--gemm), decode {paths['decode']}, KV chunk decode "
+          f"{paths['kv_decode']}; CPU has {have}")
     kv = ", ".join(f"{p} {b:,} B" for p, b in info["kv_bytes_per_token"].items())
     print(f"  KV bytes per token (payload): {kv}")
     print(f"  KV for a full {c['context_length']}-token context at fp16: "

@@ -49,8 +49,8 @@ def _cpu_flags() -> set[str]:
 
 
 # The vector units the engine's paths care about, as /proc/cpuinfo names them (shown by `llmaas info`).
-NAMED_CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
-                      "amx_int8")
+NAMED_CPU_FEATURES = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
+                      "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
 
 
 def cpu_features() -> dict[str, bool]:

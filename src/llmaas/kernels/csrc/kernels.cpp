@@ -16,9 +16,11 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
 // XXH3-64, the chunk log's section checksum (llmaas.storage.chunk_record), inlined from the vendored header.
@@ -888,6 +890,68 @@ void kv_decode_section(const uint8_t* sec, const KVSection& lay, int64_t H, int6
   kv_decode_tensor<BITS, false, STREAM>(sec + lay.v_codes, sec + lay.v_meta, H, C, D, fill, v_out, hs, ts);
 }
 
+// The same decode 16 values at a time, for CPUs with AVX-512 (F, BW, VL). Same arithmetic, same bits: a code times
+// its scale is exact in fp32, so the fused multiply-add rounds once, as the AVX2 path's multiply then add does.
+// Needs D a multiple of 64 (an INT2 row's four 2-bit planes are D/4 bytes each: whole 16-value groups).
+#define LLMAAS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
+
+template <int BITS>
+LLMAAS_AVX512 inline __m512 kv_codes16(const uint8_t* row, int64_t d, int64_t D) {
+  if constexpr (BITS == 8) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + d))));
+  } else {
+    constexpr int64_t per = 8 / BITS;
+    const int64_t seg = D / per, part = d / seg;
+    const __m512i wide = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + (d - part * seg))));
+    const __m512i q = _mm512_and_si512(_mm512_srl_epi32(wide, _mm_cvtsi32_si128(static_cast<int>(BITS * part))),
+                                       _mm512_set1_epi32((1 << BITS) - 1));
+    return _mm512_cvtepi32_ps(q);
+  }
+}
+
+template <int BITS, bool PER_CHANNEL, bool STREAM>
+LLMAAS_AVX512 void kv_decode_tensor16(const uint8_t* codes, const uint8_t* meta, int64_t H, int64_t C, int64_t D,
+                                      int64_t fill, at::Half* out, int64_t hs, int64_t ts) {
+  const int64_t row_bytes = D * BITS / 8, n_meta = PER_CHANNEL ? H * D : H * C;
+  const uint8_t* scales = meta;
+  const uint8_t* zeros = meta + 2 * n_meta;  // only read below INT8
+  for (int64_t h = 0; h < H; ++h) {
+    for (int64_t t = 0; t < fill; ++t) {
+      const uint8_t* row = codes + (h * C + t) * row_bytes;
+      at::Half* o = out + h * hs + t * ts;
+      __m512 s = _mm512_setzero_ps(), z = _mm512_setzero_ps();
+      if constexpr (!PER_CHANNEL) {
+        s = _mm512_set1_ps(half_to_float(*reinterpret_cast<const uint16_t*>(scales + 2 * (h * C + t))));
+        if constexpr (BITS != 8) z = _mm512_set1_ps(half_to_float(*reinterpret_cast<const uint16_t*>(
+                                      zeros + 2 * (h * C + t))));
+      }
+      for (int64_t d = 0; d < D; d += 16) {
+        if constexpr (PER_CHANNEL) {
+          s = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(scales + 2 * (h * D + d))));
+          if constexpr (BITS != 8) {
+            z = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(zeros + 2 * (h * D + d))));
+          }
+        }
+        const __m512 q = kv_codes16<BITS>(row, d, D);
+        const __m512 x = BITS == 8 ? _mm512_mul_ps(q, s) : _mm512_fmadd_ps(q, s, z);
+        const __m256i half = _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT);
+        if constexpr (STREAM) {
+          _mm256_stream_si256(reinterpret_cast<__m256i*>(o + d), half);
+        } else {
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + d), half);
+        }
+      }
+    }
+  }
+}
+
+template <int BITS, bool STREAM>
+LLMAAS_AVX512 void kv_decode_section16(const uint8_t* sec, const KVSection& lay, int64_t H, int64_t C, int64_t D,
+                                       int64_t fill, at::Half* k_out, at::Half* v_out, int64_t hs, int64_t ts) {
+  kv_decode_tensor16<BITS, true, STREAM>(sec + lay.k_codes, sec + lay.k_meta, H, C, D, fill, k_out, hs, ts);
+  kv_decode_tensor16<BITS, false, STREAM>(sec + lay.v_codes, sec + lay.v_meta, H, C, D, fill, v_out, hs, ts);
+}
+
 void kv_copy_fp16(const uint8_t* sec, int64_t H, int64_t C, int64_t D, int64_t fill, at::Half* out, int64_t hs,
                   int64_t ts) {
   for (int64_t h = 0; h < H; ++h)
@@ -905,7 +969,27 @@ constexpr int64_t kDecodeGrain = 512;
 // 3.9 ms with plain stores (AMD EPYC Zen 4, 2 threads); a single chunk's decode for a call stays cached.
 constexpr int64_t kStreamBytes = 8 << 20;
 
+bool cpu_has_avx512() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+// The KV decode's instruction set: 512 (AVX-512) or 256 (AVX2), chosen once from the CPU, overridable for tests and
+// benchmarks (set_kv_decode_isa).
+std::atomic<int> g_kv_isa{cpu_has_avx512() ? 512 : 256};
+
 }  // namespace
+
+// "avx512" or "avx2": the path decode_kv_chunks takes (for head_dim a multiple of 64; AVX2 otherwise).
+std::string kv_decode_isa() { return g_kv_isa.load() == 512 ? "avx512" : "avx2"; }
+
+// Force a path ("avx2", "avx512") or restore the CPU's best ("auto"). AVX-512 is refused on a CPU without it.
+void set_kv_decode_isa(const std::string& isa) {
+  check(isa == "auto" || isa == "avx2" || isa == "avx512", "KV decode path must be auto, avx2 or avx512");
+  check(isa != "avx512" || cpu_has_avx512(), "this CPU has no AVX-512 (F, BW, VL, DQ)");
+  g_kv_isa = isa == "avx2" ? 256 : isa == "avx512" ? 512 : (cpu_has_avx512() ? 512 : 256);
+}
 
 // Decode chunk i's layer sections (payloads[i]: payload_layers uint8 sections of levels[i] bits; after the first
 // skip_layers of them, layer j for out[j], j < num_layers = out.size()) into out[j][:, :, token_starts[i] :
@@ -935,7 +1019,12 @@ void decode_kv_chunks(const std::vector<at::Tensor>& payloads, const std::vector
   std::vector<KVSection> lays(n);
   int64_t out_bytes = 0;
   for (int64_t i = 0; i < n; ++i) out_bytes += 2 * 2 * H * fills[i] * D * L;
-  const bool stream = out_bytes >= kStreamBytes;
+  // Streaming stores need aligned rows (16 bytes for AVX2's, 32 for AVX-512's); PyTorch's allocations are 64-byte
+  // aligned, a view into one may not be.
+  const bool wide = g_kv_isa.load() == 512 && D % 64 == 0;
+  bool aligned = (2 * hs) % 32 == 0 && (2 * ts) % 32 == 0 && (2 * s0) % 32 == 0;
+  for (int64_t j = 0; j < L; ++j) aligned = aligned && reinterpret_cast<uintptr_t>(outs[j]) % 32 == 0;
+  const bool stream = out_bytes >= kStreamBytes && aligned;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t bits = levels[i];
     check(bits == 2 || bits == 4 || bits == 8 || bits == 16, "level must be 2, 4, 8 or 16 bits");
@@ -953,14 +1042,20 @@ void decode_kv_chunks(const std::vector<at::Tensor>& payloads, const std::vector
       const uint8_t* sec = srcs[i] + j * lays[i].bytes;
       at::Half* k_out = outs[j] + token_starts[i] * ts;
       at::Half* v_out = k_out + s0;
-      switch (levels[i] * 2 + (stream ? 1 : 0)) {
+      switch (levels[i] * 2 + (stream ? 1 : 0) + (wide ? 100 : 0)) {
+        case 117: kv_decode_section16<8, true>(sec, lays[i], H, C, D, fill, k_out, v_out, hs, ts); break;
+        case 116: kv_decode_section16<8, false>(sec, lays[i], H, C, D, fill, k_out, v_out, hs, ts); break;
+        case 109: kv_decode_section16<4, true>(sec, lays[i], H, C, D, fill, k_out, v_out, hs, ts); break;
+        case 108: kv_decode_section16<4, false>(sec, lays[i], H, C, D, fill, k_out, v_out, hs, ts); break;
+        case 105: kv_decode_section16<2, true>(sec, lays[i], H, C, D, fill, k_out, v_out, hs, ts); break;
+        case 104: kv_decode_section16<2, false>(sec, lays[i], H, C, D, fill, k_out, v_out, hs, ts); break;
         case 17: kv_decode_section<8, true>(sec, lays[i], H, C, D, fill, k_out, v_out, hs, ts); break;
         case 16: kv_decode_section<8, false>(sec, lays[i], H, C, D, fill, k_out, v_out, hs, ts); break;
         case 9: kv_decode_section<4, true>(sec, lays[i], H, C, D, fill, k_out, v_out, hs, ts); break;
         case 8: kv_decode_section<4, false>(sec, lays[i], H, C, D, fill, k_out, v_out, hs, ts); break;
         case 5: kv_decode_section<2, true>(sec, lays[i], H, C, D, fill, k_out, v_out, hs, ts); break;
         case 4: kv_decode_section<2, false>(sec, lays[i], H, C, D, fill, k_out, v_out, hs, ts); break;
-        default:
+        default:  // FP16: a copy on either path
           kv_copy_fp16(sec, H, C, D, fill, k_out, hs, ts);
           kv_copy_fp16(sec + lays[i].v_codes, H, C, D, fill, v_out, hs, ts);
       }
@@ -1107,5 +1202,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("silu_mul", &silu_mul, release());
   m.def("attend", &attend, release());
   m.def("decode_kv_chunks", &decode_kv_chunks, release());
+  m.def("kv_decode_isa", &kv_decode_isa);
+  m.def("set_kv_decode_isa", &set_kv_decode_isa);
   m.def("land_pieces", &land_pieces, release());
 }
