@@ -77,3 +77,29 @@ def test_floor_probe_reads_cold_and_cleans_up(tmp_path):
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(ValueError, match="at least one byte"):
         FloorProbe(tmp_path, 0)
+
+
+def test_bench_restore_reports_the_cold_and_the_hot_switch_on_each_decode_path(tmp_path, kernels):
+    """`bench restore` end to end on a short context: the cold switch against its floor, and the hot switch's
+    decode on the path asked for (AVX-512 skipped where the CPU lacks it), named in the JSON."""
+    import json
+
+    from llmaas.bench import restore
+
+    try:
+        for isa in ("avx2", "avx512"):
+            out = tmp_path / f"{isa}.json"
+            try:
+                code = restore.main(["--tokens", "64", "--repeats", "1", "--kv-decode", isa, "--dir",
+                                     str(tmp_path / isa), "--json", str(out)])
+            except SystemExit as exc:  # this CPU lacks the path: said, not measured
+                assert isa == "avx512" and "AVX-512" in str(exc)
+                continue
+            assert code == 0
+            result = json.loads(out.read_text())
+            assert result["config"]["kv_decode"] == isa
+            ours = result["ours"]
+            assert ours["bytes_read"] > 0 and ours["switch_s"] > 0 and ours["floor_s"] > 0
+            assert 0 < ours["resident_decode_s"] < ours["switch_s"]
+    finally:
+        kernels.set_kv_decode_isa("auto")
