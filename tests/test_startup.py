@@ -134,3 +134,18 @@ def test_a_data_directory_that_takes_no_writes_is_named_with_what_to_do(tmp_path
     (tmp_path / "file").write_text("x")
     with pytest.raises(StorageError, match=r"does not take writes .* --home"):
         DataDir(tmp_path / "file" / "home").create()
+
+
+def test_bench_cold_start_times_each_step_up_to_the_first_token(tmp_path):
+    """`bench cold-start` launches real services: the steps it reads from their progress lines come in order, and
+    the first token (a streamed stateless completion sent as soon as the socket exists) comes after `ready`."""
+    import json
+
+    from llmaas.bench import cold_start
+
+    out = tmp_path / "cold.json"
+    assert cold_start.main(["--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for run in (result["first_start"], *result["runs"]):
+        assert 0 < run["listening_s"] <= run["loaded_s"] <= run["ready_s"] < run["first_token_s"] < 120
+    assert result["median"]["first_token_s"] == result["runs"][0]["first_token_s"]

@@ -8,6 +8,7 @@ from llmaas.cli import run_subcommand
 BENCHMARKS = {  # name -> (module, one-line summary)
     "engine": ("llmaas.bench.engine", "prefill and decode speed, load time and peak RSS, ours vs llama.cpp and HF "
                                       "transformers (--peer)"),
+    "cold-start": ("llmaas.bench.cold_start", "seconds from launching `llmaas serve` to its first token, step by step"),
     "service": ("llmaas.bench.service", "what the service path costs over a direct engine call (TTFT, tokens/s)"),
     "restore": ("llmaas.bench.restore", "cold switch latency of one long context restored from disk (--peer "
                                         "llama-cpp: its own state restore)"),
