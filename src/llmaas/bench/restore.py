@@ -22,7 +22,7 @@ from llmaas.bench.disk import FloorProbe, measure_disk
 from llmaas.bench.engine import WIKITEXT
 from llmaas.bench.results import machine, write_json
 from llmaas.engine.generate import Generator
-from llmaas.kv.codec import ChunkGeometry, KVLevel, decode_into
+from llmaas.kv.codec import ChunkGeometry, KVLevel
 from llmaas.kv.spec import KVSpec
 from llmaas.memory.policy import POLICIES
 from llmaas.memory.restorer import SwitchReport
@@ -178,13 +178,11 @@ class OurRestore:
         switch to a context whose chunks all stayed in memory (nothing read, nothing recomputed)."""
         self.store.acquire("bench", self.ids, len(self.ids))  # every chunk resident, and the context locked
         try:
-            chunks, kv = self.store._contexts["bench"].chunks, self.store.buffer.kv
+            chunks = self.store._contexts["bench"].chunks
             times = []
             for _ in range(repeats + 1):
                 t0 = time.perf_counter()
-                decode_into([c.resident_payload for c in chunks], [c.level for c in chunks],
-                            [c.token_start for c in chunks], [c.fill for c in chunks], 0, len(kv), kv,
-                            self.store.geometry)
+                self.store.restorer.decode_resident(chunks)
                 times.append(time.perf_counter() - t0)
             return statistics.median(times[1:])  # the first warms the caches
         finally:

@@ -67,9 +67,7 @@ class Restorer:
         report.reclaim_s = time.perf_counter() - t0
         resident = [c for c in ctx.chunks if c.is_resident]  # a locked context's chunks: reclaim skips them
         if resident:  # decode what is in memory (everything, on the common path of a warm context)
-            decode_into([c.resident_payload for c in resident], [c.level for c in resident],
-                        [c.token_start for c in resident], [c.fill for c in resident], 0,
-                        self.geometry.spec.n_layers, buf.kv, self.geometry)
+            self.decode_resident(resident)
         plan = self._plan(missing)
         by_index = {c.index: c for c in missing}
         # The plan loads only chunks that are on disk (the others are must_recompute): each has a location.
@@ -96,6 +94,11 @@ class Restorer:
         self.counters["recomputed_chunks"] += report.recomputed_chunks
         if missing and self.policy.whole_context_io:
             self.counters["context_reads"] += 1
+
+    def decode_resident(self, chunks: Sequence[Chunk]) -> None:
+        """Decode resident chunks, every layer, into the working KV: all a hot switch does."""
+        decode_into([c.resident_payload for c in chunks], [c.level for c in chunks], [c.token_start for c in chunks],
+                    [c.fill for c in chunks], 0, self.geometry.spec.n_layers, self.buffer.kv, self.geometry)
 
     def _plan(self, missing: list[Chunk]) -> RestorePlan:
         chunks = [MissingChunk(c.index, c.level, self.geometry.payload_bytes(c.level), not c.is_on_disk)

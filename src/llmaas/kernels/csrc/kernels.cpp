@@ -892,7 +892,9 @@ void kv_decode_section(const uint8_t* sec, const KVSection& lay, int64_t H, int6
 
 // The same decode 16 values at a time, for CPUs with AVX-512 (F, BW, VL). Same arithmetic, same bits: a code times
 // its scale is exact in fp32, so the fused multiply-add rounds once, as the AVX2 path's multiply then add does.
-// Needs D a multiple of 64 (an INT2 row's four 2-bit planes are D/4 bytes each: whole 16-value groups).
+// Needs D a multiple of 64 (an INT2 row's four 2-bit planes are D/4 bytes each: whole 16-value groups). A second
+// loop rather than a vector-width parameter of kv_decode_tensor: AVX-512 intrinsics inline only into a function that
+// carries the target attribute itself, and an attribute cannot depend on a template argument.
 #define LLMAAS_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")))
 
 template <int BITS>
