@@ -74,6 +74,19 @@ def test_reordered_smollm_matches_on_the_calibration_text(smollm_dense):
     assert (a - b).abs().max().item() <= 1e-4 and torch.equal(a.argmax(-1), b.argmax(-1))
 
 
+def test_a_reordering_after_decode_leaves_no_stale_decode_plan(tiny_path, kernels):
+    """The native decode step's plans hold the weight blocks they were built on; reordering replaces down's blocks
+    (re-quantised to Q8_0), and the model must then decode exactly as one reordered before it ever decoded."""
+    decoded_first, fresh = load_model(tiny_path, gemm=FP32), load_model(tiny_path, gemm=FP32)
+    orders = _orders(fresh, torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0)))
+    _logits(decoded_first, IDS[:3])  # builds the plans on the original blocks
+    assert decoded_first.model._decode_steps(None, None) is not None
+    for loaded in (decoded_first, fresh):
+        reorder_(loaded.config, loaded.model.weights, orders)
+        loaded.model.weights_changed()
+    assert torch.equal(_logits(decoded_first, IDS[:3]), _logits(fresh, IDS[:3]))
+
+
 def test_level_table_matches_the_spec(smollm_dense):
     counts = [kept_counts(smollm_dense.config, m) for m in MODEL_LEVELS]
     assert counts == [(1, 160), (2, 192), (3, 384), (4, 576), (5, 768), (6, 960), (7, 1152), (8, 1344), (9, 1536)]

@@ -236,3 +236,20 @@ def test_latency_rounds_interleave_every_setting_and_drop_the_warm_up():
     out = in_rounds({"a": measure("a"), "b": measure("b")}, runs=2)
     assert calls == ["a", "b"] * 3  # one call of each per round, round after round
     assert out == {"a": [3, 5], "b": [4, 6]}  # the warm-up round's results are dropped
+
+
+def test_a_remeasured_latency_table_makes_prepare_retrain_the_decision_head(tmp_path, monkeypatch):
+    """Labels under the measured rule follow the table's feasibility: after `llmaas elastic profile` measures a
+    different table (a faster engine), `prepare` must derive them again and retrain, not keep the old head."""
+    from llmaas.elastic import prepare as prep
+    from llmaas.elastic.decision_labels import LABEL_SOURCES
+    from llmaas.elastic.latency import LatencyTable
+    (tmp_path / "latency.json").write_text('{"levels": "first measurement"}')
+    recipe = prep.RECIPES["fast"]
+    record = {"decision_branch": "trained", "decision": {
+        "questions": recipe.decision.questions, "sources": list(LABEL_SOURCES),
+        "train_on_fallbacks": recipe.decision.train_on_fallbacks, "latency_table": LatencyTable.digest(tmp_path)}}
+    monkeypatch.setattr(prep, "heads_record", lambda path: record)
+    assert prep._decided(tmp_path, recipe)
+    (tmp_path / "latency.json").write_text('{"levels": "measured again"}')
+    assert not prep._decided(tmp_path, recipe)

@@ -222,7 +222,8 @@ def build_decision_head(runtime: ElasticRuntime, directory: Path, config: Decisi
     for e in train + held_all:
         e.hidden = None
     record = {**score_record, "decision_branch": "trained", "decision": {
-        "rule": config.rule, "sources": list(LABEL_SOURCES), "questions": len(questions),
+        "rule": config.rule, "latency_table": LatencyTable.digest(directory) if table is not None else None,
+        "sources": list(LABEL_SOURCES), "questions": len(questions),
         "held_out_questions": sum(q.held_out for q in questions),
         "train_examples": len(train), "held_out_examples": len(held),
         "train_on_fallbacks": config.train_on_fallbacks, "held_out_accuracy": accuracy_from(trained),

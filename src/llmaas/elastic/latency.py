@@ -10,6 +10,7 @@ sub-model is worth choosing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import statistics
 import time
@@ -188,6 +189,13 @@ class LatencyTable:
         if len(self._lengths) < 2 or len(self._tlm) < 2:
             raise ValueError("the latency profile needs two prompt lengths and two tiny-LM window sizes; measure it "
                              "again with `llmaas elastic profile`")
+
+    @staticmethod
+    def digest(directory: Path) -> str | None:
+        """A hash of the profile file (None when there is none): what decision labels under the measured rule were
+        derived from, so that a re-measured table (e.g. a faster engine) retrains the head on its own feasibility."""
+        path = directory / "latency.json"
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.exists() else None
 
     @classmethod
     def load(cls, directory: Path, gemm: str | None = None) -> LatencyTable:

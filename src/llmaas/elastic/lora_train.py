@@ -218,5 +218,6 @@ def train_artifact_levels(loaded: LoadedModel, levels: list[int], config: TrainC
     directory = directory or elastic_dir(loaded.model_id)
     artifact = ElasticArtifact.load(directory, loaded.model_id)
     reorder_(loaded.config, loaded.model.weights, artifact.orders)
+    loaded.model.weights_changed()
     train_levels(loaded, artifact, directory, levels, config, until_step)
 

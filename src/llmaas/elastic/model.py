@@ -41,6 +41,7 @@ class ElasticModel:
         self.adapters = adapters
         self.adapter_records = adapter_records or {}  # level -> training record (steps, tokens, losses, wall time)
         reorder_(loaded.config, loaded.model.weights, artifact.orders)
+        loaded.model.weights_changed()
         self._views = {(m, False): SubModel(m, artifact.levels[m], None) for m in MODEL_LEVELS}
         self._views |= {(m, True): SubModel(m, artifact.levels[m], adapters[m]) for m in adapters}
 

@@ -134,7 +134,9 @@ def _decided(directory: Path, recipe: PrepareRecipe) -> bool:
     return record is not None and record.get("decision_branch") == "trained" \
         and record["decision"]["questions"] >= recipe.decision.questions \
         and record["decision"].get("sources") == list(LABEL_SOURCES) \
-        and record["decision"].get("train_on_fallbacks") == recipe.decision.train_on_fallbacks
+        and record["decision"].get("train_on_fallbacks") == recipe.decision.train_on_fallbacks \
+        and (recipe.decision.rule != "measured"
+             or record["decision"].get("latency_table") == LatencyTable.digest(directory))
 
 
 def _decision_head(loaded: LoadedModel, directory: Path, recipe: PrepareRecipe, log: Callable[[str], None]) -> None:

@@ -85,6 +85,11 @@ class _SlotView:
     def key_positions(self) -> torch.Tensor:
         return self._cache._positions[:self._length]
 
+    def slot_stores(self) -> tuple[list[torch.Tensor], int] | None:
+        """(every layer's store, the first new slot) when the new tokens go to consecutive slots and the keys are
+        slots [0, length) in order: what the native decode step writes and reads directly (Transformer.run_layers)."""
+        return (self._cache.kv, self._slots.start) if isinstance(self._slots, slice) else None
+
     def update(self, layer: int, kv: torch.Tensor) -> torch.Tensor:
         store = self._cache.kv[layer]
         if isinstance(self._slots, slice):  # one strided copy for keys and values (the decode hot path)

@@ -25,3 +25,8 @@ class KVView(Protocol):
         kv[1] values; a strided view) for `layer`, and return the layer's full keys and values
         ([2, n_kv_heads, T, head_dim], fp32 or fp16, contiguous last dim) in the order of key_positions()."""
         ...
+
+    # Optional: a view whose keys are the slots [0, T) of per-layer stores [2, n_kv_heads, capacity, head_dim] (fp16
+    # or fp32, contiguous), with the new tokens at consecutive slots, may offer
+    #     def slot_stores(self) -> tuple[list[torch.Tensor], int] | None: ...
+    # (the stores and the first new slot), and the native decode step then reads and writes them directly.

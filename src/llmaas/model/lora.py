@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
 
@@ -50,6 +51,10 @@ class LoraSite:
         self._a, self._b = [p.a for p, _ in adapters], [p.b for p, _ in adapters]
         self._rows, self._cols = [flat(rows) for _, rows in adapters], flat(cols)
 
+    def kernel_args(self) -> tuple[list[torch.Tensor], list[torch.Tensor], list[list[int]], list[int]]:
+        """(A's, B's, each adapter's flat output rows, the flat input columns): the native kernels' arguments."""
+        return self._a, self._b, self._rows, self._cols
+
     def add(self, out: torch.Tensor, x: torch.Tensor, scale: float, kernels: ModuleType | None) -> None:
         """out[:, rows] += scale * (x[:, cols] @ A^T) @ B^T for each adapter, all reading the same x. out and x are
         full-width buffers indexed by absolute row and column; an adapter's inputs are the concatenation of the
@@ -59,7 +64,7 @@ class LoraSite:
         if not self.adapters:
             return
         if kernels is not None and x.shape[0] <= SMALL_BATCH_ROWS:
-            kernels.lora_add(out, x, self._a, self._b, self._rows, self._cols, scale)
+            kernels.lora_add(out, x, *self.kernel_args(), scale)
             return
         # Adapters reading the same x share one GEMM for their A products: with rank 8 each GEMM is too thin to use
         # the cores, and at a 256-token prefill q/k/v took 2.4x as long as three separate GEMMs as fused.
@@ -79,19 +84,27 @@ class LoraSite:
             j += rank
 
 
-@dataclass(frozen=True, eq=False)
+class LayerSites(NamedTuple):
+    """A layer's four adapter sites, in the order a layer reads them: q/k/v, o, gate/up, down (a site may hold no
+    adapter)."""
+    qkv: LoraSite
+    o: LoraSite
+    gate_up: LoraSite
+    down: LoraSite
+
+
+@dataclass(eq=False)
 class LayerLora:
     pairs: dict[str, LoraPair]  # projection name (PROJECTIONS) -> its adapter
     # Built by the transformer on first use: a site's ranges follow the widths the adapter was trained for, which
     # never change for this object (the transformer refuses an adapter under other widths).
-    sites: dict[str, LoraSite] = field(default_factory=dict, repr=False)
+    _sites: LayerSites | None = field(default=None, repr=False)
 
-    def site(self, name: str, make: Callable[[], tuple[list[tuple[LoraPair, list[Range]]], list[Range]]]) -> LoraSite:
-        """The site `name` of this layer, made once by `make` -> (adapters with their output rows, input columns)."""
-        found = self.sites.get(name)
-        if found is None:
-            found = self.sites[name] = LoraSite(*make())
-        return found
+    def sites(self, make: Callable[[], LayerSites]) -> LayerSites:
+        """This layer's sites, made once by `make`."""
+        if self._sites is None:
+            self._sites = make()
+        return self._sites
 
 
 @dataclass(frozen=True, eq=False)

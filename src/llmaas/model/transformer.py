@@ -21,10 +21,11 @@ import torch.nn.functional as F
 from llmaas.errors import InvalidRequestError
 from llmaas.model.config import ModelConfig
 from llmaas.model.kv_view import KVView
-from llmaas.model.linear import SMALL_BATCH_ROWS, Linear
-from llmaas.model.lora import LayerLora, ModelLora
+from llmaas.model.linear import SMALL_BATCH_ROWS, Linear, flat, joined
+from llmaas.model.lora import LayerLora, LayerSites, LoraSite, ModelLora
 from llmaas.model.rope import RopeTable
 from llmaas.model.stats import AttentionStats
+from llmaas.model.weights import BLOCK, Q4Blocks
 from llmaas.model.widths import LayerWidths, ModelWidths
 
 # Prompt tokens per prefill step, for every caller that prefills (generator, store, recompute). Bounds the
@@ -32,6 +33,9 @@ from llmaas.model.widths import LayerWidths, ModelWidths
 # (of the ~60 MB over the idle engine, the rest being its KV) at no measurable cost in speed (bf16 path, Zen 4,
 # interleaved A/B: 0.99-1.00x; docs/ENGINE.md).
 DEFAULT_PREFILL_CHUNK_TOKENS = 256
+
+# Width/adapter pairs whose native decode plans are kept (the elastic model's nine levels, with and without adapters).
+_STEP_PLANS_KEPT = 20
 
 # Query rows per chunk of the explicit (statistics-producing) attention: bounds the [heads, rows, keys] scores.
 _STATS_ROW_CHUNK = 256
@@ -118,6 +122,10 @@ class Transformer:
         self.rope = RopeTable(config.head_dim, config.rope_theta, config.context_length, config.rope_linear_factor,
                               weights.rope_freq_factors)
         self._scale = config.head_dim ** -0.5
+        # Decode (few rows, a dense cache's slots) runs every layer in one native call (kernels.cpp: decode_layers)
+        # unless this is False: the per-kernel path computes the same bits, a kernel call at a time.
+        self.native_step = kernels is not None
+        self._steps: dict[tuple[int, int], tuple[ModelWidths | None, ModelLora | None, list | None]] = {}
 
     # -- the pure function and its pieces -------------------------------------------------------------------------
 
@@ -152,6 +160,15 @@ class Transformer:
             # identity makes this free for the views the elastic model built once
             raise InvalidRequestError("the LoRA adapter was trained for other widths; use the adapter of this level")
         p = self._begin(h.shape[0], positions.to(torch.int64).contiguous(), kv, widths, lora, stats)
+        stores = kv.slot_stores() if p.small and self.native_step and hasattr(kv, "slot_stores") else None
+        steps = self._decode_steps(widths, lora) if stores is not None and h.is_contiguous() else None
+        if steps is not None:
+            assert stores is not None
+            stats_args = (p.stats.prob_sum, p.stats.row_count) if p.stats is not None else (None, None)
+            self.kernels.decode_layers(steps[start:stop], h, p.positions, p.key_positions, stores[0][start:stop],
+                                       stores[1], self.rope.cos, self.rope.sin, self._scale, self.config.norm_eps,
+                                       *stats_args)
+            return h
         for layer in range(start, stop):
             self._layer(layer, h, p)
         return h
@@ -163,6 +180,50 @@ class Transformer:
         return self.weights.lm_head.apply(x, out)
 
     # -- internals -------------------------------------------------------------------------------------------------
+
+    def weights_changed(self) -> None:
+        """Forget the native decode plans: they hold the weight blocks they were built on, and a reordering that
+        replaces blocks (elastic/reorder.py) must not leave a plan reading the old ones."""
+        self._steps.clear()
+
+    def _decode_steps(self, widths: ModelWidths | None, lora: ModelLora | None) -> list | None:
+        """The native decode step's per-layer plans for these widths and adapter (built once, kept for the last few
+        pairs; identity keys, held so they stay valid), or None where a matrix is not block-stored or a sub-model's
+        head ranges do not start on weight blocks (the per-kernel path then runs)."""
+        key = (id(widths), id(lora))
+        found = self._steps.get(key)
+        if found is None:
+            found = self._steps[key] = (widths, lora, self._build_steps(widths, lora))
+            if len(self._steps) > _STEP_PLANS_KEPT:
+                del self._steps[next(iter(self._steps))]
+        return found[2]
+
+    def _build_steps(self, widths: ModelWidths | None, lora: ModelLora | None) -> list | None:
+        c = self.config
+        dims = [c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ffn_dim]
+        full = [c.heads_per_group] * c.n_kv_heads
+        steps = []
+        for i, lw in enumerate(self.weights.layers):
+            mats = []
+            for lin in (lw.qkv, lw.o, lw.gate_up, lw.down):
+                b = lin.blocks
+                if b is None:
+                    return None
+                mats.append((b.qs, b.scales, b.mins if isinstance(b, Q4Blocks) else None))
+            width = widths.layers[i] if widths is not None else None
+            active = list(width.q_heads) if width is not None else full
+            heads = _head_ranges(c, active)
+            sliced = active != full
+            qkv_rows = joined([*heads, (c.q_dim, c.q_dim + 2 * c.kv_dim)]) if sliced else []
+            o_cols = joined(heads) if sliced else []
+            if any(a % BLOCK for a, _ in o_cols):
+                return None
+            kept = width.ffn if width is not None else c.ffn_dim
+            sites = self._lora_sites(lora.layers[i], heads, kept) if lora is not None else ()
+            steps.append(self.kernels.make_layer_step(
+                dims, lw.attn_norm, lw.ffn_norm, mats, sliced, flat(qkv_rows), flat(o_cols), active, kept,
+                [site.kernel_args() for site in sites], lora.scale if lora is not None else 0.0))
+        return steps
 
     def _uses_kernels(self, rows: int) -> bool:
         return self.kernels is not None and rows <= SMALL_BATCH_ROWS
@@ -194,20 +255,35 @@ class Transformer:
         lora = p.lora.layers[layer] if p.lora is not None else None
         active = list(width.q_heads) if width is not None else p.full_heads
         heads = _head_ranges(self.config, active) if width is not None else p.full_head_ranges
+        kept = width.ffn if width is not None else self.config.ffn_dim
+        sites = self._lora_sites(lora, heads, kept) if lora is not None else None
         x = self._norm(h, lw.attn_norm, p.x, p.small)
         self._project_qkv(lw.qkv, x, p, width, heads)
-        if lora is not None:
-            self._lora_qkv(lora, x, p, heads)
+        if sites is not None:  # q over the active heads (adapter rows in group-major prefix order), k and v; pre-RoPE
+            sites.qkv.add(p.qkv, x, p.lora.scale, self.kernels)
         self._rope(p.q, p)
         self._rope(p.k, p)
         kv = p.kv.update(layer, p.new_kv)
         self._attend(kv, active, p, width is not None)
         self._project_out(lw.o, p, width, heads, h)
-        if lora is not None and "o" in lora.pairs:  # over the active heads' outputs (adapter columns in their order)
-            lora.site("o", lambda: ([(lora.pairs["o"], [(0, self.config.d_model)])], heads)).add(
-                h, p.attn_flat, p.lora.scale, self.kernels)
+        if sites is not None:  # over the active heads' outputs (adapter columns in their order)
+            sites.o.add(h, p.attn_flat, p.lora.scale, self.kernels)
         x = self._norm(h, lw.ffn_norm, p.x, p.small)
-        self._ffn(lw, x, p, width.ffn if width is not None else self.config.ffn_dim, h, lora)
+        self._ffn(lw, x, p, kept, h, sites)
+
+    def _lora_sites(self, lora: LayerLora, heads: list[tuple[int, int]], kept: int) -> LayerSites:
+        """The layer's adapter sites (made once per adapter): which adapters read which input, and where they add."""
+        c, f, d = self.config, self.config.ffn_dim, [(0, self.config.d_model)]
+
+        def site(outputs: dict[str, list[tuple[int, int]]], cols: list[tuple[int, int]]) -> LoraSite:
+            return LoraSite([(lora.pairs[n], rows) for n, rows in outputs.items() if n in lora.pairs], cols)
+
+        k, v = (c.q_dim, c.q_dim + c.kv_dim), (c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim)
+        return lora.sites(lambda: LayerSites(
+            site({"q": heads, "k": [k], "v": [v]}, d),
+            site({"o": d}, heads),
+            site({"gate": [(0, kept)], "up": [(f, f + kept)]}, d),
+            site({"down": d}, [(0, kept)])))
 
     def _norm(self, h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, small: bool) -> torch.Tensor:
         """RMSNorm of h: written into `out` by the kernel; PyTorch's returns a fresh tensor (no copy into out)."""
@@ -230,17 +306,6 @@ class Transformer:
             return
         qkv.apply_ranges(x, p.qkv, [*heads, (c.q_dim, c.q_dim + 2 * c.kv_dim)], [(0, c.d_model)])
 
-    def _lora_qkv(self, lora: LayerLora, x: torch.Tensor, p: _Pass, heads: list[tuple[int, int]]) -> None:
-        """Add the adapters' deltas to the projected q (active heads, adapter rows in group-major prefix order), k and
-        v, before RoPE."""
-        c = self.config
-
-        def make() -> tuple[list, list[tuple[int, int]]]:
-            rows = {"q": heads, "k": [(c.q_dim, c.q_dim + c.kv_dim)],
-                    "v": [(c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim)]}
-            return [(lora.pairs[n], r) for n, r in rows.items() if n in lora.pairs], [(0, c.d_model)]
-        lora.site("qkv", make).add(p.qkv, x, p.lora.scale, self.kernels)
-
     def _project_out(self, o: Linear, p: _Pass, width: LayerWidths | None, heads: list[tuple[int, int]],
                      h: torch.Tensor) -> None:
         """h += attention output @ Wo^T over the active heads (each group's active heads are contiguous)."""
@@ -251,7 +316,7 @@ class Transformer:
             o.apply_ranges(p.attn_flat, h, [(0, self.config.d_model)], heads, accumulate=True)
 
     def _ffn(self, lw: LayerWeights, x: torch.Tensor, p: _Pass, kept: int, h: torch.Tensor,
-             lora: LayerLora | None) -> None:
+             sites: LayerSites | None) -> None:
         """h += down(silu(gate(x)) * up(x)) over the first `kept` neurons; the activation overwrites gate."""
         if kept == 0:
             return
@@ -262,19 +327,15 @@ class Transformer:
         else:
             gate, up = p.gate[:, :kept], p.up[:, :kept]
             lw.gate_up.apply_ranges(x, p.gate_up, [(0, kept), (f, f + kept)], [(0, self.config.d_model)])
-        if lora is not None:
-            def make() -> tuple[list, list[tuple[int, int]]]:
-                rows = {"gate": [(0, kept)], "up": [(f, f + kept)]}
-                return [(lora.pairs[n], r) for n, r in rows.items() if n in lora.pairs], [(0, self.config.d_model)]
-            lora.site("gate_up", make).add(p.gate_up, x, p.lora.scale, self.kernels)
+        if sites is not None:
+            sites.gate_up.add(p.gate_up, x, p.lora.scale, self.kernels)
         if p.small:
             self.kernels.silu_mul(gate, gate, up)
         else:
             F.silu(gate, inplace=True).mul_(up)
         lw.down.apply(gate, h, cols=(0, kept), accumulate=True)
-        if lora is not None and "down" in lora.pairs:
-            lora.site("down", lambda: ([(lora.pairs["down"], [(0, self.config.d_model)])], [(0, kept)])).add(
-                h, p.gate, p.lora.scale, self.kernels)
+        if sites is not None:
+            sites.down.add(h, p.gate, p.lora.scale, self.kernels)
 
     def _attend(self, kv: torch.Tensor, active: list[int], p: _Pass, sliced: bool) -> None:
         """p.attn[:, heads] = attention of the active query heads over the view's keys and values."""

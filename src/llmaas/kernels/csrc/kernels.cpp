@@ -88,6 +88,11 @@ inline void prefetch(const void* p, int64_t bytes) {
   const char* c = static_cast<const char*>(p);
   for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T0);
 }
+// The same into L2 only: for data read soon but not next (a whole adapter site, tens of KB, would flush L1).
+inline void prefetch_l2(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t off = 0; off < bytes; off += 64) _mm_prefetch(c + off, _MM_HINT_T1);
+}
 
 // What every block matmul needs of its activations x [M, *] and outputs y [M, *].
 void check_operands(const at::Tensor& y, const at::Tensor& x) {
@@ -261,14 +266,22 @@ int64_t ranges_length(const std::vector<int64_t>& r, int64_t limit, const char* 
   return total;
 }
 
-RangeArgs prepare_ranges(at::Tensor& y, const at::Tensor& x, int64_t N, int64_t K, const std::vector<int64_t>& rows,
-                         const std::vector<int64_t>& cols, bool accumulate) {
-  check_operands(y, x);
-  check(y.size(1) == N && x.size(1) == K, "x and y must be the full-width [M, K] and [M, N] buffers");
-  check(rows.size() % 2 == 0 && cols.size() % 2 == 0 && !cols.empty(), "ranges are flat (start, end) pairs");
-  RangeArgs a{rows, {0}, {}, {}, y.data_ptr<float>(), y.stride(0), K, accumulate};
-  ranges_length(rows, N, "row ranges out of bounds, unsorted or overlapping");
+// The range arguments over raw buffers; the ranges are checked by the caller (prepare_ranges, or a decode plan
+// once when it is built).
+RangeArgs make_ranges(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t M, int64_t K,
+                      const std::vector<int64_t>& rows, const std::vector<int64_t>& cols, bool accumulate) {
+  RangeArgs a{rows, {0}, {}, {}, y, ldy, K, accumulate};
   for (size_t i = 0; i < a.rows.size(); i += 2) a.row_offsets.push_back(a.row_offsets.back() + a.rows[i + 1] - a.rows[i]);
+  for (size_t i = 0; i < cols.size(); i += 2) {
+    a.xq.push_back(quantize_rows(x + cols[i], ldx, M, cols[i + 1] - cols[i]));
+    a.b0.push_back(cols[i] / kBlock);
+  }
+  return a;
+}
+
+void check_range_lists(int64_t N, int64_t K, const std::vector<int64_t>& rows, const std::vector<int64_t>& cols) {
+  check(rows.size() % 2 == 0 && cols.size() % 2 == 0 && !cols.empty(), "ranges are flat (start, end) pairs");
+  ranges_length(rows, N, "row ranges out of bounds, unsorted or overlapping");
   for (size_t i = 0; i < cols.size(); i += 2) {
     check(0 <= cols[i] && cols[i] < cols[i + 1] && cols[i + 1] <= K, "column range out of bounds or empty");
     check(cols[i] % kBlock == 0, "column ranges must start on a 32-column block");
@@ -276,11 +289,15 @@ RangeArgs prepare_ranges(at::Tensor& y, const at::Tensor& x, int64_t N, int64_t 
     // next range must start on a later block
     check(i == 0 || cols[i] >= (cols[i - 1] + kBlock - 1) / kBlock * kBlock, "column ranges must not share a block");
   }
-  for (size_t i = 0; i < cols.size(); i += 2) {
-    a.xq.push_back(quantize_rows(x.data_ptr<float>() + cols[i], x.stride(0), x.size(0), cols[i + 1] - cols[i]));
-    a.b0.push_back(cols[i] / kBlock);
-  }
-  return a;
+}
+
+RangeArgs prepare_ranges(at::Tensor& y, const at::Tensor& x, int64_t N, int64_t K, const std::vector<int64_t>& rows,
+                         const std::vector<int64_t>& cols, bool accumulate) {
+  check_operands(y, x);
+  check(y.size(1) == N && x.size(1) == K, "x and y must be the full-width [M, K] and [M, N] buffers");
+  check_range_lists(N, K, rows, cols);
+  return make_ranges(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>(), x.stride(0), x.size(0), K, rows, cols,
+                     accumulate);
 }
 
 template <typename W, typename S>
@@ -544,6 +561,12 @@ inline float dot(const float* a, const float* b, int64_t n) {
 // The dot products of u (R floats, R a multiple of 8) with eight consecutive rows of b (R floats each), as one
 // vector: one horizontal-add tree for the eight instead of a horizontal sum each (a LoRA B row is one vector at
 // rank 8, so the per-row sums were most of the adapters' decode time).
+inline __m256 lane_sums(const __m256* p) {  // [sum(p0), ..., sum(p7)] in one vector
+  const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(p[0], p[1]), _mm256_hadd_ps(p[2], p[3]));
+  const __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(p[4], p[5]), _mm256_hadd_ps(p[6], p[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+}
+
 inline __m256 dots8(const float* b, const float* u, int64_t R) {
   __m256 p[8];
   for (int i = 0; i < 8; ++i) {
@@ -551,9 +574,127 @@ inline __m256 dots8(const float* b, const float* u, int64_t R) {
     for (int64_t k = 8; k < R; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(b + i * R + k), _mm256_loadu_ps(u + k), acc);
     p[i] = acc;
   }
-  const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(p[0], p[1]), _mm256_hadd_ps(p[2], p[3]));
-  const __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(p[4], p[5]), _mm256_hadd_ps(p[6], p[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
+  return lane_sums(p);
+}
+
+// u[r] = scale * <a_r, x> for the R rows of a [R, n]: eight rows at a time, each on its own accumulator, so the eight
+// FMA chains overlap (an adapter's A row is a long dot product; one chain at a time was latency-bound).
+void a_products(const float* a, const float* x, int64_t R, int64_t n, float scale, float* u) {
+  int64_t r = 0;
+  for (; r + 8 <= R; r += 8) {
+    __m256 p[8];
+    for (int i = 0; i < 8; ++i) p[i] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= n; k += 8) {
+      const __m256 xv = _mm256_loadu_ps(x + k);
+      for (int i = 0; i < 8; ++i) p[i] = _mm256_fmadd_ps(_mm256_loadu_ps(a + (r + i) * n + k), xv, p[i]);
+    }
+    float sums[8];
+    _mm256_storeu_ps(sums, lane_sums(p));
+    for (int i = 0; i < 8; ++i) {
+      for (int64_t j = k; j < n; ++j) sums[i] += a[(r + i) * n + j] * x[j];
+      u[r + i] = scale * sums[i];
+    }
+  }
+  for (; r < R; ++r) u[r] = scale * dot(a + r * n, x, n);
+}
+
+// Adapters that read one input at one point of a layer, checked once (lora_add: per call; a decode plan: when built).
+struct LoraSet {
+  std::vector<at::Tensor> a, b;
+  std::vector<std::vector<int64_t>> rows;
+  std::vector<int64_t> cols;
+  int64_t n_cols = 0;
+};
+
+LoraSet make_lora_set(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
+                      const std::vector<std::vector<int64_t>>& rows, const std::vector<int64_t>& cols,
+                      int64_t in_width, int64_t out_width) {
+  check(a.size() == b.size() && a.size() == rows.size(), "one A, one B and one row-range list per adapter");
+  LoraSet s{a, b, rows, cols, ranges_length(cols, in_width, "column ranges out of bounds, unsorted or overlapping")};
+  for (size_t i = 0; i < a.size(); ++i) {
+    const int64_t n_rows = ranges_length(rows[i], out_width, "row ranges out of bounds, unsorted or overlapping");
+    check(a[i].scalar_type() == at::kFloat && b[i].scalar_type() == at::kFloat && a[i].is_contiguous() &&
+              b[i].is_contiguous() && a[i].dim() == 2 && b[i].dim() == 2, "A and B must be contiguous 2-D float32");
+    check(a[i].size(1) == s.n_cols && b[i].size(0) == n_rows && b[i].size(1) == a[i].size(0),
+          "A must be [R, total column-range length] and B [total row-range length, R]");
+  }
+  return s;
+}
+
+// out[m, rows_i] += scale * B_i @ (A_i @ x[m, cols]) over raw row-major buffers (see lora_add). At decode the
+// adapters' fp32 weights (5.8 MB a token at level 0.2) come from memory, in many short runs that the hardware
+// prefetcher barely follows: the whole site is requested into L2 first (0.98 -> 0.70 ms a token at level 0.2, Zen 4).
+// Splitting the products over the threads gained nothing measurable (0.70 either way), so they stay on this one.
+void lora_apply(const LoraSet& s, float* op, int64_t ldo, const float* xp, int64_t ldx, int64_t M, float scale) {
+  if (s.a.empty()) return;
+  for (size_t i = 0; i < s.a.size(); ++i) {
+    prefetch_l2(s.a[i].data_ptr<float>(), s.a[i].numel() * sizeof(float));
+    prefetch_l2(s.b[i].data_ptr<float>(), s.b[i].numel() * sizeof(float));
+  }
+  std::vector<float> xg(s.n_cols), u;
+  for (int64_t m = 0; m < M; ++m) {
+    int64_t k = 0;
+    for (size_t c = 0; c < s.cols.size(); c += 2) {  // gather the active inputs once, shared by every adapter
+      std::memcpy(xg.data() + k, xp + m * ldx + s.cols[c], (s.cols[c + 1] - s.cols[c]) * sizeof(float));
+      k += s.cols[c + 1] - s.cols[c];
+    }
+    for (size_t i = 0; i < s.a.size(); ++i) {
+      const int64_t R = s.a[i].size(0);
+      const float* bp = s.b[i].data_ptr<float>();
+      u.resize(R);
+      a_products(s.a[i].data_ptr<float>(), xg.data(), R, s.n_cols, scale, u.data());
+      float* o = op + m * ldo;
+      int64_t j = 0;
+      const std::vector<int64_t>& rows = s.rows[i];
+      for (size_t c = 0; c < rows.size(); c += 2) {
+        int64_t row = rows[c];
+        for (; R % 8 == 0 && row + 8 <= rows[c + 1]; row += 8, j += 8) {
+          _mm256_storeu_ps(o + row, _mm256_add_ps(_mm256_loadu_ps(o + row), dots8(bp + j * R, u.data(), R)));
+        }
+        for (; row < rows[c + 1]; ++row, ++j) o[row] += dot(bp + j * R, u.data(), R);
+      }
+    }
+  }
+}
+
+// y[m] = x[m] / rms(x[m]) * w for M rows of C values (row strides ldx, ldy).
+void rms_norm_rows(float* yp, int64_t ldy, const float* xp, int64_t ldx, int64_t M, int64_t C, const float* wp,
+                   double eps) {
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = xp + m * ldx;
+    float* yr = yp + m * ldy;
+    double ss = 0.0;
+    for (int64_t c = 0; c < C; ++c) ss += static_cast<double>(xr[c]) * xr[c];
+    const float inv = static_cast<float>(1.0 / std::sqrt(ss / C + eps));
+    for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * inv * wp[c];
+  }
+}
+
+// Interleaved RoPE in place on H heads of D values per row (strides ls between rows, hs between heads).
+void rope_rows(float* xp, int64_t ls, int64_t hs, int64_t M, int64_t H, int64_t D, const int64_t* pos,
+               const float* cp, const float* sp, int64_t P) {
+  const int64_t half = D / 2;
+  for (int64_t m = 0; m < M; ++m) {
+    check(0 <= pos[m] && pos[m] < P, "position beyond the RoPE table");
+    const float* c = cp + pos[m] * half;
+    const float* s = sp + pos[m] * half;
+    for (int64_t h = 0; h < H; ++h) {
+      float* v = xp + m * ls + h * hs;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[2 * i], b = v[2 * i + 1];
+        v[2 * i] = a * c[i] - b * s[i];
+        v[2 * i + 1] = a * s[i] + b * c[i];
+      }
+    }
+  }
+}
+
+// out = silu(gate) * up over M rows of F values (out may be gate).
+void silu_mul_rows(float* o, int64_t ldo, const float* g, int64_t ldg, const float* u, int64_t ldu, int64_t M,
+                   int64_t F) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t f = 0; f < F; ++f) o[m * ldo + f] = g[m * ldg + f] / (1.0f + std::exp(-g[m * ldg + f])) * u[m * ldu + f];
 }
 
 }  // namespace
@@ -566,93 +707,30 @@ inline __m256 dots8(const float* b, const float* u, int64_t R) {
 void lora_add(at::Tensor out, const at::Tensor& x, const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
               const std::vector<std::vector<int64_t>>& rows, const std::vector<int64_t>& cols, double scale) {
   check_operands(out, x);
-  check(a.size() == b.size() && a.size() == rows.size(), "one A, one B and one row-range list per adapter");
-  const int64_t M = x.size(0), n_cols = ranges_length(cols, x.size(1), "column ranges out of bounds, unsorted or overlapping");
-  for (size_t i = 0; i < a.size(); ++i) {
-    const int64_t n_rows = ranges_length(rows[i], out.size(1), "row ranges out of bounds, unsorted or overlapping");
-    check(a[i].scalar_type() == at::kFloat && b[i].scalar_type() == at::kFloat && a[i].is_contiguous() &&
-              b[i].is_contiguous() && a[i].dim() == 2 && b[i].dim() == 2, "A and B must be contiguous 2-D float32");
-    check(a[i].size(1) == n_cols && b[i].size(0) == n_rows && b[i].size(1) == a[i].size(0),
-          "A must be [R, total column-range length] and B [total row-range length, R]");
-  }
-  std::vector<float> xg(n_cols), u;
-  const float* xp = x.data_ptr<float>();
-  float* op = out.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    int64_t k = 0;
-    for (size_t c = 0; c < cols.size(); c += 2) {  // gather the active inputs once, shared by every adapter
-      std::memcpy(xg.data() + k, xp + m * x.stride(0) + cols[c], (cols[c + 1] - cols[c]) * sizeof(float));
-      k += cols[c + 1] - cols[c];
-    }
-    for (size_t i = 0; i < a.size(); ++i) {
-      const int64_t R = a[i].size(0);
-      const float* ap = a[i].data_ptr<float>();
-      const float* bp = b[i].data_ptr<float>();
-      u.resize(R);
-      for (int64_t r = 0; r < R; ++r) u[r] = static_cast<float>(scale) * dot(ap + r * n_cols, xg.data(), n_cols);
-      float* o = op + m * out.stride(0);
-      int64_t j = 0;
-      for (size_t c = 0; c < rows[i].size(); c += 2) {
-        int64_t row = rows[i][c];
-        for (; R % 8 == 0 && row + 8 <= rows[i][c + 1]; row += 8, j += 8) {
-          _mm256_storeu_ps(o + row, _mm256_add_ps(_mm256_loadu_ps(o + row), dots8(bp + j * R, u.data(), R)));
-        }
-        for (; row < rows[i][c + 1]; ++row, ++j) o[row] += dot(bp + j * R, u.data(), R);
-      }
-    }
-  }
+  const LoraSet s = make_lora_set(a, b, rows, cols, x.size(1), out.size(1));
+  lora_apply(s, out.data_ptr<float>(), out.stride(0), x.data_ptr<float>(), x.stride(0), x.size(0),
+             static_cast<float>(scale));
 }
 
 // y[m] = x[m] / rms(x[m]) * w ; rows of x and y may be strided, columns contiguous.
 void rms_norm(at::Tensor y, const at::Tensor& x, const at::Tensor& w, double eps) {
   check(x.dim() == 2 && y.sizes() == x.sizes() && x.stride(1) == 1 && y.stride(1) == 1, "rms_norm shapes");
-  const int64_t M = x.size(0), C = x.size(1);
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    const float* xr = xp + m * x.stride(0);
-    float* yr = yp + m * y.stride(0);
-    double ss = 0.0;
-    for (int64_t c = 0; c < C; ++c) ss += static_cast<double>(xr[c]) * xr[c];
-    const float inv = static_cast<float>(1.0 / std::sqrt(ss / C + eps));
-    for (int64_t c = 0; c < C; ++c) yr[c] = xr[c] * inv * wp[c];
-  }
+  rms_norm_rows(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>(), x.stride(0), x.size(0), x.size(1),
+                w.data_ptr<float>(), eps);
 }
 
 // In-place interleaved RoPE on x[M, H, D] (pairs 2i, 2i+1) at the given absolute positions; cos/sin: [P, D/2].
 void rope_(at::Tensor x, const at::Tensor& positions, const at::Tensor& cos, const at::Tensor& sin) {
   check(x.dim() == 3 && x.stride(2) == 1, "rope expects x [M, H, D] with contiguous D");
-  const int64_t M = x.size(0), H = x.size(1), half = x.size(2) / 2, P = cos.size(0);
-  const int64_t* pos = positions.data_ptr<int64_t>();
-  float* xp = x.data_ptr<float>();
-  const float* cp = cos.data_ptr<float>();
-  const float* sp = sin.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) {
-    check(0 <= pos[m] && pos[m] < P, "position beyond the RoPE table");
-    const float* c = cp + pos[m] * half;
-    const float* s = sp + pos[m] * half;
-    for (int64_t h = 0; h < H; ++h) {
-      float* v = xp + m * x.stride(0) + h * x.stride(1);
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = v[2 * i], b = v[2 * i + 1];
-        v[2 * i] = a * c[i] - b * s[i];
-        v[2 * i + 1] = a * s[i] + b * c[i];
-      }
-    }
-  }
+  rope_rows(x.data_ptr<float>(), x.stride(0), x.stride(1), x.size(0), x.size(1), x.size(2),
+            positions.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>(), cos.size(0));
 }
 
 // out[M, F] = silu(gate) * up, all fp32 with contiguous columns; out may be gate itself.
 void silu_mul(at::Tensor out, const at::Tensor& gate, const at::Tensor& up) {
   check(gate.sizes() == up.sizes() && out.sizes() == gate.sizes(), "silu_mul shapes");
-  const int64_t M = gate.size(0), F = gate.size(1);
-  for (int64_t m = 0; m < M; ++m) {
-    const float* g = gate.data_ptr<float>() + m * gate.stride(0);
-    const float* u = up.data_ptr<float>() + m * up.stride(0);
-    float* o = out.data_ptr<float>() + m * out.stride(0);
-    for (int64_t f = 0; f < F; ++f) o[f] = g[f] / (1.0f + std::exp(-g[f])) * u[f];
-  }
+  silu_mul_rows(out.data_ptr<float>(), out.stride(0), gate.data_ptr<float>(), gate.stride(0), up.data_ptr<float>(),
+                up.stride(0), gate.size(0), gate.size(1));
 }
 
 namespace {
@@ -720,38 +798,51 @@ void attend_row(float* out, const float* qv, const KV* k, int64_t ks, const KV* 
   for (int64_t i = 0; i < nv; ++i) _mm256_storeu_ps(out + 8 * i, acc[i]);
 }
 
+// A few query rows' grouped-query attention over raw buffers (see attend): q and out [M, H, D] with row strides
+// qs / os and head strides qh / oh; k and v of G_kv heads (head stride kh, token stride kt; v likewise) over T keys.
+struct AttendArgs {
+  float* out;
+  int64_t os, oh;
+  const float* q;
+  int64_t qs, qh;
+  const void* k;
+  int64_t kh, kt;
+  const void* v;
+  int64_t vh, vt;
+  int64_t M, H, D, T, n_kv;
+  const int64_t* q_pos;
+  const int64_t* k_pos;
+  float scale;
+};
+
 template <typename KV>
-void attend_impl(at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const std::vector<int64_t>& active, const at::Tensor& q_pos, const at::Tensor& k_pos, float scale,
-                 float* prob_sum, float* row_count) {
-  const int64_t M = q.size(0), H = q.size(1), D = q.size(2), T = k.size(1), G = H / k.size(0);
+void attend_impl(const AttendArgs& a, const std::vector<int64_t>& active, float* prob_sum, float* row_count) {
+  const int64_t M = a.M, T = a.T, G = a.H / a.n_kv;
+  const KV* k = static_cast<const KV*>(a.k);
+  const KV* v = static_cast<const KV*>(a.v);
   // One task per (row, active head): 9 tasks for a SmolLM2 decode step keep both cores busy.
   std::vector<std::pair<int64_t, int64_t>> tasks;
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < k.size(0); ++g)
+    for (int64_t g = 0; g < a.n_kv; ++g)
       for (int64_t j = 0; j < active[g]; ++j) tasks.emplace_back(m, g * G + j);
   std::vector<float> probs(tasks.size() * T);
-  const int64_t* qp = q_pos.data_ptr<int64_t>();
-  const int64_t* kp = k_pos.data_ptr<int64_t>();
   std::vector<float> masks(M * T);  // per query row: 0 for a visible key, -inf for one after the query
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t t = 0; t < T; ++t) masks[m * T + t] = kp[t] > qp[m] ? -INFINITY : 0.0f;
+    for (int64_t t = 0; t < T; ++t) masks[m * T + t] = a.k_pos[t] > a.q_pos[m] ? -INFINITY : 0.0f;
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const auto [m, h] = tasks[i];
       const int64_t g = h / G;
-      attend_row<KV>(out.data_ptr<float>() + m * out.stride(0) + h * out.stride(1),
-                     q.data_ptr<float>() + m * q.stride(0) + h * q.stride(1), k.data_ptr<KV>() + g * k.stride(0),
-                     k.stride(1), v.data_ptr<KV>() + g * v.stride(0), v.stride(1), T, D, masks.data() + m * T,
-                     scale, probs.data() + i * T);
+      attend_row<KV>(a.out + m * a.os + h * a.oh, a.q + m * a.qs + h * a.qh, k + g * a.kh, a.kt, v + g * a.vh, a.vt,
+                     T, a.D, masks.data() + m * T, a.scale, probs.data() + i * T);
     }
   });
   if (prob_sum == nullptr) return;
   for (size_t i = 0; i < tasks.size(); ++i) {
     const float* pr = probs.data() + i * T;
-    const int64_t qpos = qp[tasks[i].first];
+    const int64_t qpos = a.q_pos[tasks[i].first];
     for (int64_t t = 0; t < T; ++t) {
-      if (kp[t] > qpos) continue;
+      if (a.k_pos[t] > qpos) continue;
       prob_sum[t] += pr[t];
       row_count[t] += 1.0f;
     }
@@ -791,11 +882,241 @@ void attend(at::Tensor out, const at::Tensor& q, const at::Tensor& kv, const std
     ps = prob_sum->data_ptr<float>();
     rc = row_count->data_ptr<float>();
   }
+  const AttendArgs args{out.data_ptr<float>(), out.stride(0), out.stride(1), q.data_ptr<float>(), q.stride(0),
+                        q.stride(1), k.data_ptr(), k.stride(0), k.stride(1), v.data_ptr(), v.stride(0), v.stride(1),
+                        q.size(0), q.size(1), q.size(2), k.size(1), k.size(0), q_pos.data_ptr<int64_t>(),
+                        k_pos.data_ptr<int64_t>(), static_cast<float>(scale)};
   if (k.scalar_type() == at::kFloat) {
-    attend_impl<float>(out, q, k, v, active, q_pos, k_pos, static_cast<float>(scale), ps, rc);
+    attend_impl<float>(args, active, ps, rc);
   } else {
     check(k.scalar_type() == at::kHalf, "k and v must be float32 or float16");
-    attend_impl<at::Half>(out, q, k, v, active, q_pos, k_pos, static_cast<float>(scale), ps, rc);
+    attend_impl<at::Half>(args, active, ps, rc);
+  }
+}
+
+// ---- The decode step: a few rows through every layer in one call -----------------------------------------------
+//
+// The same kernels as the calls above, in the order of model/transformer.py's Transformer._layer, with no Python
+// between them. Called one by one, the ~15 kernels of a layer cost about as much again in Python, argument
+// conversion and thread hand-off as in arithmetic at decode (1.3-1.6 ms of a 6 ms token, Zen 4), and a sub-model's
+// adapters added four calls a layer more. Bit-identical to the per-kernel path (tests/test_decode_step.py).
+
+namespace {
+
+// One block-stored weight matrix (model/linear.py: Linear.blocks): Q4 (uint8 codes, scales and mins fp16 or fp32) or
+// Q8 (int8 codes, fp16 scales).
+struct BlockMat {
+  at::Tensor qs, d, mn;
+  int64_t N = 0, K = 0;
+};
+
+BlockMat block_mat(const at::Tensor& qs, const at::Tensor& d, const c10::optional<at::Tensor>& mn) {
+  check(qs.dim() == 2 && qs.is_contiguous() && d.is_contiguous(), "weight blocks must be contiguous [N, *]");
+  const bool q4 = qs.scalar_type() == at::kByte;
+  if (q4) {
+    check(mn.has_value() && mn->scalar_type() == d.scalar_type() && mn->is_contiguous(),
+          "Q4 blocks need contiguous mins of the scales' dtype");
+    check(d.scalar_type() == at::kHalf || d.scalar_type() == at::kFloat, "Q4 scales must be float16 or float32");
+  } else {
+    check(qs.scalar_type() == at::kChar && d.scalar_type() == at::kHalf, "Q8 blocks: int8 codes and float16 scales");
+  }
+  const int64_t K = q4 ? qs.size(1) * 2 : qs.size(1);
+  check(d.dim() == 2 && d.size(0) == qs.size(0) && d.size(1) * kBlock == K, "one scale per 32-weight block");
+  return BlockMat{qs, d, q4 ? *mn : at::Tensor(), qs.size(0), K};
+}
+
+template <typename F>
+void with_blocks(const BlockMat& w, F&& f) {
+  if (w.qs.scalar_type() == at::kChar) {
+    f(w.qs.data_ptr<int8_t>(), w.d.data_ptr<at::Half>(), static_cast<const at::Half*>(nullptr));
+  } else if (w.d.scalar_type() == at::kHalf) {
+    f(w.qs.data_ptr<uint8_t>(), w.d.data_ptr<at::Half>(), w.mn.data_ptr<at::Half>());
+  } else {
+    f(w.qs.data_ptr<uint8_t>(), w.d.data_ptr<float>(), w.mn.data_ptr<float>());
+  }
+}
+
+// y[m, r - r0] (+)= W[r, c0:c1] . x[m, :c1-c0] for r in [r0, r1): q4_matmul / q8_matmul over raw buffers.
+void mat_rows(const BlockMat& w, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t M, int64_t r0,
+              int64_t r1, int64_t c0, int64_t c1, bool accumulate) {
+  const MatmulArgs a{y, ldy, r0, c0 / kBlock, (c1 - c0 + kBlock - 1) / kBlock, w.K, accumulate};
+  const QuantizedRows xq = quantize_rows(x, ldx, M, c1 - c0);
+  with_blocks(w, [&](auto* q, auto* sc, auto* mn) { matmul_rows(a, xq, q, sc, mn, r0, r1); });
+}
+
+// q4_matmul_ranges / q8_matmul_ranges over raw full-width buffers (ranges checked when the plan was built).
+void mat_ranges(const BlockMat& w, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t M,
+                const std::vector<int64_t>& rows, const std::vector<int64_t>& cols, bool accumulate) {
+  const RangeArgs a = make_ranges(y, ldy, x, ldx, M, w.K, rows, cols, accumulate);
+  with_blocks(w, [&](auto* q, auto* sc, auto* mn) { matmul_ranges(a, q, sc, mn); });
+}
+
+// One layer of a (sub-)model as the decode step runs it, checked once when built (the transformer caches one per
+// layer, width and adapter).
+struct LayerStep {
+  int64_t d_model, n_heads, n_kv_heads, head_dim, ffn_dim;
+  at::Tensor attn_norm, ffn_norm;
+  BlockMat qkv, o, gate_up, down;
+  bool sliced;                    // some query heads are inactive: qkv and o run on ranges
+  std::vector<int64_t> qkv_rows;  // if sliced, rows of qkv: the active heads' q rows, then k and v (flat, joined)
+  std::vector<int64_t> heads;     // if sliced, columns of o (the active heads' outputs; may be none), flat
+  std::vector<int64_t> active;    // active query heads per KV group
+  int64_t kept;                   // FFN neurons kept (a prefix)
+  std::vector<LoraSet> lora;      // the adapter sites qkv, o, gate_up, down (a site may hold no adapter)
+  float lora_scale;
+};
+
+using LoraSiteArgs = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<std::vector<int64_t>>,
+                                std::vector<int64_t>>;
+
+std::shared_ptr<LayerStep> make_layer_step(
+    std::vector<int64_t> dims, const at::Tensor& attn_norm, const at::Tensor& ffn_norm,
+    const std::vector<std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>>>& mats,
+    bool sliced, std::vector<int64_t> qkv_rows, std::vector<int64_t> heads, std::vector<int64_t> active, int64_t kept,
+    const std::vector<LoraSiteArgs>& lora, double lora_scale) {
+  check(dims.size() == 5, "dims: d_model, n_heads, n_kv_heads, head_dim, ffn_dim");
+  auto s = std::make_shared<LayerStep>();
+  s->d_model = dims[0], s->n_heads = dims[1], s->n_kv_heads = dims[2], s->head_dim = dims[3], s->ffn_dim = dims[4];
+  const int64_t d = s->d_model, q_dim = s->n_heads * s->head_dim, kv_dim = s->n_kv_heads * s->head_dim,
+                F = s->ffn_dim;
+  check(s->n_kv_heads > 0 && s->n_heads % s->n_kv_heads == 0, "query heads must split evenly over KV heads");
+  check(s->head_dim % 8 == 0 && s->head_dim <= 128 && d % kBlock == 0, "head_dim must be 8k <= 128, d_model 32k");
+  for (const at::Tensor* w : {&attn_norm, &ffn_norm})
+    check(w->scalar_type() == at::kFloat && w->is_contiguous() && w->numel() == d, "norm weights: float32 [d_model]");
+  s->attn_norm = attn_norm, s->ffn_norm = ffn_norm;
+  check(mats.size() == 4, "four matrices: qkv, o, gate_up, down");
+  BlockMat* out[4] = {&s->qkv, &s->o, &s->gate_up, &s->down};
+  const int64_t shapes[4][2] = {{q_dim + 2 * kv_dim, d}, {d, q_dim}, {2 * F, d}, {d, F}};
+  for (int i = 0; i < 4; ++i) {
+    *out[i] = block_mat(std::get<0>(mats[i]), std::get<1>(mats[i]), std::get<2>(mats[i]));
+    check(out[i]->N == shapes[i][0] && out[i]->K == shapes[i][1], "a weight matrix has the wrong shape");
+  }
+  if (sliced) {
+    check_range_lists(q_dim + 2 * kv_dim, d, qkv_rows, {0, d});
+    if (!heads.empty()) check_range_lists(d, q_dim, {0, d}, heads);
+  }
+  check(static_cast<int64_t>(active.size()) == s->n_kv_heads, "one active-head count per KV head");
+  for (int64_t a : active) check(0 <= a && a <= s->n_heads / s->n_kv_heads, "active head count out of range");
+  check(0 <= kept && kept <= F, "kept FFN neurons out of range");
+  s->sliced = sliced, s->qkv_rows = std::move(qkv_rows), s->heads = std::move(heads), s->active = std::move(active), s->kept = kept;
+  check(lora.empty() || lora.size() == 4, "adapter sites: none, or qkv, o, gate_up and down");
+  const int64_t site_io[4][2] = {{d, q_dim + 2 * kv_dim}, {q_dim, d}, {d, 2 * F}, {F, d}};  // (input, output) widths
+  for (size_t i = 0; i < lora.size(); ++i) {
+    const auto& [a, b, rows, cols] = lora[i];
+    s->lora.push_back(make_lora_set(a, b, rows, cols, site_io[i][0], site_io[i][1]));
+  }
+  s->lora_scale = static_cast<float>(lora_scale);
+  return s;
+}
+
+}  // namespace
+
+// Layers steps[0..L) of a forward over M <= 8 rows: h [M, d_model] fp32, updated in place; positions [M] and
+// key_positions [T] int64; stores[l] the layer's KV [2, n_kv_heads, capacity, head_dim] (fp16 or fp32, contiguous),
+// the new rows written at slots [start, start + M) and attention over slots [0, T) (a dense cache's slot order);
+// cos / sin the RoPE tables [P, head_dim / 2]; prob_sum / row_count ([T] fp32) accumulate attention statistics.
+void decode_layers(const std::vector<std::shared_ptr<LayerStep>>& steps, at::Tensor h, const at::Tensor& positions,
+                   const at::Tensor& key_positions, const std::vector<at::Tensor>& stores, int64_t start,
+                   const at::Tensor& cos, const at::Tensor& sin, double scale, double eps,
+                   c10::optional<at::Tensor> prob_sum, c10::optional<at::Tensor> row_count) {
+  check(steps.size() == stores.size(), "one KV store per layer step");
+  if (steps.empty()) return;
+  const LayerStep& s0 = *steps[0];
+  const int64_t d = s0.d_model, H = s0.n_heads, Hkv = s0.n_kv_heads, D = s0.head_dim, F = s0.ffn_dim;
+  const int64_t q_dim = H * D, kv_dim = Hkv * D, QKV = q_dim + 2 * kv_dim;
+  check(h.scalar_type() == at::kFloat && h.dim() == 2 && h.size(1) == d && h.is_contiguous(),
+        "h must be contiguous float32 [M, d_model]");
+  const int64_t M = h.size(0), T = key_positions.numel();
+  check(M >= 1 && M <= 8, "the decode step takes 1 to 8 rows");
+  check(positions.scalar_type() == at::kLong && key_positions.scalar_type() == at::kLong &&
+            positions.is_contiguous() && key_positions.is_contiguous() && positions.numel() == M,
+        "positions must be contiguous int64, one per row");
+  check(0 <= start && start + M <= T, "the new rows' slots must lie among the attended ones");
+  check(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+            sin.is_contiguous() && cos.size(1) == D / 2 && sin.sizes() == cos.sizes(), "RoPE tables [P, D/2] float32");
+  check(prob_sum.has_value() == row_count.has_value(), "prob_sum and row_count go together");
+  float* ps = nullptr;
+  float* rc = nullptr;
+  if (prob_sum.has_value()) {
+    check(prob_sum->numel() == T && row_count->numel() == T && prob_sum->is_contiguous() && row_count->is_contiguous() &&
+              prob_sum->scalar_type() == at::kFloat && row_count->scalar_type() == at::kFloat,
+          "stats must be contiguous float32 [T]");
+    ps = prob_sum->data_ptr<float>();
+    rc = row_count->data_ptr<float>();
+  }
+  for (size_t l = 0; l < steps.size(); ++l) {
+    const LayerStep& st = *steps[l];
+    check(st.d_model == d && st.n_heads == H && st.n_kv_heads == Hkv && st.head_dim == D && st.ffn_dim == F,
+          "every layer step must have the same shape");
+    const at::Tensor& kv = stores[l];
+    check(kv.dim() == 4 && kv.size(0) == 2 && kv.size(1) == Hkv && kv.size(3) == D && kv.size(2) >= T &&
+              kv.is_contiguous() && (kv.scalar_type() == at::kHalf || kv.scalar_type() == at::kFloat),
+          "a KV store must be contiguous [2, n_kv_heads, capacity >= T, head_dim], float16 or float32");
+  }
+  std::vector<float> x(M * d), qkv(M * QKV), attn(M * q_dim), gu(M * 2 * F);
+  float* hp = h.data_ptr<float>();
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  const int64_t* kpos = key_positions.data_ptr<int64_t>();
+  const std::vector<int64_t> all_cols{0, d};
+  const auto adapt = [&](const LayerStep& st, int site, float* out, int64_t ldo, const float* in, int64_t ldi) {
+    if (site < static_cast<int>(st.lora.size()) && !st.lora[site].a.empty())
+      lora_apply(st.lora[site], out, ldo, in, ldi, M, st.lora_scale);
+  };
+  for (size_t l = 0; l < steps.size(); ++l) {
+    const LayerStep& st = *steps[l];
+    rms_norm_rows(x.data(), d, hp, d, M, d, st.attn_norm.data_ptr<float>(), eps);
+    if (!st.sliced) {
+      mat_rows(st.qkv, qkv.data(), QKV, x.data(), d, M, 0, QKV, 0, d, false);
+    } else {
+      mat_ranges(st.qkv, qkv.data(), QKV, x.data(), d, M, st.qkv_rows, all_cols, false);
+    }
+    adapt(st, 0, qkv.data(), QKV, x.data(), d);
+    rope_rows(qkv.data(), QKV, D, M, H, D, pos, cos.data_ptr<float>(), sin.data_ptr<float>(), cos.size(0));
+    rope_rows(qkv.data() + q_dim, QKV, D, M, Hkv, D, pos, cos.data_ptr<float>(), sin.data_ptr<float>(), cos.size(0));
+    const at::Tensor& store = stores[l];
+    const int64_t cap = store.size(2);
+    for (int64_t part = 0; part < 2; ++part) {  // keys, then values, into slots [start, start + M)
+      for (int64_t g = 0; g < Hkv; ++g) {
+        for (int64_t m = 0; m < M; ++m) {
+          const float* src = qkv.data() + m * QKV + q_dim + part * kv_dim + g * D;
+          const int64_t off = ((part * Hkv + g) * cap + start + m) * D;
+          if (store.scalar_type() == at::kHalf) {
+            at::Half* dst = store.data_ptr<at::Half>() + off;
+            for (int64_t i = 0; i < D; ++i) dst[i] = at::Half(src[i]);
+          } else {
+            std::memcpy(store.data_ptr<float>() + off, src, D * sizeof(float));
+          }
+        }
+      }
+    }
+    const int64_t vs = Hkv * cap * D;  // values follow keys
+    const AttendArgs args{attn.data(), q_dim, D, qkv.data(), QKV, D, nullptr, cap * D, D, nullptr, cap * D, D,
+                          M, H, D, T, Hkv, pos, kpos, static_cast<float>(scale)};
+    AttendArgs a = args;
+    if (store.scalar_type() == at::kHalf) {
+      a.k = store.data_ptr<at::Half>(), a.v = store.data_ptr<at::Half>() + vs;
+      attend_impl<at::Half>(a, st.active, ps, rc);
+    } else {
+      a.k = store.data_ptr<float>(), a.v = store.data_ptr<float>() + vs;
+      attend_impl<float>(a, st.active, ps, rc);
+    }
+    if (!st.sliced) {
+      mat_rows(st.o, hp, d, attn.data(), q_dim, M, 0, d, 0, q_dim, true);
+    } else if (!st.heads.empty()) {
+      mat_ranges(st.o, hp, d, attn.data(), q_dim, M, all_cols, st.heads, true);
+    }
+    adapt(st, 1, hp, d, attn.data(), q_dim);
+    rms_norm_rows(x.data(), d, hp, d, M, d, st.ffn_norm.data_ptr<float>(), eps);
+    if (st.kept == 0) continue;
+    if (st.kept == F) {
+      mat_rows(st.gate_up, gu.data(), 2 * F, x.data(), d, M, 0, 2 * F, 0, d, false);
+    } else {
+      mat_ranges(st.gate_up, gu.data(), 2 * F, x.data(), d, M, {0, st.kept, F, F + st.kept}, all_cols, false);
+    }
+    adapt(st, 2, gu.data(), 2 * F, x.data(), d);
+    silu_mul_rows(gu.data(), 2 * F, gu.data(), 2 * F, gu.data() + F, 2 * F, M, st.kept);
+    mat_rows(st.down, hp, d, gu.data(), 2 * F, M, 0, d, 0, st.kept, true);
+    adapt(st, 3, hp, d, gu.data(), 2 * F);
   }
 }
 
@@ -1207,4 +1528,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kv_decode_isa", &kv_decode_isa);
   m.def("set_kv_decode_isa", &set_kv_decode_isa);
   m.def("land_pieces", &land_pieces, release());
+  pybind11::class_<LayerStep, std::shared_ptr<LayerStep>>(m, "LayerStep");
+  m.def("make_layer_step", &make_layer_step);
+  m.def("decode_layers", &decode_layers, release());
 }
