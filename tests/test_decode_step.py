@@ -76,11 +76,13 @@ def test_the_whole_model_decodes_the_same_bits_in_one_call(smollm, kernels):
     _assert_same(_decode(model, False, None, None, 1, 4, False), _decode(model, True, None, None, 1, 4, False))
 
 
-@pytest.mark.parametrize("rows, stats", [(1, False), (3, True)])
-def test_a_sub_model_with_adapters_decodes_the_same_bits_in_one_call(smollm, kernels, rows, stats):
+@pytest.mark.parametrize("rows, stats, served", [(1, False, True), (3, True, True), (1, False, False)])
+def test_a_sub_model_with_adapters_decodes_the_same_bits_in_one_call(smollm, kernels, rows, stats, served):
+    """Adapters as served (fp16) and as trained (fp32)."""
     model = smollm.model
     widths = _pruned(model.config)
     lora = _adapter(model.config, widths)
+    lora = lora.served() if served else lora
     assert model._decode_steps(widths, lora) is not None
     ours = _decode(model, True, widths, lora, rows, 3, stats)
     _assert_same(_decode(model, False, widths, lora, rows, 3, stats), ours)

@@ -163,3 +163,22 @@ def test_a_query_over_one_window_is_cut_for_the_tiny_lm_and_the_context_still_sc
     windows = build_windows(tok, 2, 5, "some context words", query)
     assert len(windows[0].ids) == MAX_TOKENS and all(s is None for s in windows[0].context_offsets)
     assert [s for w in windows for s in w.context_offsets if s is not None] == tok.encode("some context words")[1]
+
+
+def test_the_served_pass_is_the_forward_and_close_to_it_in_bf16(encoder: BertEncoder, tok: DualHeadTokenizer) -> None:
+    """serve() is the forward without autograd (keep scores of every window, the decision of the first); with
+    serve_bf16 (CPUs whose LLM prefill runs bf16) its matmuls run in bf16 and its outputs stay within a few percent of
+    their range."""
+    model = DualHeadTLM(encoder).eval()
+    ids, mask = _batch(tok)
+    with torch.no_grad():
+        keep, p_logits, m_logits = model(ids, mask)
+    served = model.serve(ids, mask)
+    assert torch.equal(served[0], keep[..., 1])
+    # the decision branch runs on the first window alone, not in a batch of two: equal up to summation order
+    assert torch.allclose(served[1], p_logits[0], atol=1e-5) and torch.allclose(served[2], m_logits[0], atol=1e-5)
+    model.serve_bf16 = True
+    fast = model.serve(ids, mask)
+    assert all(t.dtype == torch.float32 for t in fast)
+    for a, b in zip(fast, served, strict=True):
+        assert (a - b).abs().max().item() <= 0.05 * b.abs().max().item()

@@ -141,6 +141,20 @@ def test_lora_add_matches_reference(kernels, m):
         kernels.lora_add(out, x, [adapters[0][0]], [adapters[0][1]], [[0, 5, 60, 67]], [0, 10, 20, 50], scale)
 
 
+def test_lora_add_reads_fp16_adapters_as_served(kernels):
+    """A served adapter is stored as fp16: the kernel widens each value, so it adds what fp32 arithmetic on the
+    rounded weights gives; adapters of mixed dtypes are refused."""
+    x, scale = torch.randn(2, 64), 0.5
+    a, b = torch.randn(8, 64).half(), torch.randn(19, 8).half()  # 19 rows: two blocks of eight, then three alone
+    out = torch.zeros(2, 40)
+    kernels.lora_add(out, x, [a], [b], [[0, 10, 25, 34]], [0, 64], scale)
+    ref = torch.zeros(2, 40)
+    ref[:, torch.cat([torch.arange(0, 10), torch.arange(25, 34)])] = scale * (x @ a.float().T) @ b.float().T
+    assert (out - ref).abs().max().item() < 1e-4
+    with pytest.raises(RuntimeError, match="all float32 or all float16"):
+        kernels.lora_add(out, x, [a, a.float()], [b, b], [[0, 10, 25, 34], [0, 19]], [0, 64], scale)
+
+
 def _attention_reference(q, k, v, active, q_pos, k_pos):
     group = q.shape[1] // k.shape[0]
     kr, vr = k.float().repeat_interleave(group, 0), v.float().repeat_interleave(group, 0)

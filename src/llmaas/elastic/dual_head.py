@@ -78,6 +78,10 @@ class DualHeadTLM(nn.Module):
         self.decision_layers = copy.deepcopy(upper).requires_grad_(True)
         self.p_head = nn.Linear(c.hidden_size, NUM_P_CLASSES)
         self.m_head = nn.Linear(c.hidden_size, NUM_M_CLASSES)
+        # Serving only (serve): matmuls in bf16 under autocast, set where the LLM's prefill runs bf16 (a CPU
+        # with AVX-512 BF16): 1.6-1.7x faster here (Zen 4: 71 -> 45 ms at 300 tokens), and its time counts toward
+        # every elastic request's TTFT. Outputs move by ~1% of their range. Training stays fp32.
+        self.serve_bf16 = False
 
     def trainable_modules(self) -> dict[str, nn.Module]:
         """What training changes and a file stores; everything else is the pretrained encoder."""
@@ -110,6 +114,16 @@ class DualHeadTLM(nn.Module):
             h = layer(h, key_mask)
         pooled = mean_pool(h, mask)
         return self.p_head(pooled), self.m_head(pooled)
+
+    @torch.inference_mode()
+    def serve(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A request's windows as served: (keep scores [windows, tokens] from the score branch on every window, p- and
+        m-logits [10], [9] from the decision branch on the first), fp32, in bf16 matmuls when serve_bf16."""
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.serve_bf16):
+            h = self.shared(ids, mask)
+            keep = self.score(h, mask)[..., 1]  # the class-1 logit is the keep score
+            p_logits, m_logits = self.decide(h[:1], mask[:1])
+        return keep.float(), p_logits[0].float(), m_logits[0].float()
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One window: (token keep-logits [b, t, 2], p-logits [b, 10], m-logits [b, 9])."""
@@ -197,16 +211,14 @@ def run_dual_head(model: DualHeadTLM, tok: DualHeadTokenizer, prefill: int, deco
     the first only. Scores reach words through character offsets (prompt/words.py), never through LLM positions."""
     windows = build_windows(tok, prefill, decode, context, query)
     ids, mask = pad_batch([w.ids for w in windows], model.config.pad_token_id)
-    h = model.shared(ids, mask)
-    keep = model.score(h, mask)[..., 1]  # [windows, tokens]: the class-1 logit is the keep score
-    p_logits, m_logits = model.decide(h[:1], mask[:1])
+    keep, p_logits, m_logits = model.serve(ids, mask)
     offsets, scores = [], []
     for i, w in enumerate(windows):
         for j, span in enumerate(w.context_offsets):
             if span is not None:
                 offsets.append(span)
                 scores.append(float(keep[i, j]))
-    return DualHeadOutput(word_scores(split_words(context), offsets, scores), p_logits[0], m_logits[0])
+    return DualHeadOutput(word_scores(split_words(context), offsets, scores), p_logits, m_logits)
 
 
 def encoder_fingerprint(folder: Path) -> str:

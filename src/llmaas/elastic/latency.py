@@ -28,6 +28,7 @@ from llmaas.elastic.model_levels import MODEL_LEVELS, model_level_name
 from llmaas.elastic.slo import Config, Feasible, kept_context_tokens
 from llmaas.kv.dense import DenseKVCache
 from llmaas.kv.spec import KVSpec
+from llmaas.model.linear import BF16
 from llmaas.model.lora import ModelLora
 from llmaas.model.transformer import Transformer
 from llmaas.model.widths import ModelWidths
@@ -136,7 +137,7 @@ def profile_levels(elastic: ElasticModel, config: LatencyConfig | None = None, l
         row["proxy"] = m / 10
         row["tpot_proxy_error"] = row["tpot_fraction"] - m / 10
         row["ttft_proxy_error"] = {n: f - m / 10 for n, f in row["ttft_fraction"].items()}
-    tlm = tlm_latency(config.runs, config.tlm_tokens)
+    tlm = tlm_latency(config.runs, config.tlm_tokens, elastic.loaded.gemm == BF16)
     log("  tiny LM (dual head, one window): " + ", ".join(f"{n}: {t * 1e3:.0f} ms" for n, t in tlm.items()))
     switch = switch_s(elastic.view)
     median_ttft = statistics.median(t for r in rows.values() for t in r["ttft_s"].values())
@@ -147,14 +148,15 @@ def profile_levels(elastic: ElasticModel, config: LatencyConfig | None = None, l
 
 
 @torch.inference_mode()
-def tlm_latency(runs: int, lengths: tuple[int, ...] = TLM_TOKENS) -> dict[str, float]:
-    """Median time of the dual-head tiny LM's forward over one window of n tokens (both branches: what a request
-    pays before the LLM starts), after one warm-up. Trained weights do not change it, so the pretrained encoder
-    with fresh heads stands in."""
+def tlm_latency(runs: int, lengths: tuple[int, ...] = TLM_TOKENS, bf16: bool = False) -> dict[str, float]:
+    """Median time of the dual-head tiny LM's pass over one window of n tokens, as served (DualHeadTLM.serve: both
+    branches, no autograd, bf16 matmuls where the LLM's prefill is bf16): what a request pays before the LLM starts.
+    After one warm-up. Trained weights do not change it, so the pretrained encoder with fresh heads stands in."""
     from llmaas.elastic.dual_head import DualHeadTLM
     from llmaas.paths import tiny_lm_dir
     from llmaas.tlm.encoder import BertEncoder
     model = DualHeadTLM(BertEncoder.load(tiny_lm_dir())).eval()
+    model.serve_bf16 = bf16
     out = {}
     for n in lengths:
         ids = torch.randint(0, model.base_vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
@@ -162,7 +164,7 @@ def tlm_latency(runs: int, lengths: tuple[int, ...] = TLM_TOKENS) -> dict[str, f
         times = []
         for _ in range(runs + 1):
             t0 = time.perf_counter()
-            model(ids, mask)
+            model.serve(ids, mask)
             times.append(time.perf_counter() - t0)
         out[str(n)] = statistics.median(times[1:])
     return out

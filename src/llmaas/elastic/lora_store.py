@@ -41,11 +41,11 @@ def adapter_record(directory: Path, level10: int) -> dict | None:
 
 def load_adapter(directory: Path, level10: int, config: ModelConfig,
                  widths: ModelWidths) -> tuple[ModelLora, dict] | None:
-    """The level's adapter and its training record, or None if none is trained; a file that does not fit the
-    widths is refused."""
+    """The level's adapter as served (fp16, ModelLora.served) and its training record, or None if none is trained; a
+    file that does not fit the widths is refused."""
     record = adapter_record(directory, level10)
     if record is None:
         return None
     lora = ModelLora.from_tensors(load_file(str(adapter_path(directory, level10))), widths, record["scale"])
     lora.check(config)
-    return lora, record
+    return lora.served(), record

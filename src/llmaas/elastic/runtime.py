@@ -44,6 +44,7 @@ from llmaas.elastic.slo import (
 )
 from llmaas.engine.generate import Generator
 from llmaas.errors import ElasticUnavailableError, SloUnreachableError
+from llmaas.model.linear import BF16
 from llmaas.model.loader import LoadedModel
 from llmaas.prompt.compress import Compressed, compress
 from llmaas.tlm.encoder import BertEncoder
@@ -136,6 +137,7 @@ class ElasticRuntime:
         folder = tiny_lm_dir()
         tlm = DualHeadTLM(BertEncoder.load(folder))
         load_heads(tlm, default_heads_path(directory), encoder_fingerprint(folder))
+        tlm.serve_bf16 = loaded.gemm == BF16  # as the latency table measured it (latency.tlm_latency)
         tok = DualHeadTokenizer(folder / "tokenizer.json", tlm.base_vocab_size)
         return cls(ElasticModel(loaded, artifact, adapters, directory, records), tlm, tok,
                    LatencyTable.load(directory, loaded.gemm))

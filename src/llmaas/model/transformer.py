@@ -6,7 +6,9 @@ states (so a restore can sync with IO per layer), fills AttentionStats when aske
 sub-models as active widths (prefixes of query heads per KV group and of FFN neurons; zero-copy weight views) with
 optional unmerged LoRA deltas (model/lora.py) on the seven projections.
 Two execution paths share one layer structure: up to SMALL_BATCH_ROWS rows (decode) use the native block kernels;
-larger batches (prefill, recompute) use fp32 GEMM and PyTorch attention.
+larger batches (prefill, recompute) use fp32 GEMM and PyTorch attention. On a dense cache's slots the decode path runs
+every layer in one native call (kernels.cpp: decode_layers) over per-layer plans built once per width and adapter;
+it computes the same bits as calling the kernels one at a time (`_layer`), which other views still do.
 """
 
 from __future__ import annotations

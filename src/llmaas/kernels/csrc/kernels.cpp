@@ -169,10 +169,11 @@ inline __m256i lane_sums(const __m256i* p) {
   const __m256i cd = _mm256_hadd_epi32(_mm256_hadd_epi32(p[4], p[5]), _mm256_hadd_epi32(p[6], p[7]));
   return _mm256_add_epi32(_mm256_permute2x128_si256(ab, cd, 0x20), _mm256_permute2x128_si256(ab, cd, 0x31));
 }
-inline __m256 load8_scales(const at::Half* p) {
+// Eight consecutive values as fp32, from fp32 or fp16 storage.
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const at::Half* p) {
   return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 }
-inline __m256 load8_scales(const float* p) { return _mm256_loadu_ps(p); }
 
 // One output: sum over blocks b of scale[b] * xscale[b] * <q_b, xq_b> (+ min[b] * xsum[b] for Q4, mins != null).
 // Eight blocks at a time, so the per-block scaling is one vector multiply per eight blocks instead of scalar work
@@ -186,8 +187,8 @@ float row_dot(const W* q, const S* scales, const S* mins, const int16_t* x, cons
     __m256i p[8];
     for (int j = 0; j < 8; ++j) p[j] = dot_block(q + (b + j) * block_bytes(q), x + (b + j) * kBlock);
     const __m256 sums = _mm256_cvtepi32_ps(lane_sums(p));
-    acc = _mm256_fmadd_ps(sums, _mm256_mul_ps(load8_scales(scales + b), _mm256_loadu_ps(xscale + b)), acc);
-    if (mins != nullptr) acc = _mm256_fmadd_ps(load8_scales(mins + b), _mm256_loadu_ps(xsum + b), acc);
+    acc = _mm256_fmadd_ps(sums, _mm256_mul_ps(load8(scales + b), _mm256_loadu_ps(xscale + b)), acc);
+    if (mins != nullptr) acc = _mm256_fmadd_ps(load8(mins + b), _mm256_loadu_ps(xsum + b), acc);
   }
   // The last nb % 8 blocks (all of them for a sub-model's few-head column ranges) scale lane-wise into the same
   // accumulator, so the row still ends in one horizontal sum.
@@ -549,29 +550,32 @@ void q8_matmul_ranges(at::Tensor y, const at::Tensor& x, const at::Tensor& qs, c
 
 namespace {
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// <a, b> for n values, a stored as fp32 or fp16 (an adapter's weights), b fp32.
+template <typename T>
+inline float dot(const T* a, const float* b, int64_t n) {
   __m256 acc = _mm256_setzero_ps();
   int64_t j = 0;
-  for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+  for (; j + 8 <= n; j += 8) acc = _mm256_fmadd_ps(load8(a + j), _mm256_loadu_ps(b + j), acc);
   float total = hsum(acc);
-  for (; j < n; ++j) total += a[j] * b[j];
+  for (; j < n; ++j) total += static_cast<float>(a[j]) * b[j];
   return total;
 }
 
-// The dot products of u (R floats, R a multiple of 8) with eight consecutive rows of b (R floats each), as one
-// vector: one horizontal-add tree for the eight instead of a horizontal sum each (a LoRA B row is one vector at
-// rank 8, so the per-row sums were most of the adapters' decode time).
 inline __m256 lane_sums(const __m256* p) {  // [sum(p0), ..., sum(p7)] in one vector
   const __m256 ab = _mm256_hadd_ps(_mm256_hadd_ps(p[0], p[1]), _mm256_hadd_ps(p[2], p[3]));
   const __m256 cd = _mm256_hadd_ps(_mm256_hadd_ps(p[4], p[5]), _mm256_hadd_ps(p[6], p[7]));
   return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
 }
 
-inline __m256 dots8(const float* b, const float* u, int64_t R) {
+// The dot products of u (R floats, R a multiple of 8) with eight consecutive rows of b (R values each), as one
+// vector: one horizontal-add tree for the eight instead of a horizontal sum each (a LoRA B row is one vector at
+// rank 8, so the per-row sums were most of the adapters' decode time).
+template <typename T>
+inline __m256 dots8(const T* b, const float* u, int64_t R) {
   __m256 p[8];
   for (int i = 0; i < 8; ++i) {
-    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(b + i * R), _mm256_loadu_ps(u));
-    for (int64_t k = 8; k < R; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(b + i * R + k), _mm256_loadu_ps(u + k), acc);
+    __m256 acc = _mm256_mul_ps(load8(b + i * R), _mm256_loadu_ps(u));
+    for (int64_t k = 8; k < R; k += 8) acc = _mm256_fmadd_ps(load8(b + i * R + k), _mm256_loadu_ps(u + k), acc);
     p[i] = acc;
   }
   return lane_sums(p);
@@ -579,7 +583,8 @@ inline __m256 dots8(const float* b, const float* u, int64_t R) {
 
 // u[r] = scale * <a_r, x> for the R rows of a [R, n]: eight rows at a time, each on its own accumulator, so the eight
 // FMA chains overlap (an adapter's A row is a long dot product; one chain at a time was latency-bound).
-void a_products(const float* a, const float* x, int64_t R, int64_t n, float scale, float* u) {
+template <typename T>
+void a_products(const T* a, const float* x, int64_t R, int64_t n, float scale, float* u) {
   int64_t r = 0;
   for (; r + 8 <= R; r += 8) {
     __m256 p[8];
@@ -587,12 +592,12 @@ void a_products(const float* a, const float* x, int64_t R, int64_t n, float scal
     int64_t k = 0;
     for (; k + 8 <= n; k += 8) {
       const __m256 xv = _mm256_loadu_ps(x + k);
-      for (int i = 0; i < 8; ++i) p[i] = _mm256_fmadd_ps(_mm256_loadu_ps(a + (r + i) * n + k), xv, p[i]);
+      for (int i = 0; i < 8; ++i) p[i] = _mm256_fmadd_ps(load8(a + (r + i) * n + k), xv, p[i]);
     }
     float sums[8];
     _mm256_storeu_ps(sums, lane_sums(p));
     for (int i = 0; i < 8; ++i) {
-      for (int64_t j = k; j < n; ++j) sums[i] += a[(r + i) * n + j] * x[j];
+      for (int64_t j = k; j < n; ++j) sums[i] += static_cast<float>(a[(r + i) * n + j]) * x[j];
       u[r + i] = scale * sums[i];
     }
   }
@@ -614,23 +619,25 @@ LoraSet make_lora_set(const std::vector<at::Tensor>& a, const std::vector<at::Te
   LoraSet s{a, b, rows, cols, ranges_length(cols, in_width, "column ranges out of bounds, unsorted or overlapping")};
   for (size_t i = 0; i < a.size(); ++i) {
     const int64_t n_rows = ranges_length(rows[i], out_width, "row ranges out of bounds, unsorted or overlapping");
-    check(a[i].scalar_type() == at::kFloat && b[i].scalar_type() == at::kFloat && a[i].is_contiguous() &&
-              b[i].is_contiguous() && a[i].dim() == 2 && b[i].dim() == 2, "A and B must be contiguous 2-D float32");
+    check((a[i].scalar_type() == at::kFloat || a[i].scalar_type() == at::kHalf) &&
+              a[i].scalar_type() == a.front().scalar_type() && b[i].scalar_type() == a.front().scalar_type() &&
+              a[i].is_contiguous() && b[i].is_contiguous() && a[i].dim() == 2 && b[i].dim() == 2,
+          "A and B must be contiguous 2-D tensors, all float32 or all float16");
     check(a[i].size(1) == s.n_cols && b[i].size(0) == n_rows && b[i].size(1) == a[i].size(0),
           "A must be [R, total column-range length] and B [total row-range length, R]");
   }
   return s;
 }
 
-// out[m, rows_i] += scale * B_i @ (A_i @ x[m, cols]) over raw row-major buffers (see lora_add). At decode the
-// adapters' fp32 weights (5.8 MB a token at level 0.2) come from memory, in many short runs that the hardware
-// prefetcher barely follows: the whole site is requested into L2 first (0.98 -> 0.70 ms a token at level 0.2, Zen 4).
-// Splitting the products over the threads gained nothing measurable (0.70 either way), so they stay on this one.
-void lora_apply(const LoraSet& s, float* op, int64_t ldo, const float* xp, int64_t ldx, int64_t M, float scale) {
-  if (s.a.empty()) return;
+// out[m, rows_i] += scale * B_i @ (A_i @ x[m, cols]) over raw row-major buffers (see lora_add), the adapters stored
+// as T (fp32, or fp16 as served). At decode their weights come from memory, in many short runs that the hardware
+// prefetcher barely follows: the whole site is requested into L2 first (fp32 at level 0.2: 0.98 -> 0.70 ms a token,
+// Zen 4). Splitting the products over the threads gained nothing measurable, so they stay on this one.
+template <typename T>
+void lora_apply_as(const LoraSet& s, float* op, int64_t ldo, const float* xp, int64_t ldx, int64_t M, float scale) {
   for (size_t i = 0; i < s.a.size(); ++i) {
-    prefetch_l2(s.a[i].data_ptr<float>(), s.a[i].numel() * sizeof(float));
-    prefetch_l2(s.b[i].data_ptr<float>(), s.b[i].numel() * sizeof(float));
+    prefetch_l2(s.a[i].data_ptr(), s.a[i].nbytes());
+    prefetch_l2(s.b[i].data_ptr(), s.b[i].nbytes());
   }
   std::vector<float> xg(s.n_cols), u;
   for (int64_t m = 0; m < M; ++m) {
@@ -641,9 +648,9 @@ void lora_apply(const LoraSet& s, float* op, int64_t ldo, const float* xp, int64
     }
     for (size_t i = 0; i < s.a.size(); ++i) {
       const int64_t R = s.a[i].size(0);
-      const float* bp = s.b[i].data_ptr<float>();
+      const T* bp = s.b[i].data_ptr<T>();
       u.resize(R);
-      a_products(s.a[i].data_ptr<float>(), xg.data(), R, s.n_cols, scale, u.data());
+      a_products(s.a[i].data_ptr<T>(), xg.data(), R, s.n_cols, scale, u.data());
       float* o = op + m * ldo;
       int64_t j = 0;
       const std::vector<int64_t>& rows = s.rows[i];
@@ -655,6 +662,15 @@ void lora_apply(const LoraSet& s, float* op, int64_t ldo, const float* xp, int64
         for (; row < rows[c + 1]; ++row, ++j) o[row] += dot(bp + j * R, u.data(), R);
       }
     }
+  }
+}
+
+void lora_apply(const LoraSet& s, float* op, int64_t ldo, const float* xp, int64_t ldx, int64_t M, float scale) {
+  if (s.a.empty()) return;
+  if (s.a.front().scalar_type() == at::kHalf) {
+    lora_apply_as<at::Half>(s, op, ldo, xp, ldx, M, scale);
+  } else {
+    lora_apply_as<float>(s, op, ldo, xp, ldx, M, scale);
   }
 }
 
@@ -702,7 +718,8 @@ void silu_mul_rows(float* o, int64_t ldo, const float* g, int64_t ldg, const flo
 // Unmerged LoRA deltas for a few activation rows, several adapters reading the same input in one call:
 // out[m, rows_i] += scale * B_i @ (A_i @ x[m, cols]) for each adapter i. x [M, *] and out [M, *] are full-width fp32
 // buffers (contiguous columns) indexed by absolute column and row; A_i's inputs are the concatenation of the column
-// ranges, B_i's outputs that of its row ranges, in order. a_i [R_i, n_cols], b_i [n_rows_i, R_i]: contiguous fp32.
+// ranges, B_i's outputs that of its row ranges, in order. a_i [R_i, n_cols], b_i [n_rows_i, R_i]: contiguous, all
+// fp32 or all fp16 (the served adapters: half the bytes to stream at decode).
 // At decode PyTorch spent most of an adapter's time dispatching its half-dozen tiny GEMMs; here it is arithmetic.
 void lora_add(at::Tensor out, const at::Tensor& x, const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b,
               const std::vector<std::vector<int64_t>>& rows, const std::vector<int64_t>& cols, double scale) {
@@ -734,11 +751,6 @@ void silu_mul(at::Tensor out, const at::Tensor& gate, const at::Tensor& up) {
 }
 
 namespace {
-
-inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
-inline __m256 load8(const at::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
 
 // Softmax(q k^T * scale + mask) v for one query row and one head over keys [0, T); mask[t] is 0 or -inf (a key
 // after the query). probs: scratch of T floats, left holding the probabilities.
