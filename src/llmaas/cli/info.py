@@ -32,7 +32,9 @@ def describe(loaded: LoadedModel) -> dict:
         "weights": {"gguf_tensor_types": loaded.tensor_types, "resident_bytes": w.nbytes,
                     "native_kernels": loaded.model.kernels is not None},
         "paths": {"prefill_gemm": loaded.gemm,
-                  "decode": "block kernels (AVX2)" if loaded.model.kernels is not None else "dense fp32 (PyTorch)",
+                  "decode": ("one native call a token over the block kernels (AVX2)" if loaded.model.native_decode
+                             else "block kernels (AVX2)" if loaded.model.kernels is not None
+                             else "dense fp32 (PyTorch)"),
                   "kv_decode": loaded.model.kernels.kv_decode_isa() if loaded.model.kernels is not None
                   else "PyTorch",
                   "cpu_features": cpu_features()},

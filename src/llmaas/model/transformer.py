@@ -183,6 +183,11 @@ class Transformer:
 
     # -- internals -------------------------------------------------------------------------------------------------
 
+    @property
+    def native_decode(self) -> bool:
+        """Whether a decode step on a dense cache runs as one native call (`llmaas info` says which path runs)."""
+        return self.native_step and self._decode_steps(None, None) is not None
+
     def weights_changed(self) -> None:
         """Forget the native decode plans: they hold the weight blocks they were built on, and a reordering that
         replaces blocks (elastic/reorder.py) must not leave a plan reading the old ones."""
