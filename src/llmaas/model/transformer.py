@@ -280,17 +280,17 @@ class Transformer:
 
     def _lora_sites(self, lora: LayerLora, heads: list[tuple[int, int]], kept: int) -> LayerSites:
         """The layer's adapter sites (made once per adapter): which adapters read which input, and where they add."""
+        return lora.sites(lambda: self._make_sites(lora, heads, kept))
+
+    def _make_sites(self, lora: LayerLora, heads: list[tuple[int, int]], kept: int) -> LayerSites:
         c, f, d = self.config, self.config.ffn_dim, [(0, self.config.d_model)]
 
         def site(outputs: dict[str, list[tuple[int, int]]], cols: list[tuple[int, int]]) -> LoraSite:
             return LoraSite([(lora.pairs[n], rows) for n, rows in outputs.items() if n in lora.pairs], cols)
 
         k, v = (c.q_dim, c.q_dim + c.kv_dim), (c.q_dim + c.kv_dim, c.q_dim + 2 * c.kv_dim)
-        return lora.sites(lambda: LayerSites(
-            site({"q": heads, "k": [k], "v": [v]}, d),
-            site({"o": d}, heads),
-            site({"gate": [(0, kept)], "up": [(f, f + kept)]}, d),
-            site({"down": d}, [(0, kept)])))
+        return LayerSites(site({"q": heads, "k": [k], "v": [v]}, d), site({"o": d}, heads),
+                          site({"gate": [(0, kept)], "up": [(f, f + kept)]}, d), site({"down": d}, [(0, kept)]))
 
     def _norm(self, h: torch.Tensor, w: torch.Tensor, out: torch.Tensor, small: bool) -> torch.Tensor:
         """RMSNorm of h: written into `out` by the kernel; PyTorch's returns a fresh tensor (no copy into out)."""

@@ -235,13 +235,6 @@ void matmul_rows(const MatmulArgs& a, const QuantizedRows& xq, const W* qs, cons
   });
 }
 
-MatmulArgs prepare(at::Tensor& y, const at::Tensor& x, int64_t n_rows, int64_t K, int64_t r0, int64_t r1, int64_t c0,
-                   int64_t c1, bool accumulate) {
-  check_ranges(y, x, n_rows, K, r0, r1, c0, c1);
-  return MatmulArgs{y.data_ptr<float>(), y.stride(0), r0, c0 / kBlock, (c1 - c0 + kBlock - 1) / kBlock, K,
-                    accumulate};
-}
-
 // Several row ranges and column ranges of one weight matrix in one call: y[m, r] (+)= sum over the column ranges of
 // x[m, c] * W[r, c], for every r in the row ranges. y [M, N] and x [M, K] are the full-width buffers, indexed by
 // absolute row and column. A sub-model's active units are several ranges (each KV group's kept query heads; the
@@ -267,8 +260,8 @@ int64_t ranges_length(const std::vector<int64_t>& r, int64_t limit, const char* 
   return total;
 }
 
-// The range arguments over raw buffers; the ranges are checked by the caller (prepare_ranges, or a decode plan
-// once when it is built).
+// The range arguments over raw buffers; the ranges are checked by the caller (the *_ranges calls, or a decode
+// plan once when it is built).
 RangeArgs make_ranges(float* y, int64_t ldy, const float* x, int64_t ldx, int64_t M, int64_t K,
                       const std::vector<int64_t>& rows, const std::vector<int64_t>& cols, bool accumulate) {
   RangeArgs a{rows, {0}, {}, {}, y, ldy, K, accumulate};
@@ -290,15 +283,6 @@ void check_range_lists(int64_t N, int64_t K, const std::vector<int64_t>& rows, c
     // next range must start on a later block
     check(i == 0 || cols[i] >= (cols[i - 1] + kBlock - 1) / kBlock * kBlock, "column ranges must not share a block");
   }
-}
-
-RangeArgs prepare_ranges(at::Tensor& y, const at::Tensor& x, int64_t N, int64_t K, const std::vector<int64_t>& rows,
-                         const std::vector<int64_t>& cols, bool accumulate) {
-  check_operands(y, x);
-  check(y.size(1) == N && x.size(1) == K, "x and y must be the full-width [M, K] and [M, N] buffers");
-  check_range_lists(N, K, rows, cols);
-  return make_ranges(y.data_ptr<float>(), y.stride(0), x.data_ptr<float>(), x.stride(0), x.size(0), K, rows, cols,
-                     accumulate);
 }
 
 template <typename W, typename S>
@@ -494,6 +478,54 @@ void check_columns(int64_t K, int64_t c0, int64_t c1) {
         "columns must be a non-empty range of whole 32-column blocks");
 }
 
+// One block-stored weight matrix (model/linear.py: Linear.blocks): Q4 (uint8 codes, scales and mins fp16 or fp32) or
+// Q8 (int8 codes, fp16 scales).
+struct BlockMat {
+  at::Tensor qs, d, mn;
+  int64_t N = 0, K = 0;
+};
+
+BlockMat block_mat(const at::Tensor& qs, const at::Tensor& d, const c10::optional<at::Tensor>& mn) {
+  check(qs.dim() == 2 && qs.is_contiguous() && d.is_contiguous(), "weight blocks must be contiguous [N, *]");
+  const bool q4 = qs.scalar_type() == at::kByte;
+  if (q4) {
+    check(mn.has_value() && mn->scalar_type() == d.scalar_type() && mn->is_contiguous(),
+          "Q4 blocks need contiguous mins of the scales' dtype");
+    check(d.scalar_type() == at::kHalf || d.scalar_type() == at::kFloat, "Q4 scales must be float16 or float32");
+  } else {
+    check(qs.scalar_type() == at::kChar && d.scalar_type() == at::kHalf, "Q8 blocks: int8 codes and float16 scales");
+  }
+  const int64_t K = q4 ? qs.size(1) * 2 : qs.size(1);
+  check(d.dim() == 2 && d.size(0) == qs.size(0) && d.size(1) * kBlock == K, "one scale per 32-weight block");
+  return BlockMat{qs, d, q4 ? *mn : at::Tensor(), qs.size(0), K};
+}
+
+template <typename F>
+void with_blocks(const BlockMat& w, F&& f) {
+  if (w.qs.scalar_type() == at::kChar) {
+    f(w.qs.data_ptr<int8_t>(), w.d.data_ptr<at::Half>(), static_cast<const at::Half*>(nullptr));
+  } else if (w.d.scalar_type() == at::kHalf) {
+    f(w.qs.data_ptr<uint8_t>(), w.d.data_ptr<at::Half>(), w.mn.data_ptr<at::Half>());
+  } else {
+    f(w.qs.data_ptr<uint8_t>(), w.d.data_ptr<float>(), w.mn.data_ptr<float>());
+  }
+}
+
+// y[m, r - r0] (+)= W[r, c0:c1] . x[m, :c1-c0] for r in [r0, r1), over raw buffers checked by the caller.
+void mat_rows(const BlockMat& w, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t M, int64_t r0,
+              int64_t r1, int64_t c0, int64_t c1, bool accumulate) {
+  const MatmulArgs a{y, ldy, r0, c0 / kBlock, (c1 - c0 + kBlock - 1) / kBlock, w.K, accumulate};
+  const QuantizedRows xq = quantize_rows(x, ldx, M, c1 - c0);
+  with_blocks(w, [&](auto* q, auto* sc, auto* mn) { matmul_rows(a, xq, q, sc, mn, r0, r1); });
+}
+
+// The row and column ranges of W (see RangeArgs) over raw full-width buffers checked by the caller.
+void mat_ranges(const BlockMat& w, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t M,
+                const std::vector<int64_t>& rows, const std::vector<int64_t>& cols, bool accumulate) {
+  const RangeArgs a = make_ranges(y, ldy, x, ldx, M, w.K, rows, cols, accumulate);
+  with_blocks(w, [&](auto* q, auto* sc, auto* mn) { matmul_ranges(a, q, sc, mn); });
+}
+
 }  // namespace
 
 // y[M, r1-r0] (+)= x[M, c1-c0] @ W[r0:r1, c0:c1]^T, W stored as Q4 blocks: w = d * q + m, q in 0..15.
@@ -501,51 +533,48 @@ void check_columns(int64_t K, int64_t c0, int64_t c1) {
 // fp32 (one dtype).
 void q4_matmul(at::Tensor y, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, const at::Tensor& mn,
                int64_t r0, int64_t r1, int64_t c0, int64_t c1, bool accumulate) {
-  check(qs.scalar_type() == at::kByte && qs.is_contiguous(), "qs must be contiguous uint8");
-  check(d.scalar_type() == mn.scalar_type() && d.is_contiguous() && mn.is_contiguous(),
-        "scales and mins must be contiguous and of one dtype");
-  const MatmulArgs a = prepare(y, x, qs.size(0), qs.size(1) * 2, r0, r1, c0, c1, accumulate);
-  const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), x.stride(0), x.size(0), c1 - c0);
-  if (d.scalar_type() == at::kHalf) {
-    matmul_rows(a, xq, qs.data_ptr<uint8_t>(), d.data_ptr<at::Half>(), mn.data_ptr<at::Half>(), r0, r1);
-  } else {
-    check(d.scalar_type() == at::kFloat, "scales must be float16 or float32");
-    matmul_rows(a, xq, qs.data_ptr<uint8_t>(), d.data_ptr<float>(), mn.data_ptr<float>(), r0, r1);
-  }
+  check(qs.scalar_type() == at::kByte, "Q4 codes must be uint8");
+  const BlockMat w = block_mat(qs, d, mn);
+  check_ranges(y, x, w.N, w.K, r0, r1, c0, c1);
+  mat_rows(w, y.data_ptr<float>(), y.stride(0), x.data_ptr<float>(), x.stride(0), x.size(0), r0, r1, c0, c1,
+           accumulate);
 }
 
 // y[M, r1-r0] (+)= x[M, c1-c0] @ W[r0:r1, c0:c1]^T, W stored as Q8 blocks: w = d * q, q int8.
 // qs: [N, K] int8, d: [N, K/32] fp16.
 void q8_matmul(at::Tensor y, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d, int64_t r0, int64_t r1,
                int64_t c0, int64_t c1, bool accumulate) {
-  check(qs.scalar_type() == at::kChar && qs.is_contiguous(), "qs must be contiguous int8");
-  check(d.scalar_type() == at::kHalf && d.is_contiguous(), "scales must be contiguous float16");
-  const MatmulArgs a = prepare(y, x, qs.size(0), qs.size(1), r0, r1, c0, c1, accumulate);
-  const QuantizedRows xq = quantize_rows(x.data_ptr<float>(), x.stride(0), x.size(0), c1 - c0);
-  matmul_rows<int8_t, at::Half>(a, xq, qs.data_ptr<int8_t>(), d.data_ptr<at::Half>(), nullptr, r0, r1);
+  check(qs.scalar_type() == at::kChar, "Q8 codes must be int8");
+  const BlockMat w = block_mat(qs, d, c10::nullopt);
+  check_ranges(y, x, w.N, w.K, r0, r1, c0, c1);
+  mat_rows(w, y.data_ptr<float>(), y.stride(0), x.data_ptr<float>(), x.stride(0), x.size(0), r0, r1, c0, c1,
+           accumulate);
 }
+
+namespace {
+
+void checked_ranges(const BlockMat& w, at::Tensor& y, const at::Tensor& x, const std::vector<int64_t>& rows,
+                    const std::vector<int64_t>& cols, bool accumulate) {
+  check_operands(y, x);
+  check(y.size(1) == w.N && x.size(1) == w.K, "x and y must be the full-width [M, K] and [M, N] buffers");
+  check_range_lists(w.N, w.K, rows, cols);
+  mat_ranges(w, y.data_ptr<float>(), y.stride(0), x.data_ptr<float>(), x.stride(0), x.size(0), rows, cols,
+             accumulate);
+}
+
+}  // namespace
 
 void q4_matmul_ranges(at::Tensor y, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
                       const at::Tensor& mn, const std::vector<int64_t>& rows, const std::vector<int64_t>& cols,
                       bool accumulate) {
-  check(qs.scalar_type() == at::kByte && qs.is_contiguous(), "qs must be contiguous uint8");
-  check(d.scalar_type() == mn.scalar_type() && d.is_contiguous() && mn.is_contiguous(),
-        "scales and mins must be contiguous and of one dtype");
-  const RangeArgs a = prepare_ranges(y, x, qs.size(0), qs.size(1) * 2, rows, cols, accumulate);
-  if (d.scalar_type() == at::kHalf) {
-    matmul_ranges(a, qs.data_ptr<uint8_t>(), d.data_ptr<at::Half>(), mn.data_ptr<at::Half>());
-  } else {
-    check(d.scalar_type() == at::kFloat, "scales must be float16 or float32");
-    matmul_ranges(a, qs.data_ptr<uint8_t>(), d.data_ptr<float>(), mn.data_ptr<float>());
-  }
+  check(qs.scalar_type() == at::kByte, "Q4 codes must be uint8");
+  checked_ranges(block_mat(qs, d, mn), y, x, rows, cols, accumulate);
 }
 
 void q8_matmul_ranges(at::Tensor y, const at::Tensor& x, const at::Tensor& qs, const at::Tensor& d,
                       const std::vector<int64_t>& rows, const std::vector<int64_t>& cols, bool accumulate) {
-  check(qs.scalar_type() == at::kChar && qs.is_contiguous(), "qs must be contiguous int8");
-  check(d.scalar_type() == at::kHalf && d.is_contiguous(), "scales must be contiguous float16");
-  const RangeArgs a = prepare_ranges(y, x, qs.size(0), qs.size(1), rows, cols, accumulate);
-  matmul_ranges<int8_t, at::Half>(a, qs.data_ptr<int8_t>(), d.data_ptr<at::Half>(), nullptr);
+  check(qs.scalar_type() == at::kChar, "Q8 codes must be int8");
+  checked_ranges(block_mat(qs, d, c10::nullopt), y, x, rows, cols, accumulate);
 }
 
 namespace {
@@ -914,54 +943,6 @@ void attend(at::Tensor out, const at::Tensor& q, const at::Tensor& kv, const std
 // adapters added four calls a layer more. Bit-identical to the per-kernel path (tests/test_decode_step.py).
 
 namespace {
-
-// One block-stored weight matrix (model/linear.py: Linear.blocks): Q4 (uint8 codes, scales and mins fp16 or fp32) or
-// Q8 (int8 codes, fp16 scales).
-struct BlockMat {
-  at::Tensor qs, d, mn;
-  int64_t N = 0, K = 0;
-};
-
-BlockMat block_mat(const at::Tensor& qs, const at::Tensor& d, const c10::optional<at::Tensor>& mn) {
-  check(qs.dim() == 2 && qs.is_contiguous() && d.is_contiguous(), "weight blocks must be contiguous [N, *]");
-  const bool q4 = qs.scalar_type() == at::kByte;
-  if (q4) {
-    check(mn.has_value() && mn->scalar_type() == d.scalar_type() && mn->is_contiguous(),
-          "Q4 blocks need contiguous mins of the scales' dtype");
-    check(d.scalar_type() == at::kHalf || d.scalar_type() == at::kFloat, "Q4 scales must be float16 or float32");
-  } else {
-    check(qs.scalar_type() == at::kChar && d.scalar_type() == at::kHalf, "Q8 blocks: int8 codes and float16 scales");
-  }
-  const int64_t K = q4 ? qs.size(1) * 2 : qs.size(1);
-  check(d.dim() == 2 && d.size(0) == qs.size(0) && d.size(1) * kBlock == K, "one scale per 32-weight block");
-  return BlockMat{qs, d, q4 ? *mn : at::Tensor(), qs.size(0), K};
-}
-
-template <typename F>
-void with_blocks(const BlockMat& w, F&& f) {
-  if (w.qs.scalar_type() == at::kChar) {
-    f(w.qs.data_ptr<int8_t>(), w.d.data_ptr<at::Half>(), static_cast<const at::Half*>(nullptr));
-  } else if (w.d.scalar_type() == at::kHalf) {
-    f(w.qs.data_ptr<uint8_t>(), w.d.data_ptr<at::Half>(), w.mn.data_ptr<at::Half>());
-  } else {
-    f(w.qs.data_ptr<uint8_t>(), w.d.data_ptr<float>(), w.mn.data_ptr<float>());
-  }
-}
-
-// y[m, r - r0] (+)= W[r, c0:c1] . x[m, :c1-c0] for r in [r0, r1): q4_matmul / q8_matmul over raw buffers.
-void mat_rows(const BlockMat& w, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t M, int64_t r0,
-              int64_t r1, int64_t c0, int64_t c1, bool accumulate) {
-  const MatmulArgs a{y, ldy, r0, c0 / kBlock, (c1 - c0 + kBlock - 1) / kBlock, w.K, accumulate};
-  const QuantizedRows xq = quantize_rows(x, ldx, M, c1 - c0);
-  with_blocks(w, [&](auto* q, auto* sc, auto* mn) { matmul_rows(a, xq, q, sc, mn, r0, r1); });
-}
-
-// q4_matmul_ranges / q8_matmul_ranges over raw full-width buffers (ranges checked when the plan was built).
-void mat_ranges(const BlockMat& w, float* y, int64_t ldy, const float* x, int64_t ldx, int64_t M,
-                const std::vector<int64_t>& rows, const std::vector<int64_t>& cols, bool accumulate) {
-  const RangeArgs a = make_ranges(y, ldy, x, ldx, M, w.K, rows, cols, accumulate);
-  with_blocks(w, [&](auto* q, auto* sc, auto* mn) { matmul_ranges(a, q, sc, mn); });
-}
 
 // One layer of a (sub-)model as the decode step runs it, checked once when built (the transformer caches one per
 // layer, width and adapter).
